@@ -1,0 +1,133 @@
+//! Routed experts behind one trait, so the scheduler can run them in-process or on
+//! remote expert-workers (ARCHITECTURE.md, "Expert dispatch").
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Tensor};
+
+use crate::config::LanguageConfig;
+use crate::error::{Error, Result};
+use crate::language::mlp::Mlp;
+use crate::weights::LoadTarget;
+
+/// One token row's use of one expert.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ExpertRoute {
+    /// Row of the batch sent to the backend.
+    pub row: u32,
+    /// Routed expert id within the layer.
+    pub expert: u32,
+    /// Final gate weight of this expert for this row.
+    pub weight: f32,
+}
+
+/// Computes the weighted sum of routed experts for a batch of rows of one MoE layer.
+pub trait ExpertBackend: Send + Sync {
+    /// `xs`: (rows, hidden). Returns (rows, hidden) where row `r` is
+    /// `Σ weight · Expert_expert(xs[r])` over the routes of `r` (zero for a row without
+    /// routes), accumulated in f32 and returned in `xs`'s dtype.
+    fn forward(&self, layer: usize, xs: &Tensor, routes: &[ExpertRoute]) -> Result<Tensor>;
+}
+
+/// Routes grouped by expert: for each expert, its rows and weights.
+pub fn group_by_expert(routes: &[ExpertRoute]) -> BTreeMap<u32, (Vec<u32>, Vec<f32>)> {
+    let mut groups: BTreeMap<u32, (Vec<u32>, Vec<f32>)> = BTreeMap::new();
+    for r in routes {
+        let g = groups.entry(r.expert).or_default();
+        g.0.push(r.row);
+        g.1.push(r.weight);
+    }
+    groups
+}
+
+/// Which routed experts a process loads.
+#[derive(Debug, Clone)]
+pub enum ExpertSelection {
+    /// Every routed expert of every MoE layer.
+    All,
+    /// None (e.g. a scheduler whose experts live on expert-workers).
+    None,
+    /// Only these (layer, expert) pairs.
+    Only(std::collections::BTreeSet<(usize, usize)>),
+}
+
+impl ExpertSelection {
+    fn contains(&self, layer: usize, expert: usize) -> bool {
+        match self {
+            Self::All => true,
+            Self::None => false,
+            Self::Only(set) => set.contains(&(layer, expert)),
+        }
+    }
+}
+
+/// Routed experts held in this process; each expert runs one matmul chain over its rows.
+#[derive(Debug, Default)]
+pub struct LocalExperts {
+    experts: BTreeMap<(usize, usize), Mlp>,
+}
+
+impl LocalExperts {
+    /// Loads the selected routed experts (`language.model.layers.{l}.mlp.experts.{e}`).
+    pub fn load(
+        cfg: &LanguageConfig,
+        target: LoadTarget,
+        selection: &ExpertSelection,
+    ) -> Result<Self> {
+        let mut experts = BTreeMap::new();
+        let Some(moe) = &cfg.moe else {
+            return Ok(Self { experts });
+        };
+        for layer in cfg.moe_layers() {
+            let w = target.pp(format!("language.model.layers.{layer}.mlp.experts"));
+            for e in 0..moe.n_routed_experts {
+                if selection.contains(layer, e) {
+                    let mlp = Mlp::new(&w.pp(e), cfg.hidden_size, moe.moe_intermediate_size)?;
+                    experts.insert((layer, e), mlp);
+                }
+            }
+        }
+        Ok(Self { experts })
+    }
+
+    /// Number of (layer, expert) pairs held.
+    pub fn len(&self) -> usize {
+        self.experts.len()
+    }
+
+    /// Whether no expert is held.
+    pub fn is_empty(&self) -> bool {
+        self.experts.is_empty()
+    }
+
+    /// Bytes of expert weights held.
+    pub fn bytes(&self) -> usize {
+        self.experts.values().map(Mlp::bytes).sum()
+    }
+}
+
+impl ExpertBackend for LocalExperts {
+    fn forward(&self, layer: usize, xs: &Tensor, routes: &[ExpertRoute]) -> Result<Tensor> {
+        let (rows, hidden) = xs.dims2()?;
+        let mut acc = Tensor::zeros((rows, hidden), DType::F32, xs.device())?;
+        for (expert, (row_ids, weights)) in group_by_expert(routes) {
+            let mlp = self.experts.get(&(layer, expert as usize)).ok_or_else(|| {
+                Error::Experts(format!(
+                    "layer {layer} expert {expert} is not loaded in this process"
+                ))
+            })?;
+            if let Some(&bad) = row_ids.iter().find(|&&r| r as usize >= rows) {
+                return Err(Error::Experts(format!(
+                    "route row {bad} is outside the batch of {rows} rows"
+                )));
+            }
+            let n = row_ids.len();
+            let idx = Tensor::from_vec(row_ids, n, xs.device())?;
+            let w = Tensor::from_vec(weights, (n, 1), xs.device())?;
+            let out = mlp.forward(&xs.index_select(&idx, 0)?)?; // (n, hidden)
+            let weighted = out.to_dtype(DType::F32)?.broadcast_mul(&w)?;
+            acc = acc.index_add(&idx, &weighted, 0)?;
+        }
+        Ok(acc.to_dtype(xs.dtype())?)
+    }
+}

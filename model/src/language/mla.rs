@@ -1,0 +1,200 @@
+//! Multi-head latent attention of DeepSeek-VL2-Small/Base (reference-spec §4.3).
+//!
+//! Only the normalised latent `c` and the post-RoPE shared key `k_pe` are cached. A step
+//! with many tokens (prefill) expands the latents into per-head keys and values for that
+//! step only; a step with few tokens (decode) runs the absorbed form, scoring queries
+//! directly against the cached latents (`q_nope·W_UK` vs `c`, output `(p·c)·W_UVᵀ`), so
+//! per-head K/V are never materialised for the cache. RoPE rotates interleaved pairs.
+
+use candle_core::{D, Result, Tensor};
+
+use super::attention::{StepContext, attend};
+use super::kv_cache::Rows;
+use crate::config::AttentionConfig;
+use crate::error::{self, Error};
+use crate::ops::{linear, rms_norm, softmax_f32};
+use crate::weights::Weights;
+
+/// `q_a_layernorm` / `kv_a_layernorm` use this epsilon whatever `rms_norm_eps` says (§6.9).
+const LATENT_NORM_EPS: f64 = 1e-6;
+
+#[derive(Debug)]
+enum QueryProjection {
+    Direct(Tensor),
+    LowRank { a: Tensor, norm: Tensor, b: Tensor },
+}
+
+#[derive(Debug)]
+pub struct MlaAttention {
+    q: QueryProjection,
+    kv_a_proj: Tensor,
+    kv_a_norm: Tensor,
+    kv_b_proj: Tensor,
+    /// W_UK per head: (heads, nope, rank).
+    w_uk: Tensor,
+    /// W_UVᵀ per head: (heads, rank, v).
+    w_uv_t: Tensor,
+    o_proj: Tensor,
+    heads: usize,
+    nope: usize,
+    rope: usize,
+    v: usize,
+    rank: usize,
+    scale: f64,
+}
+
+impl MlaAttention {
+    pub fn new(
+        w: &Weights,
+        hidden: usize,
+        heads: usize,
+        cfg: &AttentionConfig,
+        scale: f64,
+    ) -> error::Result<Self> {
+        let AttentionConfig::Mla {
+            q_lora_rank,
+            kv_lora_rank: rank,
+            qk_nope_head_dim: nope,
+            qk_rope_head_dim: rope,
+            v_head_dim: v,
+        } = *cfg
+        else {
+            return Err(Error::config(
+                "use_mla",
+                "MLA attention built from a non-MLA config",
+            ));
+        };
+        let q_width = heads * (nope + rope);
+        let q = match q_lora_rank {
+            None => QueryProjection::Direct(w.get("q_proj.weight", &[q_width, hidden])?),
+            Some(qr) => QueryProjection::LowRank {
+                a: w.get("q_a_proj.weight", &[qr, hidden])?,
+                norm: w.get("q_a_layernorm.weight", &[qr])?,
+                b: w.get("q_b_proj.weight", &[q_width, qr])?,
+            },
+        };
+        let kv_b_proj = w.get("kv_b_proj.weight", &[heads * (nope + v), rank])?;
+        // (heads·(nope+v), rank) → (heads, nope+v, rank): rows 0..nope are W_UK, then W_UV.
+        let per_head = kv_b_proj.reshape((heads, nope + v, rank))?;
+        let w_uk = per_head.narrow(1, 0, nope)?.contiguous()?;
+        let w_uv_t = per_head.narrow(1, nope, v)?.transpose(1, 2)?.contiguous()?;
+        Ok(Self {
+            q,
+            kv_a_proj: w.get("kv_a_proj_with_mqa.weight", &[rank + rope, hidden])?,
+            kv_a_norm: w.get("kv_a_layernorm.weight", &[rank])?,
+            kv_b_proj,
+            w_uk,
+            w_uv_t,
+            o_proj: w.get("o_proj.weight", &[hidden, heads * v])?,
+            heads,
+            nope,
+            rope,
+            v,
+            rank,
+            scale,
+        })
+    }
+
+    /// Whether the absorbed form is cheaper for `t` queries over `s` cached tokens.
+    fn prefer_absorbed(&self, t: usize, s: usize) -> bool {
+        let (h, r) = (self.heads, self.rank);
+        let expanded =
+            s * r * h * (self.nope + self.v) + h * t * s * (self.nope + self.rope + self.v);
+        let absorbed = h * t * self.nope * r + h * t * s * (2 * r + self.rope) + h * t * r * self.v;
+        absorbed < expanded
+    }
+
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        step: &StepContext,
+        c_cache: &mut Rows,
+        k_pe_cache: &mut Rows,
+    ) -> Result<Tensor> {
+        let t = x.dim(0)?;
+        let (h, dq) = (self.heads, self.nope + self.rope);
+        let q = match &self.q {
+            QueryProjection::Direct(w) => linear(x, w)?,
+            QueryProjection::LowRank { a, norm, b } => {
+                linear(&rms_norm(&linear(x, a)?, norm, LATENT_NORM_EPS)?, b)?
+            }
+        };
+        let q = q.reshape((t, h, dq))?.transpose(0, 1)?; // (heads, t, nope+rope)
+        let q_nope = q.narrow(D::Minus1, 0, self.nope)?.contiguous()?;
+        let q_pe = q
+            .narrow(D::Minus1, self.nope, self.rope)?
+            .contiguous()?
+            .unsqueeze(0)?;
+        let q_pe = candle_nn::rotary_emb::rope_i(&q_pe, &step.cos, &step.sin)?.squeeze(0)?; // (heads, t, rope)
+
+        let kv_a = linear(x, &self.kv_a_proj)?; // (t, rank+rope)
+        let c = rms_norm(
+            &kv_a.narrow(1, 0, self.rank)?,
+            &self.kv_a_norm,
+            LATENT_NORM_EPS,
+        )?;
+        let k_pe = kv_a
+            .narrow(1, self.rank, self.rope)?
+            .contiguous()?
+            .reshape((1, 1, t, self.rope))?;
+        let k_pe =
+            candle_nn::rotary_emb::rope_i(&k_pe, &step.cos, &step.sin)?.reshape((t, self.rope))?;
+        c_cache.append(&c)?;
+        k_pe_cache.append(&k_pe)?;
+        let c_all = c_cache.view()?; // (s, rank)
+        let k_pe_all = k_pe_cache.view()?; // (s, rope)
+        let s = c_all.dim(0)?;
+
+        let out = if self.prefer_absorbed(t, s) {
+            self.absorbed(&q_nope, &q_pe, &c_all, &k_pe_all, step.mask.as_ref())?
+        } else {
+            self.expanded(&q_nope, &q_pe, &c_all, &k_pe_all, step.mask.as_ref())?
+        }; // (heads, t, v)
+        let out = out.transpose(0, 1)?.reshape((t, h * self.v))?;
+        linear(&out, &self.o_proj)
+    }
+
+    /// Per-head K/V for this step only: (heads, t, v).
+    fn expanded(
+        &self,
+        q_nope: &Tensor,
+        q_pe: &Tensor,
+        c: &Tensor,
+        k_pe: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (h, s) = (self.heads, c.dim(0)?);
+        let kv = linear(c, &self.kv_b_proj)?
+            .reshape((s, h, self.nope + self.v))?
+            .transpose(0, 1)?; // (heads, s, nope+v)
+        let k_nope = kv.narrow(D::Minus1, 0, self.nope)?;
+        let v = kv.narrow(D::Minus1, self.nope, self.v)?;
+        let k_pe = k_pe.unsqueeze(0)?.broadcast_as((h, s, self.rope))?;
+        let k = Tensor::cat(&[&k_nope, &k_pe], D::Minus1)?; // (heads, s, nope+rope)
+        let q = Tensor::cat(&[q_nope, q_pe], D::Minus1)?; // (heads, t, nope+rope)
+        attend(&q, &k, &v, self.scale, mask)
+    }
+
+    /// Scores against the cached latents directly: (heads, t, v).
+    fn absorbed(
+        &self,
+        q_nope: &Tensor,
+        q_pe: &Tensor,
+        c: &Tensor,
+        k_pe: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (h, t, s) = (self.heads, q_nope.dim(1)?, c.dim(0)?);
+        let q_c = q_nope.matmul(&self.w_uk)?; // (heads, t, rank)
+        let scores_c = q_c.reshape((h * t, self.rank))?.matmul(&c.t()?)?; // (heads·t, s)
+        let scores_pe = q_pe.reshape((h * t, self.rope))?.matmul(&k_pe.t()?)?;
+        let scores = ((scores_c + scores_pe)? * self.scale)?.reshape((h, t, s))?;
+        let scores = match mask {
+            Some(m) => scores.broadcast_add(m)?,
+            None => scores,
+        };
+        let p = softmax_f32(&scores)?.reshape((h * t, s))?;
+        let o_c = p.matmul(c)?.reshape((h, t, self.rank))?; // (heads, t, rank)
+        o_c.matmul(&self.w_uv_t) // (heads, t, v)
+    }
+}

@@ -1,0 +1,289 @@
+//! The decoder stack: `h += Attn(RMSNorm(h)); h += FFN(RMSNorm(h))`, final norm,
+//! LM head (reference-spec §4.1). Routed experts are computed through an
+//! [`ExpertBackend`]; everything else is loaded here.
+
+use candle_core::{DType, Device, Tensor};
+
+use super::attention::{Attention, StepContext};
+use super::kv_cache::{CacheLayout, KvCache};
+use super::mha::MhaAttention;
+use super::mla::MlaAttention;
+use super::mlp::Mlp;
+use super::moe::{MoeBlock, Routing};
+use super::rope::RotaryEmbedding;
+use crate::config::{AttentionConfig, LanguageConfig};
+use crate::error::{Error, Result};
+use crate::experts::ExpertBackend;
+use crate::ops::{linear, rms_norm};
+use crate::weights::LoadTarget;
+
+#[derive(Debug)]
+enum FeedForward {
+    Dense(Mlp),
+    Moe(MoeBlock),
+}
+
+#[derive(Debug)]
+struct DecoderLayer {
+    input_layernorm: Tensor,
+    post_attention_layernorm: Tensor,
+    attention: Attention,
+    ffn: FeedForward,
+}
+
+/// What a forward pass can record for inspection (golden tests, debugging).
+#[derive(Debug, Default)]
+pub struct ForwardTrace {
+    /// Hidden state at the last position: the input embedding, the output of every
+    /// decoder layer but the last, then the final-norm output (the fixtures' layout).
+    pub hidden_last: Vec<Tensor>,
+    /// (layer, routing of every token of the step) for every MoE layer.
+    pub routing: Vec<(usize, Routing)>,
+}
+
+/// The language model without its routed experts.
+#[derive(Debug)]
+pub struct LanguageModel {
+    cfg: LanguageConfig,
+    embed_tokens: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: Tensor,
+    lm_head: Tensor,
+    rope: RotaryEmbedding,
+    dtype: DType,
+    device: Device,
+}
+
+impl LanguageModel {
+    /// Loads everything under `language.` except the routed experts.
+    pub fn load(cfg: &LanguageConfig, target: LoadTarget) -> Result<Self> {
+        let (h, v) = (cfg.hidden_size, cfg.vocab_size);
+        let w = target.pp("language");
+        let m = w.pp("model");
+        let scale = cfg.softmax_scale();
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for l in 0..cfg.num_hidden_layers {
+            let lw = m.pp("layers").pp(l);
+            let aw = lw.pp("self_attn");
+            let attention = match &cfg.attention {
+                AttentionConfig::Mha { head_dim } => Attention::Mha(MhaAttention::new(
+                    &aw,
+                    h,
+                    cfg.num_attention_heads,
+                    *head_dim,
+                    scale,
+                )?),
+                mla @ AttentionConfig::Mla { .. } => Attention::Mla(MlaAttention::new(
+                    &aw,
+                    h,
+                    cfg.num_attention_heads,
+                    mla,
+                    scale,
+                )?),
+            };
+            let ffn = match &cfg.moe {
+                Some(moe) if cfg.is_moe_layer(l) => {
+                    FeedForward::Moe(MoeBlock::new(&lw.pp("mlp"), l, h, moe)?)
+                }
+                _ => FeedForward::Dense(Mlp::new(&lw.pp("mlp"), h, cfg.intermediate_size)?),
+            };
+            layers.push(DecoderLayer {
+                input_layernorm: lw.get("input_layernorm.weight", &[h])?,
+                post_attention_layernorm: lw.get("post_attention_layernorm.weight", &[h])?,
+                attention,
+                ffn,
+            });
+        }
+        Ok(Self {
+            embed_tokens: m.get("embed_tokens.weight", &[v, h])?,
+            norm: m.get("norm.weight", &[h])?,
+            lm_head: w.get("lm_head.weight", &[v, h])?,
+            layers,
+            rope: RotaryEmbedding::new(
+                cfg.rope_dim(),
+                cfg.rope_theta,
+                cfg.max_position_embeddings,
+                cfg.rope_scaling.clone(),
+            ),
+            cfg: cfg.clone(),
+            dtype: target.dtype,
+            device: target.device.clone(),
+        })
+    }
+
+    /// The configuration the model was built from.
+    pub fn config(&self) -> &LanguageConfig {
+        &self.cfg
+    }
+
+    /// Compute dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Token embeddings: (tokens, hidden).
+    pub fn embed(&self, ids: &[u32]) -> Result<Tensor> {
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= self.cfg.vocab_size) {
+            return Err(Error::Request(format!(
+                "token id {bad} is outside the vocabulary of {} tokens",
+                self.cfg.vocab_size
+            )));
+        }
+        let idx = Tensor::from_slice(ids, ids.len(), &self.device)?;
+        Ok(self.embed_tokens.index_select(&idx, 0)?)
+    }
+
+    /// Input embeddings of a multimodal prompt: token embeddings, with the rows of
+    /// `image_embeds` (one row per image token, in sequence order) written over the
+    /// positions of `image_runs` (reference-spec §3.3, last paragraph).
+    pub fn embed_with_images(
+        &self,
+        ids: &[u32],
+        image_runs: &[std::ops::Range<usize>],
+        image_embeds: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let text = self.embed(ids)?;
+        let image_tokens: usize = image_runs.iter().map(|r| r.len()).sum();
+        let Some(images) = image_embeds.filter(|_| image_tokens > 0) else {
+            if image_tokens > 0 {
+                return Err(Error::Request(format!(
+                    "the prompt has {image_tokens} image tokens but no image embeddings"
+                )));
+            }
+            return Ok(text);
+        };
+        let (rows, width) = images.dims2()?;
+        if rows != image_tokens || width != self.cfg.hidden_size {
+            return Err(Error::Request(format!(
+                "image embeddings are ({rows}, {width}); the prompt needs ({image_tokens}, {})",
+                self.cfg.hidden_size
+            )));
+        }
+        let images = images.to_dtype(self.dtype)?;
+        let mut pieces = Vec::with_capacity(2 * image_runs.len() + 1);
+        let (mut pos, mut used) = (0, 0);
+        for run in image_runs {
+            if run.start < pos || run.end > ids.len() {
+                return Err(Error::Request(format!(
+                    "image run {run:?} is out of order or outside the prompt"
+                )));
+            }
+            if run.start > pos {
+                pieces.push(text.narrow(0, pos, run.start - pos)?);
+            }
+            pieces.push(images.narrow(0, used, run.len())?);
+            used += run.len();
+            pos = run.end;
+        }
+        if pos < ids.len() {
+            pieces.push(text.narrow(0, pos, ids.len() - pos)?);
+        }
+        Ok(Tensor::cat(&pieces, 0)?)
+    }
+
+    /// An empty KV cache with room for `capacity` tokens before it grows.
+    pub fn new_cache(&self, capacity: usize) -> Result<KvCache> {
+        let layout = match &self.cfg.attention {
+            AttentionConfig::Mha { head_dim } => CacheLayout::Mha {
+                width: self.cfg.num_key_value_heads * head_dim,
+            },
+            AttentionConfig::Mla {
+                kv_lora_rank,
+                qk_rope_head_dim,
+                ..
+            } => CacheLayout::Mla {
+                kv_lora_rank: *kv_lora_rank,
+                rope_dim: *qk_rope_head_dim,
+            },
+        };
+        Ok(KvCache::new(
+            layout,
+            self.cfg.num_hidden_layers,
+            capacity,
+            self.dtype,
+            &self.device,
+        )?)
+    }
+
+    /// Runs `embeds` (tokens, hidden) at the positions after what `cache` holds, appends
+    /// them to the cache and returns the last position's logits (vocab,) in f32.
+    /// On error the cache is left as it was before the call.
+    pub fn forward(
+        &self,
+        embeds: &Tensor,
+        cache: &mut KvCache,
+        experts: &dyn ExpertBackend,
+        trace: Option<&mut ForwardTrace>,
+    ) -> Result<Tensor> {
+        let before = cache.len();
+        let result = self.forward_inner(embeds, cache, experts, trace);
+        if result.is_err() {
+            cache.truncate(before);
+        }
+        result
+    }
+
+    fn forward_inner(
+        &self,
+        embeds: &Tensor,
+        cache: &mut KvCache,
+        experts: &dyn ExpertBackend,
+        mut trace: Option<&mut ForwardTrace>,
+    ) -> Result<Tensor> {
+        let (t, hidden) = embeds.dims2()?;
+        if t == 0 {
+            return Err(Error::Request("nothing to run: zero tokens".into()));
+        }
+        if hidden != self.cfg.hidden_size {
+            return Err(Error::Request(format!(
+                "embeddings have width {hidden}, the model expects {}",
+                self.cfg.hidden_size
+            )));
+        }
+        let step = StepContext::new(&self.rope, cache.len(), t, self.dtype, &self.device)?;
+        let eps = self.cfg.rms_norm_eps;
+        let mut h = embeds.to_dtype(self.dtype)?;
+        let last = |x: &Tensor| x.narrow(0, t - 1, 1).and_then(|r| r.squeeze(0));
+        if let Some(tr) = trace.as_deref_mut() {
+            tr.hidden_last.push(last(&h)?);
+        }
+        let n_layers = self.layers.len();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let normed = rms_norm(&h, &layer.input_layernorm, eps)?;
+            let attn = layer
+                .attention
+                .forward(&normed, &step, cache.layer_mut(i))?;
+            h = (h + attn)?;
+            let normed = rms_norm(&h, &layer.post_attention_layernorm, eps)?;
+            let ffn = match &layer.ffn {
+                FeedForward::Dense(mlp) => mlp.forward(&normed)?,
+                FeedForward::Moe(moe) => {
+                    let (out, routing) = moe.forward(&normed, experts)?;
+                    if let Some(tr) = trace.as_deref_mut() {
+                        tr.routing.push((i, routing));
+                    }
+                    out
+                }
+            };
+            h = (h + ffn)?;
+            if i + 1 < n_layers
+                && let Some(tr) = trace.as_deref_mut()
+            {
+                tr.hidden_last.push(last(&h)?);
+            }
+        }
+        cache.advance(t);
+        let h_last = h.narrow(0, t - 1, 1)?;
+        let normed = rms_norm(&h_last, &self.norm, eps)?;
+        if let Some(tr) = trace {
+            tr.hidden_last.push(normed.squeeze(0)?);
+        }
+        let logits = linear(&normed, &self.lm_head)?.squeeze(0)?;
+        Ok(logits.to_dtype(DType::F32)?)
+    }
+}

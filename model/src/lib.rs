@@ -1,0 +1,26 @@
+//! DeepSeek-VL2 in candle: everything that runs the model, nothing that serves it.
+//!
+//! - [`config`]: the released `config.json` / `processor_config.json` with reference defaults
+//! - [`weights`]: memory-mapped safetensors snapshots, loaded by name
+//! - [`chat`]: tokenizer, processor special tokens and the `deepseek` chat template
+//! - [`image_tokens`]: how many image tokens a tiling expands to
+//! - [`language`]: the decoder (MHA/MLA attention, MoE gate, dense and shared MLPs, KV cache)
+//! - [`experts`]: routed experts behind [`experts::ExpertBackend`], with an in-process backend
+//! - [`sampling`]: greedy, temperature, top-k, top-p and repetition-penalty sampling
+//! - [`generate`]: prefill (one-shot or chunked), decode and stopping
+//! - [`pipeline`]: load a whole snapshot for in-process generation
+//! - [`ops`]: small tensor helpers
+
+pub mod chat;
+pub mod config;
+pub mod error;
+pub mod experts;
+pub mod generate;
+pub mod image_tokens;
+pub mod language;
+pub mod ops;
+pub mod pipeline;
+pub mod sampling;
+pub mod weights;
+
+pub use error::{Error, Result};

@@ -1,0 +1,91 @@
+//! Small tensor helpers shared by the model parts.
+
+use candle_core::{D, DType, Result, Tensor};
+
+/// `x · wᵀ` for `x` of shape (rows, in) and `w` of shape (out, in): (rows, out).
+pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    x.matmul(&w.t()?)
+}
+
+/// Root-mean-square norm as the reference computes it: the normalisation in f32, cast
+/// back to the input dtype *before* multiplying by the weight (reference-spec §4.1).
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let xf = x.to_dtype(DType::F32)?;
+    let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = xf.broadcast_div(&(var + eps)?.sqrt()?)?;
+    normed.to_dtype(dtype)?.broadcast_mul(weight)
+}
+
+/// Softmax over the last dimension computed in f32, returned in `x`'s dtype.
+pub fn softmax_f32(x: &Tensor) -> Result<Tensor> {
+    let dtype = x.dtype();
+    candle_nn::ops::softmax_last_dim(&x.to_dtype(DType::F32)?)?.to_dtype(dtype)
+}
+
+/// Indices of the `k` largest values of `values`, largest first. NaN sorts lowest; ties
+/// keep the lower index first.
+pub fn top_k(values: &[f32], k: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..values.len()).collect();
+    let key = |i: usize| {
+        let v = values[i];
+        if v.is_nan() { f32::NEG_INFINITY } else { v }
+    };
+    idx.sort_by(|&a, &b| key(b).total_cmp(&key(a)).then(a.cmp(&b)));
+    idx.truncate(k);
+    idx
+}
+
+/// In-place softmax of a row of f32 values.
+pub fn softmax_in_place(row: &mut [f32]) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f32;
+    for v in row.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    for v in row.iter_mut() {
+        *v /= sum;
+    }
+}
+
+/// In-place logistic sigmoid of a row of f32 values.
+pub fn sigmoid_in_place(row: &mut [f32]) {
+    for v in row.iter_mut() {
+        *v = 1.0 / (1.0 + (-*v).exp());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn top_k_orders_largest_first_and_breaks_ties_by_index() {
+        assert_eq!(top_k(&[0.1, 0.5, 0.3, 0.5, f32::NAN], 3), vec![1, 3, 2]);
+        assert_eq!(top_k(&[1.0, 2.0], 5), vec![1, 0]);
+    }
+
+    #[test]
+    fn softmax_rows_sum_to_one_and_keep_order() {
+        let mut row = [1.0f32, 2.0, 3.0];
+        softmax_in_place(&mut row);
+        assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        assert!(row[0] < row[1] && row[1] < row[2]);
+        let mut big = [1000.0f32, 1000.0];
+        softmax_in_place(&mut big);
+        assert_eq!(big, [0.5, 0.5]);
+    }
+
+    #[test]
+    fn rms_norm_matches_the_formula() -> Result<()> {
+        let x = Tensor::new(&[[3.0f32, 4.0]], &Device::Cpu)?;
+        let w = Tensor::new(&[2.0f32, 0.5], &Device::Cpu)?;
+        let y = rms_norm(&x, &w, 0.0)?.to_vec2::<f32>()?;
+        let rms = (12.5f32).sqrt();
+        assert!((y[0][0] - 2.0 * 3.0 / rms).abs() < 1e-6);
+        assert!((y[0][1] - 0.5 * 4.0 / rms).abs() < 1e-6);
+        Ok(())
+    }
+}
