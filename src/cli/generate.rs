@@ -1,0 +1,259 @@
+//! `tessera generate`: load a snapshot and generate one reply in this process.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use candle_core::{DType, Device, Tensor};
+use clap::{Args, ValueEnum};
+use serde::Serialize;
+use tessera_model::chat::{Message, Role};
+use tessera_model::generate::{FinishReason, GenerationParams, generate};
+use tessera_model::image_tokens::Tiling;
+use tessera_model::pipeline::Pipeline;
+use tessera_model::sampling::SamplingParams;
+
+/// Compute precision of the weights and activations.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum DTypeArg {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl From<DTypeArg> for DType {
+    fn from(d: DTypeArg) -> Self {
+        match d {
+            DTypeArg::F32 => DType::F32,
+            DTypeArg::F16 => DType::F16,
+            DTypeArg::Bf16 => DType::BF16,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("input").required(true).args(["prompt", "conversation"])))]
+pub struct GenerateArgs {
+    /// Snapshot folder of a DeepSeek-VL2 checkpoint (config.json, tokenizer.json, *.safetensors).
+    #[arg(long, env = "TESSERA_MODEL")]
+    model: PathBuf,
+    /// A single user message.
+    #[arg(long)]
+    prompt: Option<String>,
+    /// A JSON array of messages ({"role", "content", "images"?}); image paths are relative
+    /// to the file's folder unless absolute. A trailing empty assistant message is optional.
+    #[arg(long)]
+    conversation: Option<PathBuf>,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 512)]
+    max_tokens: usize,
+    /// Keep generating after the end-of-sentence token.
+    #[arg(long)]
+    ignore_eos: bool,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Nucleus sampling: keep the most likely tokens up to this total probability.
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Keep only the k most likely tokens (0: all).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Penalise tokens already in the prompt or output (1.0: off; the demo uses 1.1).
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    /// Random seed for sampling; the same seed gives the same output.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Stop when the output contains this text (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Prefill the prompt in chunks of this many tokens (default: all at once).
+    #[arg(long)]
+    chunk_size: Option<usize>,
+    /// Compute precision (f32 is fastest on CPU).
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: DTypeArg,
+    /// Print one JSON object with ids, text, finish reason, images and timings.
+    #[arg(long)]
+    json: bool,
+    /// Write `last_logits` (last prompt position) and `step_logits` (one row per generated
+    /// token) as float32 to this safetensors file.
+    #[arg(long)]
+    logits_out: Option<PathBuf>,
+}
+
+#[derive(Serialize)]
+struct ImageReport {
+    tiles_w: usize,
+    tiles_h: usize,
+    tokens: usize,
+}
+
+#[derive(Serialize)]
+struct TimingReport {
+    load_s: f64,
+    prompt_tokens: usize,
+    prefill_s: f64,
+    prefill_tokens_per_s: f64,
+    decode_tokens: usize,
+    decode_s: f64,
+    decode_tokens_per_s: f64,
+}
+
+#[derive(Serialize)]
+struct Report {
+    input_ids: Vec<u32>,
+    output_ids: Vec<u32>,
+    text: String,
+    finish_reason: FinishReason,
+    images: Vec<ImageReport>,
+    timings: TimingReport,
+}
+
+fn read_conversation(path: &Path) -> anyhow::Result<Vec<Message>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read conversation file {}", path.display()))?;
+    let messages: Vec<Message> = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "{} is not a JSON array of messages like \
+             [{{\"role\": \"user\", \"content\": \"...\"}}]",
+            path.display()
+        )
+    })?;
+    if messages.is_empty() {
+        bail!("{} holds no messages", path.display());
+    }
+    Ok(messages)
+}
+
+pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
+    let messages = match (&args.prompt, &args.conversation) {
+        (Some(p), _) => vec![Message::new(Role::User, p.clone())],
+        (None, Some(path)) => read_conversation(path)?,
+        (None, None) => unreachable!("clap requires --prompt or --conversation"),
+    };
+    if let Some((i, _)) = messages
+        .iter()
+        .enumerate()
+        .find(|(_, m)| !m.images.is_empty())
+    {
+        bail!(
+            "message {i} has images, but this build of `tessera generate` runs text-only \
+             prompts: the vision tower is not available yet. Remove the images (and their \
+             <image> tags) to run the text part."
+        );
+    }
+
+    // Check the request before spending time on loading.
+    let params = GenerationParams {
+        max_new_tokens: args.max_tokens,
+        ignore_eos: args.ignore_eos,
+        eos_token_id: 0,
+        stop: args.stop.clone(),
+        sampling: SamplingParams {
+            temperature: args.temperature,
+            top_k: Some(args.top_k).filter(|&k| k > 0),
+            top_p: args.top_p,
+            repetition_penalty: args.repetition_penalty,
+            seed: args.seed,
+        },
+        prefill_chunk: args.chunk_size,
+        record_logits: args.logits_out.is_some(),
+    };
+    params.sampling.validate()?;
+    if args.chunk_size == Some(0) {
+        bail!("--chunk-size must be at least 1");
+    }
+
+    let device = Device::Cpu;
+    let loading = Instant::now();
+    let pipeline = Pipeline::load(&args.model, args.dtype.into(), &device)
+        .with_context(|| format!("cannot load the model from {}", args.model.display()))?;
+    let load_s = loading.elapsed().as_secs_f64();
+
+    // Text-only until the vision tower lands: no image, so no tiling.
+    let tilings: Vec<Tiling> = Vec::new();
+    let prompt = pipeline
+        .tokenizer
+        .encode_conversation(&messages, &tilings)?;
+    let embeds =
+        pipeline
+            .language
+            .embed_with_images(&prompt.input_ids, &prompt.image_runs, None)?;
+    let params = GenerationParams {
+        eos_token_id: pipeline.tokenizer.special().eos,
+        ..params
+    };
+    let out = generate(
+        &pipeline.language,
+        &pipeline.experts,
+        Some(&pipeline.tokenizer),
+        &prompt.input_ids,
+        &embeds,
+        &params,
+    )?;
+
+    if let Some(path) = &args.logits_out {
+        write_logits(path, &out.step_logits)?;
+    }
+    let t = &out.timings;
+    let timings = TimingReport {
+        load_s,
+        prompt_tokens: t.prompt_tokens,
+        prefill_s: t.prefill.as_secs_f64(),
+        prefill_tokens_per_s: t.prefill_tokens_per_s(),
+        decode_tokens: t.decode_steps,
+        decode_s: t.decode.as_secs_f64(),
+        decode_tokens_per_s: t.decode_tokens_per_s(),
+    };
+    if args.json {
+        let report = Report {
+            input_ids: prompt.input_ids,
+            output_ids: out.output_ids,
+            text: out.text,
+            finish_reason: out.finish_reason,
+            images: tilings
+                .iter()
+                .zip(&prompt.num_image_tokens)
+                .map(|(tiling, &tokens)| ImageReport {
+                    tiles_w: tiling.width,
+                    tiles_h: tiling.height,
+                    tokens,
+                })
+                .collect(),
+            timings,
+        };
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!("{}", out.text);
+        eprintln!(
+            "[{} prompt tokens, {} generated, finish: {:?}; prefill {:.1} tok/s, decode {:.1} tok/s; load {:.2}s]",
+            timings.prompt_tokens,
+            out.output_ids.len(),
+            out.finish_reason,
+            timings.prefill_tokens_per_s,
+            timings.decode_tokens_per_s,
+            load_s
+        );
+    }
+    Ok(())
+}
+
+/// Saves the recorded logits: `last_logits` (vocab) and `step_logits` (steps, vocab).
+fn write_logits(path: &Path, steps: &[Vec<f32>]) -> anyhow::Result<()> {
+    let Some(first) = steps.first() else {
+        bail!("no token was generated, so there are no logits to write");
+    };
+    let vocab = first.len();
+    let last = Tensor::from_slice(first, vocab, &Device::Cpu)?;
+    let flat: Vec<f32> = steps.iter().flatten().copied().collect();
+    let step = Tensor::from_vec(flat, (steps.len(), vocab), &Device::Cpu)?;
+    let tensors = std::collections::HashMap::from([
+        ("last_logits".to_string(), last),
+        ("step_logits".to_string(), step),
+    ]);
+    candle_core::safetensors::save(&tensors, path)
+        .with_context(|| format!("cannot write logits to {}", path.display()))?;
+    Ok(())
+}
