@@ -195,7 +195,7 @@ pub struct ProjectorConfig {
     pub projector_type: String,
     #[serde(default = "d_1152")]
     pub input_dim: usize,
-    #[serde(default = "d_512")]
+    #[serde(default = "d_2048")]
     pub n_embed: usize,
     #[serde(default = "d_2")]
     pub depth: usize,
@@ -311,7 +311,7 @@ struct RawModelConfig {
     vision_config: serde_json::Value,
     #[serde(default = "d_empty_object")]
     projector_config: serde_json::Value,
-    #[serde(default = "d_candidates")]
+    #[serde(default = "d_one_candidate")]
     candidate_resolutions: Vec<[usize; 2]>,
     #[serde(default = "d_tile_tag")]
     tile_tag: String,
@@ -460,7 +460,7 @@ impl RawLanguageConfig {
             .rope_scaling
             .as_ref()
             .filter(|v| !v.is_null())
-            .map(|v| parse_rope_scaling(v, self.max_position_embeddings))
+            .map(parse_rope_scaling)
             .transpose()?;
         if self.rope_theta <= 0.0 {
             return Err(Error::config(field("rope_theta"), "must be positive"));
@@ -555,7 +555,7 @@ impl RawLanguageConfig {
     }
 }
 
-fn parse_rope_scaling(v: &serde_json::Value, max_pos: usize) -> Result<RopeScaling> {
+fn parse_rope_scaling(v: &serde_json::Value) -> Result<RopeScaling> {
     const FIELD: &str = "language_config.rope_scaling";
     let kind = v
         .get("type")
@@ -574,10 +574,8 @@ fn parse_rope_scaling(v: &serde_json::Value, max_pos: usize) -> Result<RopeScali
         "dynamic" => RopeScaling::Dynamic { factor },
         "yarn" => RopeScaling::Yarn {
             factor,
-            original_max_position_embeddings: num(
-                "original_max_position_embeddings",
-                Some(max_pos as f64),
-            )? as usize,
+            original_max_position_embeddings: num("original_max_position_embeddings", Some(4096.0))?
+                as usize,
             beta_fast: num("beta_fast", Some(32.0))?,
             beta_slow: num("beta_slow", Some(1.0))?,
             mscale: num("mscale", Some(1.0))?,
@@ -674,9 +672,6 @@ fn d_32o() -> Option<usize> {
 fn d_384() -> usize {
     384
 }
-fn d_512() -> usize {
-    512
-}
 fn d_512o() -> Option<usize> {
     Some(512)
 }
@@ -766,6 +761,10 @@ fn d_sft_format() -> String {
 }
 fn d_ignore_id() -> i64 {
     -100
+}
+/// `DeepseekVLV2Config`'s default: a single 384×384 candidate.
+fn d_one_candidate() -> Vec<[usize; 2]> {
+    vec![[384, 384]]
 }
 fn d_empty_object() -> serde_json::Value {
     serde_json::Value::Object(Default::default())

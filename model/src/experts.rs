@@ -74,6 +74,15 @@ impl LocalExperts {
         target: LoadTarget,
         selection: &ExpertSelection,
     ) -> Result<Self> {
+        if let ExpertSelection::Only(set) = selection {
+            let layers = cfg.moe_layers();
+            let n = cfg.moe.as_ref().map_or(0, |m| m.n_routed_experts);
+            if let Some(&(l, e)) = set.iter().find(|&&(l, e)| !layers.contains(&l) || e >= n) {
+                return Err(Error::Experts(format!(
+                    "layer {l} expert {e} does not exist in this model"
+                )));
+            }
+        }
         let mut experts = BTreeMap::new();
         let Some(moe) = &cfg.moe else {
             return Ok(Self { experts });

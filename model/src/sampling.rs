@@ -183,8 +183,9 @@ mod tests {
         // Token 0 (3.0) is penalised to 1.5 < 2.0.
         assert_eq!(s.sample(&[3.0, 2.0], &[0]), 1);
         // Negative logits are multiplied, so a seen negative token gets worse.
-        assert_eq!(s.sample(&[-1.0, -1.5], &[0, 0]), 0);
-        assert_eq!(s.sample(&[-1.0, -1.5], &[0, 5000]), 1);
+        assert_eq!(s.sample(&[-1.0, -1.5], &[0, 0]), 1);
+        // Ids outside the vocabulary are ignored.
+        assert_eq!(s.sample(&[-1.0, -1.5], &[5000]), 0);
     }
 
     #[test]
