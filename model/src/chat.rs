@@ -570,9 +570,7 @@ mod tests {
     #[test]
     fn a_missing_eos_setting_is_an_error() {
         let snapshot = TempSnapshot::new("no-eos", r#"{"bos_token": "<s>"}"#);
-        let err = ChatTokenizer::from_dir(&snapshot.0)
-            .err()
-            .expect("loading must fail");
+        let err = ChatTokenizer::from_dir(&snapshot.0).expect_err("loading must fail");
         assert!(err.to_string().contains("eos token is not set"), "{err}");
     }
 
@@ -612,7 +610,7 @@ mod tests {
         want.extend(std::iter::repeat_n(img, 421));
         want.extend([1, asst, 3, 2, eos, user, 3, 1, asst, 3]);
         assert_eq!(prompt.input_ids, want);
-        assert_eq!(prompt.image_runs, [3..424]);
+        assert_eq!(prompt.image_runs, vec![3..424]);
         assert_eq!(prompt.num_image_tokens, [421]);
         assert_eq!(prompt.images_seq_mask().iter().filter(|&&m| m).count(), 421);
         assert!(prompt.images_seq_mask()[3] && !prompt.images_seq_mask()[424]);

@@ -101,7 +101,7 @@ impl LanguageConfig {
     /// Whether layer `layer` uses the MoE feed-forward (otherwise the dense MLP).
     pub fn is_moe_layer(&self, layer: usize) -> bool {
         match &self.moe {
-            Some(m) => layer >= m.first_k_dense_replace && layer % m.moe_layer_freq == 0,
+            Some(m) => layer >= m.first_k_dense_replace && layer.is_multiple_of(m.moe_layer_freq),
             None => false,
         }
     }
@@ -436,7 +436,7 @@ impl RawLanguageConfig {
                 v_head_dim: required(&field("v_head_dim"), self.v_head_dim, why)?,
             }
         } else {
-            if self.hidden_size % heads != 0 {
+            if !self.hidden_size.is_multiple_of(heads) {
                 return Err(Error::config(
                     field("hidden_size"),
                     format!("{} is not divisible by {heads} heads", self.hidden_size),
@@ -525,7 +525,7 @@ impl RawLanguageConfig {
             let why = "for grouped top-k methods";
             let g = required(&field("n_group"), self.n_group, why)?;
             let tg = required(&field("topk_group"), self.topk_group, why)?;
-            if n_routed % g != 0 || tg > g {
+            if !n_routed.is_multiple_of(g) || tg > g {
                 return Err(Error::config(
                     field("n_group"),
                     format!("{n_routed} experts cannot be split into {g} groups keeping {tg}"),

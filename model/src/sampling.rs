@@ -96,16 +96,16 @@ impl Sampler {
         if p.repetition_penalty != 1.0 {
             let mut seen = vec![false; logits.len()];
             for &id in history {
-                if let Some(s) = seen.get_mut(id as usize) {
-                    if !*s {
-                        *s = true;
-                        let l = &mut logits[id as usize];
-                        *l = if *l < 0.0 {
-                            *l * p.repetition_penalty
-                        } else {
-                            *l / p.repetition_penalty
-                        };
-                    }
+                if let Some(s) = seen.get_mut(id as usize)
+                    && !*s
+                {
+                    *s = true;
+                    let l = &mut logits[id as usize];
+                    *l = if *l < 0.0 {
+                        *l * p.repetition_penalty
+                    } else {
+                        *l / p.repetition_penalty
+                    };
                 }
             }
         }
