@@ -38,6 +38,9 @@ pub enum Error {
     /// The conversation or prompt cannot be turned into tokens.
     #[error("invalid prompt: {0}")]
     Prompt(String),
+    /// An image cannot be decoded, is too large, or is not a supported format.
+    #[error("invalid image: {0}")]
+    Image(String),
     /// A generation request is not valid (bad sampling parameters, empty prompt, ...).
     #[error("invalid request: {0}")]
     Request(String),
