@@ -9,18 +9,23 @@
 //! - [`sampling`]: greedy, temperature, top-k, top-p and repetition-penalty sampling
 //! - [`generate`]: prefill (one-shot or chunked), decode and stopping
 //! - [`pipeline`]: load a whole snapshot for in-process generation
+//! - [`vision`]: the SigLIP tower, the projector and the image-token assembly
 //! - [`ops`]: small tensor helpers
 
 pub mod chat;
 pub mod config;
+pub mod draw;
 pub mod error;
 pub mod experts;
 pub mod generate;
+pub mod grounding;
 pub mod image_tokens;
 pub mod language;
 pub mod ops;
 pub mod pipeline;
+pub mod processor;
 pub mod sampling;
+pub mod vision;
 pub mod weights;
 
 pub use error::{Error, Result};
