@@ -23,7 +23,6 @@ pub mod image_tokens;
 pub mod language;
 pub mod ops;
 pub mod pipeline;
-pub mod processor;
 pub mod sampling;
 pub mod vision;
 pub mod weights;
