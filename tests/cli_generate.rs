@@ -99,19 +99,115 @@ fn generate_writes_logits_and_a_prompt_runs_on_the_mla_fixture() {
 }
 
 #[test]
-fn images_and_bad_input_fail_with_a_clear_message() {
+fn generate_from_image_files_prints_the_reference_greedy_ids() {
+    for (fixture, case) in [
+        ("tiny-mha-softmax", "two_images_odd_sizes"),
+        ("small-mla-softmax", "multi_turn"),
+    ] {
+        let model = fixtures().join(fixture);
+        let conversation = model.join(format!("conversations/{case}.json"));
+        let out = tessera(&[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--conversation",
+            conversation.to_str().unwrap(),
+            "--max-tokens",
+            "16",
+            "--ignore-eos",
+            "--json",
+        ]);
+        assert!(
+            out.status.success(),
+            "{case}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let ids: Vec<u64> = report["output_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .collect();
+        assert_eq!(ids, greedy_ids(fixture, case), "{fixture}/{case}");
+        let cases: Value =
+            serde_json::from_str(&std::fs::read_to_string(model.join("cases.json")).unwrap())
+                .unwrap();
+        let want = cases["cases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == case)
+            .unwrap();
+        let tokens: Vec<&Value> = report["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| &i["tokens"])
+            .collect();
+        assert_eq!(
+            tokens,
+            want["num_image_tokens"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .collect::<Vec<_>>()
+        );
+    }
+}
+
+#[test]
+fn prompt_with_image_draws_boxes_to_a_png() {
     let model = fixtures().join("tiny-mha-softmax");
-    let conversation = model.join("conversations/single_640x480.json");
+    let dir = std::env::temp_dir().join(format!("tessera-cli-draw-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let png = dir.join("boxes.png");
     let out = tessera(&[
         "generate",
         "--model",
         model.to_str().unwrap(),
-        "--conversation",
-        conversation.to_str().unwrap(),
+        "--image",
+        model.join("img_518x293.png").to_str().unwrap(),
+        "--prompt",
+        "<|grounding|>Locate the red car.",
+        "--max-tokens",
+        "4",
+        "--json",
+        "--draw-boxes",
+        png.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["images"][0]["tokens"], 617);
+    assert_eq!(report["images"][0]["width"], 518);
+    let drawn = image::open(&png).unwrap();
+    assert_eq!((drawn.width(), drawn.height()), (518, 293));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn bad_input_fails_with_a_clear_message() {
+    let model = fixtures().join("tiny-mha-softmax");
+    let not_an_image = fixtures().join("tiny-mha-softmax/config.json");
+    let out = tessera(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--image",
+        not_an_image.to_str().unwrap(),
+        "--prompt",
+        "What is this?",
     ]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("has images"), "{err}");
+    assert!(
+        err.contains("config.json") && err.contains("image"),
+        "{err}"
+    );
 
     let out = tessera(&[
         "generate",
@@ -126,6 +222,16 @@ fn images_and_bad_input_fail_with_a_clear_message() {
         err.contains("/nonexistent/model") && err.contains("not found"),
         "{err}"
     );
+
+    let out = tessera(&[
+        "generate",
+        "--model",
+        "deepseek-ai/deepseek-vl2-tiny",
+        "--prompt",
+        "hi",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--model DIR"));
 
     let out = tessera(&[
         "generate",

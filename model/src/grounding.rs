@@ -268,10 +268,10 @@ fn parse_boxes(body: &str) -> Vec<NormalizedBox> {
             // A nested `[` starts over: only innermost groups count.
             '[' => group = Some((Vec::new(), false)),
             ']' => {
-                if let Some((values, false)) = group.take() {
-                    if let Ok(v) = <[f64; 4]>::try_from(values) {
-                        boxes.push(NormalizedBox::from_values(v));
-                    }
+                if let Some((values, false)) = group.take()
+                    && let Ok(v) = <[f64; 4]>::try_from(values)
+                {
+                    boxes.push(NormalizedBox::from_values(v));
                 }
             }
             ',' => {}

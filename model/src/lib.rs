@@ -8,6 +8,7 @@
 //! - [`experts`]: routed experts behind [`experts::ExpertBackend`], with an in-process backend
 //! - [`sampling`]: greedy, temperature, top-k, top-p and repetition-penalty sampling
 //! - [`generate`]: prefill (one-shot or chunked), decode and stopping
+//! - [`grounding`], [`draw`]: parse `<|ref|>`/`<|det|>` answers and draw their boxes
 //! - [`pipeline`]: load a whole snapshot for in-process generation
 //! - [`vision`]: the SigLIP tower, the projector and the image-token assembly
 //! - [`ops`]: small tensor helpers
@@ -23,6 +24,7 @@ pub mod image_tokens;
 pub mod language;
 pub mod ops;
 pub mod pipeline;
+pub mod processor;
 pub mod sampling;
 pub mod vision;
 pub mod weights;

@@ -1,15 +1,20 @@
-//! One call to load everything a single process needs to run text generation from a
-//! snapshot folder: config, tokenizer, language model and (all) routed experts.
+//! One call to load everything a single process needs to run generation from a snapshot
+//! folder (config, tokenizer, vision tower and projector, language model, all routed
+//! experts), and one to turn a conversation with images into prompt ids and embeddings.
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
+use image::RgbImage;
 
-use crate::chat::ChatTokenizer;
+use crate::chat::{ChatTokenizer, EncodedPrompt, Message};
 use crate::config::{ModelConfig, ProcessorConfig};
 use crate::error::{Error, Result};
 use crate::experts::{ExpertSelection, LocalExperts};
+use crate::image_tokens::Tiling;
 use crate::language::LanguageModel;
+use crate::processor::{ProcessedImage, process_images, tiles_to_tensor};
+use crate::vision::VisionModel;
 use crate::weights::{Checkpoint, LoadTarget};
 
 /// A DeepSeek-VL2 snapshot loaded for in-process generation.
@@ -18,8 +23,30 @@ pub struct Pipeline {
     pub config: ModelConfig,
     pub processor: ProcessorConfig,
     pub tokenizer: ChatTokenizer,
+    pub vision: VisionModel,
     pub language: LanguageModel,
     pub experts: LocalExperts,
+}
+
+/// A conversation turned into model input.
+#[derive(Debug)]
+pub struct PreparedPrompt {
+    /// Token ids and image-token runs.
+    pub encoded: EncodedPrompt,
+    /// Input embeddings (tokens, hidden) with image features in place.
+    pub embeds: Tensor,
+    /// Tiling and original size of each image, in prompt order.
+    pub images: Vec<ImageInfo>,
+}
+
+/// What the processor decided for one image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct ImageInfo {
+    pub tiling: Tiling,
+    /// Image tokens in the prompt.
+    pub tokens: usize,
+    pub width: u32,
+    pub height: u32,
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -54,6 +81,7 @@ impl Pipeline {
             dtype,
             device,
         };
+        let vision = VisionModel::load(&config, target)?;
         let language = LanguageModel::load(&config.language, target)?;
         let experts = LocalExperts::load(&config.language, target, &ExpertSelection::All)?;
         Ok(Self {
@@ -61,8 +89,54 @@ impl Pipeline {
             config,
             processor,
             tokenizer,
+            vision,
             language,
             experts,
+        })
+    }
+
+    /// Tiles and encodes `images` (in `<image>` tag order), applies the chat template and
+    /// returns the prompt ids with their input embeddings.
+    pub fn prepare(&self, messages: &[Message], images: &[RgbImage]) -> Result<PreparedPrompt> {
+        let processed: Vec<ProcessedImage> = process_images(images, &self.processor);
+        let tilings: Vec<Tiling> = processed.iter().map(|p| p.tiling).collect();
+        let encoded = self.tokenizer.encode_conversation(messages, &tilings)?;
+        let image_embeds = if processed.is_empty() {
+            None
+        } else {
+            let (mean, std) = if self.processor.normalize {
+                (self.processor.image_mean, self.processor.image_std)
+            } else {
+                ([0.0; 3], [1.0; 3])
+            };
+            let tiles = tiles_to_tensor(
+                processed.iter().flat_map(|p| &p.tiles),
+                mean,
+                std,
+                self.language.device(),
+            )?
+            .to_dtype(self.language.dtype())?;
+            Some(self.vision.embed_images(&tiles, &tilings)?)
+        };
+        let embeds = self.language.embed_with_images(
+            &encoded.input_ids,
+            &encoded.image_runs,
+            image_embeds.as_ref(),
+        )?;
+        let images = processed
+            .iter()
+            .zip(&encoded.num_image_tokens)
+            .map(|(p, &tokens)| ImageInfo {
+                tiling: p.tiling,
+                tokens,
+                width: p.original_size.0,
+                height: p.original_size.1,
+            })
+            .collect();
+        Ok(PreparedPrompt {
+            encoded,
+            embeds,
+            images,
         })
     }
 }

@@ -1,10 +1,11 @@
-//! Golden parity of the language model with the reference implementation.
+//! Golden parity of the model with the reference implementation.
 //!
 //! For every case of both fixtures: the template reproduces `input_ids`; with the
-//! fixture's `image_embeds` injected at the image positions, the hidden states at the
-//! last position and the last logits are within 1e-3 (max abs) of the reference, every
-//! MoE layer routes every token to the same experts, the 16 greedy tokens are the same,
-//! and chunked prefill (chunk 64) equals its one-shot twin.
+//! fixture's `image_embeds` injected at the image positions, and again from the raw
+//! image files through our processor and vision tower, the hidden states at the last
+//! position and the last logits are within 1e-3 (max abs) of the reference, every MoE
+//! layer routes every token to the same experts, the 16 greedy tokens are the same, and
+//! chunked prefill (chunk 64) equals its one-shot twin.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -77,6 +78,15 @@ fn vec1(t: &Tensor) -> Vec<f32> {
     t.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap()
 }
 
+/// Where the image features of a prompt come from.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Images {
+    /// The reference's `image_embeds`, injected as they are.
+    FixtureEmbeds,
+    /// The raw image files through our processor, tower and projector.
+    FromPixels,
+}
+
 struct Golden {
     pipeline: Pipeline,
     dir: PathBuf,
@@ -91,8 +101,27 @@ impl Golden {
 
     /// Input ids from the template and the prompt embeddings with the fixture's image
     /// embeddings injected.
-    fn prompt(&self, case: &Value, t: &HashMap<String, Tensor>) -> (Vec<u32>, Tensor) {
+    fn prompt(
+        &self,
+        case: &Value,
+        t: &HashMap<String, Tensor>,
+        source: Images,
+    ) -> (Vec<u32>, Tensor) {
         let messages: Vec<Message> = serde_json::from_value(case["conversation"].clone()).unwrap();
+        if source == Images::FromPixels {
+            let images: Vec<image::RgbImage> = messages
+                .iter()
+                .flat_map(|m| &m.images)
+                .map(|f| image::open(self.dir.join(f)).unwrap().to_rgb8())
+                .collect();
+            let prepared = self.pipeline.prepare(&messages, &images).unwrap();
+            assert_eq!(
+                prepared.encoded.input_ids,
+                as_u32s(&case["input_ids"]),
+                "input_ids from pixels"
+            );
+            return (prepared.encoded.input_ids, prepared.embeds);
+        }
         let tilings: Vec<Tiling> = case["images_spatial_crop"]
             .as_array()
             .unwrap()
@@ -131,10 +160,11 @@ impl Golden {
         (encoded.input_ids, embeds)
     }
 
-    fn check_case(&self, name: &str) {
+    fn check_case(&self, name: &str, source: Images) {
         let case = case(&self.dir, name);
         let t = tensors(&self.dir, name);
-        let (ids, embeds) = self.prompt(&case, &t);
+        let (ids, embeds) = self.prompt(&case, &t, source);
+        let name = &format!("{name} ({source:?})");
         let model = &self.pipeline.language;
         let experts = &self.pipeline.experts;
 
@@ -225,7 +255,7 @@ impl Golden {
         if let Some(embeds) = twin_t.get("image_embeds") {
             t.insert("image_embeds".into(), embeds.clone());
         }
-        let (ids, embeds) = self.prompt(&case, &t);
+        let (ids, embeds) = self.prompt(&case, &t, Images::FixtureEmbeds);
         let model = &self.pipeline.language;
         let experts = &self.pipeline.experts;
         let chunk = case["incremental_prefill"]["chunk_size"].as_u64().unwrap() as usize;
@@ -270,7 +300,10 @@ impl Golden {
 fn tiny_mha_softmax_cases() {
     let g = Golden::load("tiny-mha-softmax");
     for name in ["text_only", "single_640x480", "two_images_odd_sizes"] {
-        g.check_case(name);
+        g.check_case(name, Images::FixtureEmbeds);
+    }
+    for name in ["single_640x480", "two_images_odd_sizes"] {
+        g.check_case(name, Images::FromPixels);
     }
     g.check_chunked("single_640x480_chunked", "single_640x480");
 }
@@ -279,7 +312,8 @@ fn tiny_mha_softmax_cases() {
 fn small_mla_softmax_cases() {
     let g = Golden::load("small-mla-softmax");
     for name in ["single_1200x400", "multi_turn", "system_role"] {
-        g.check_case(name);
+        g.check_case(name, Images::FixtureEmbeds);
+        g.check_case(name, Images::FromPixels);
     }
     g.check_chunked("single_1200x400_chunked", "single_1200x400");
 }

@@ -8,9 +8,11 @@ use candle_core::{DType, Device, Tensor};
 use clap::{Args, ValueEnum};
 use serde::Serialize;
 use tessera_model::chat::{Message, Role};
+use tessera_model::draw::{draw_groundings, save_png};
 use tessera_model::generate::{FinishReason, GenerationParams, generate};
-use tessera_model::image_tokens::Tiling;
-use tessera_model::pipeline::Pipeline;
+use tessera_model::grounding::{GroundedBox, parse_groundings};
+use tessera_model::pipeline::{ImageInfo, Pipeline};
+use tessera_model::processor::{DEFAULT_MAX_PIXELS, ImageLimits, load_image};
 use tessera_model::sampling::SamplingParams;
 
 /// Compute precision of the weights and activations.
@@ -44,6 +46,16 @@ pub struct GenerateArgs {
     /// to the file's folder unless absolute. A trailing empty assistant message is optional.
     #[arg(long)]
     conversation: Option<PathBuf>,
+    /// An image for --prompt (repeatable, in order). A prompt without `<image>` tags gets
+    /// one `<image>` line per image in front of the text.
+    #[arg(long, requires = "prompt")]
+    image: Vec<PathBuf>,
+    /// Draw the grounding boxes of the answer over the last image and save it as PNG.
+    #[arg(long)]
+    draw_boxes: Option<PathBuf>,
+    /// Refuse images with more pixels than this (checked before decoding).
+    #[arg(long, default_value_t = DEFAULT_MAX_PIXELS)]
+    max_image_pixels: u64,
     /// Most tokens to generate.
     #[arg(long, default_value_t = 512)]
     max_tokens: usize,
@@ -84,10 +96,10 @@ pub struct GenerateArgs {
 }
 
 #[derive(Serialize)]
-struct ImageReport {
-    tiles_w: usize,
-    tiles_h: usize,
-    tokens: usize,
+struct GroundingReport {
+    label: String,
+    /// Pixel boxes on the last image.
+    boxes: Vec<GroundedBox>,
 }
 
 #[derive(Serialize)]
@@ -107,7 +119,8 @@ struct Report {
     output_ids: Vec<u32>,
     text: String,
     finish_reason: FinishReason,
-    images: Vec<ImageReport>,
+    images: Vec<ImageInfo>,
+    groundings: Vec<GroundingReport>,
     timings: TimingReport,
 }
 
@@ -128,22 +141,37 @@ fn read_conversation(path: &Path) -> anyhow::Result<Vec<Message>> {
 }
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
-    let messages = match (&args.prompt, &args.conversation) {
-        (Some(p), _) => vec![Message::new(Role::User, p.clone())],
-        (None, Some(path)) => read_conversation(path)?,
+    let (messages, image_paths) = match (&args.prompt, &args.conversation) {
+        (Some(p), _) => {
+            let text = if args.image.is_empty() || p.contains("<image>") {
+                p.clone()
+            } else {
+                format!("{}{p}", "<image>\n".repeat(args.image.len()))
+            };
+            (vec![Message::new(Role::User, text)], args.image.clone())
+        }
+        (None, Some(path)) => {
+            let messages = read_conversation(path)?;
+            let base = path.parent().unwrap_or(Path::new("."));
+            let images = messages
+                .iter()
+                .flat_map(|m| &m.images)
+                .map(|f| base.join(f))
+                .collect();
+            (messages, images)
+        }
         (None, None) => unreachable!("clap requires --prompt or --conversation"),
     };
-    if let Some((i, _)) = messages
-        .iter()
-        .enumerate()
-        .find(|(_, m)| !m.images.is_empty())
-    {
-        bail!(
-            "message {i} has images, but this build of `tessera generate` runs text-only \
-             prompts: the vision tower is not available yet. Remove the images (and their \
-             <image> tags) to run the text part."
-        );
+    if args.draw_boxes.is_some() && image_paths.is_empty() {
+        bail!("--draw-boxes needs an image to draw on");
     }
+    let limits = ImageLimits {
+        max_pixels: args.max_image_pixels,
+    };
+    let images = image_paths
+        .iter()
+        .map(|p| load_image(p, &limits))
+        .collect::<Result<Vec<_>, _>>()?;
 
     // Check the request before spending time on loading.
     let params = GenerationParams {
@@ -184,15 +212,9 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot load the model from {}", args.model.display()))?;
     let load_s = loading.elapsed().as_secs_f64();
 
-    // Text-only until the vision tower lands: no image, so no tiling.
-    let tilings: Vec<Tiling> = Vec::new();
-    let prompt = pipeline
-        .tokenizer
-        .encode_conversation(&messages, &tilings)?;
-    let embeds =
-        pipeline
-            .language
-            .embed_with_images(&prompt.input_ids, &prompt.image_runs, None)?;
+    let prepared = pipeline.prepare(&messages, &images)?;
+    let prompt = prepared.encoded;
+    let embeds = prepared.embeds;
     let params = GenerationParams {
         eos_token_id: pipeline.tokenizer.special().eos,
         ..params
@@ -208,6 +230,32 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
 
     if let Some(path) = &args.logits_out {
         write_logits(path, &out.step_logits)?;
+    }
+    // Boxes refer to the last image of the prompt, as in the reference demo.
+    let groundings = parse_groundings(&out.text);
+    let grounded: Vec<GroundingReport> = match images.last() {
+        Some(img) => groundings
+            .iter()
+            .map(|g| GroundingReport {
+                label: g.label.clone(),
+                boxes: g
+                    .boxes
+                    .iter()
+                    .map(|b| b.to_pixels(img.width(), img.height()))
+                    .collect(),
+            })
+            .collect(),
+        None => Vec::new(),
+    };
+    if let (Some(path), Some(img)) = (&args.draw_boxes, images.last()) {
+        save_png(&draw_groundings(img, &groundings), path)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        if groundings.is_empty() {
+            eprintln!(
+                "note: the answer has no grounding boxes; {} is the plain image",
+                path.display()
+            );
+        }
     }
     let t = &out.timings;
     let timings = TimingReport {
@@ -225,15 +273,8 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             output_ids: out.output_ids,
             text: out.text,
             finish_reason: out.finish_reason,
-            images: tilings
-                .iter()
-                .zip(&prompt.num_image_tokens)
-                .map(|(tiling, &tokens)| ImageReport {
-                    tiles_w: tiling.width,
-                    tiles_h: tiling.height,
-                    tokens,
-                })
-                .collect(),
+            images: prepared.images,
+            groundings: grounded,
             timings,
         };
         println!("{}", serde_json::to_string(&report)?);
