@@ -288,6 +288,10 @@ impl ProcessorConfig {
             return Ok(Self::default());
         }
         let cfg: Self = read_json(&path)?;
+        check_candidates(
+            "processor_config.candidate_resolutions",
+            &cfg.candidate_resolutions,
+        )?;
         if cfg.sft_format != "deepseek" {
             return Err(Error::config(
                 "sft_format",
@@ -630,9 +634,7 @@ impl RawModelConfig {
                 ),
             ));
         }
-        if self.candidate_resolutions.is_empty() {
-            return Err(Error::config("candidate_resolutions", "must not be empty"));
-        }
+        check_candidates("candidate_resolutions", &self.candidate_resolutions)?;
         let language = self.language_config.validate()?;
         Ok(ModelConfig {
             language,
@@ -642,6 +644,23 @@ impl RawModelConfig {
             global_view_pos,
         })
     }
+}
+
+/// Candidates must be non-empty and made of whole 384-pixel tiles.
+fn check_candidates(field: &str, candidates: &[[usize; 2]]) -> Result<()> {
+    if candidates.is_empty() {
+        return Err(Error::config(field, "must not be empty"));
+    }
+    if let Some([w, h]) = candidates
+        .iter()
+        .find(|[w, h]| *w == 0 || *h == 0 || w % 384 != 0 || h % 384 != 0)
+    {
+        return Err(Error::config(
+            field,
+            format!("[{w}, {h}] is not a positive multiple of the 384-pixel tile"),
+        ));
+    }
+    Ok(())
 }
 
 // Reference defaults, one function each for serde.

@@ -10,6 +10,7 @@
 //! - [`generate`]: prefill (one-shot or chunked), decode and stopping
 //! - [`grounding`], [`draw`]: parse `<|ref|>`/`<|det|>` answers and draw their boxes
 //! - [`pipeline`]: load a whole snapshot for in-process generation
+//! - [`processor`]: image bytes → RGB → 384×384 tiles → normalised tensor, bit-exact with the reference processor
 //! - [`vision`]: the SigLIP tower, the projector and the image-token assembly
 //! - [`ops`]: small tensor helpers
 

@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::experts::{ExpertSelection, LocalExperts};
 use crate::image_tokens::Tiling;
 use crate::language::LanguageModel;
-use crate::processor::{ProcessedImage, process_images, tiles_to_tensor};
+use crate::processor::{ProcessedImage, normalization, process_images, tiles_to_tensor};
 use crate::vision::VisionModel;
 use crate::weights::{Checkpoint, LoadTarget};
 
@@ -104,11 +104,7 @@ impl Pipeline {
         let image_embeds = if processed.is_empty() {
             None
         } else {
-            let (mean, std) = if self.processor.normalize {
-                (self.processor.image_mean, self.processor.image_std)
-            } else {
-                ([0.0; 3], [1.0; 3])
-            };
+            let (mean, std) = normalization(&self.processor);
             let tiles = tiles_to_tensor(
                 processed.iter().flat_map(|p| &p.tiles),
                 mean,

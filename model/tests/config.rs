@@ -1075,3 +1075,11 @@ fn absent_processor_config_takes_released_values() {
     check_processor(&cfg);
     assert_eq!(cfg, ProcessorConfig::default());
 }
+
+#[test]
+fn candidates_that_are_not_whole_tiles_are_rejected() {
+    for bad in [json!([[384, 500]]), json!([[0, 384]]), json!([])] {
+        let result = parse_edited(BASE, |v| v["candidate_resolutions"] = bad.clone());
+        assert_config_error(result, "candidate_resolutions");
+    }
+}

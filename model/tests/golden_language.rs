@@ -10,11 +10,13 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
+use common::{assert_close, case, fixture, tilings};
 use serde_json::Value;
 use tessera_model::chat::Message;
 use tessera_model::generate::{GenerationParams, generate, prefill};
-use tessera_model::image_tokens::Tiling;
 use tessera_model::language::ForwardTrace;
 use tessera_model::pipeline::Pipeline;
 
@@ -22,24 +24,6 @@ use tessera_model::pipeline::Pipeline;
 const TOL: f32 = 1e-3;
 /// Max abs difference allowed on final routing weights (probabilities, O(0.1)).
 const WEIGHT_TOL: f32 = 1e-5;
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures")
-        .join(name)
-}
-
-fn case(fixture_dir: &Path, name: &str) -> Value {
-    let text = std::fs::read_to_string(fixture_dir.join("cases.json")).unwrap();
-    let cases: Value = serde_json::from_str(&text).unwrap();
-    cases["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == name)
-        .unwrap_or_else(|| panic!("no case {name}"))
-        .clone()
-}
 
 fn tensors(fixture_dir: &Path, case_name: &str) -> HashMap<String, Tensor> {
     let path = fixture_dir.join(format!("tensors/{case_name}.safetensors"));
@@ -52,26 +36,6 @@ fn as_u32s(v: &Value) -> Vec<u32> {
         .iter()
         .map(|x| x.as_u64().unwrap() as u32)
         .collect()
-}
-
-/// Fails with the first element outside `tol` and the overall max difference.
-fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    let max = got
-        .iter()
-        .zip(want)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
-    if let Some(i) = got
-        .iter()
-        .zip(want)
-        .position(|(a, b)| (a - b).abs() > tol || a.is_nan())
-    {
-        panic!(
-            "{what}: first mismatch at {i}: got {} want {} (max abs diff {max}, tolerance {tol})",
-            got[i], want[i]
-        );
-    }
 }
 
 fn vec1(t: &Tensor) -> Vec<f32> {
@@ -122,17 +86,7 @@ impl Golden {
             );
             return (prepared.encoded.input_ids, prepared.embeds);
         }
-        let tilings: Vec<Tiling> = case["images_spatial_crop"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|wh| {
-                Tiling::new(
-                    wh[0].as_u64().unwrap() as usize,
-                    wh[1].as_u64().unwrap() as usize,
-                )
-            })
-            .collect();
+        let tilings = tilings(case);
         let encoded = self
             .pipeline
             .tokenizer

@@ -3,9 +3,12 @@
 //! embeddings are within 1e-4 (max abs) of the reference.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
+
+mod common;
 
 use candle_core::{DType, Device, Tensor};
+use common::{assert_close, fixture, tilings};
 use serde_json::Value;
 use tessera_model::config::ModelConfig;
 use tessera_model::image_tokens::Tiling;
@@ -15,31 +18,11 @@ use tessera_model::weights::{Checkpoint, LoadTarget};
 /// Max abs difference allowed on vision outputs (fixture README: ~1e-4 for f32).
 const TOL: f32 = 1e-4;
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures")
-        .join(name)
-}
-
-fn assert_close(what: &str, got: &Tensor, want: &Tensor, tol: f32) {
+fn assert_close_tensors(what: &str, got: &Tensor, want: &Tensor, tol: f32) {
     assert_eq!(got.dims(), want.dims(), "{what}: shape");
     let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     let want = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let max = got
-        .iter()
-        .zip(&want)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
-    if let Some(i) = got
-        .iter()
-        .zip(&want)
-        .position(|(a, b)| (a - b).abs() > tol || a.is_nan())
-    {
-        panic!(
-            "{what}: first mismatch at flat index {i}: got {} want {} (max abs diff {max}, tolerance {tol})",
-            got[i], want[i]
-        );
-    }
+    let max = assert_close(what, &got, &want, tol);
     eprintln!("{what}: max abs diff {max:.3e}");
 }
 
@@ -89,32 +72,22 @@ fn check_fixture(name: &str) {
         .unwrap();
         let tiles = fixture_tiles(&dir, case);
         let features = vision.tower(&tiles).unwrap();
-        assert_close(
+        assert_close_tensors(
             &format!("{name} vision_out_first2"),
             &features.narrow(0, 0, 2).unwrap(),
             &t["vision_out_first2"],
             TOL,
         );
         let projected = vision.project(&features).unwrap();
-        assert_close(
+        assert_close_tensors(
             &format!("{name} projector_out"),
             &projected,
             &t["projector_out"],
             TOL,
         );
-        let tilings: Vec<Tiling> = case["images_spatial_crop"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|wh| {
-                Tiling::new(
-                    wh[0].as_u64().unwrap() as usize,
-                    wh[1].as_u64().unwrap() as usize,
-                )
-            })
-            .collect();
+        let tilings = tilings(case);
         let embeds = vision.assemble(&projected, &tilings).unwrap();
-        assert_close(
+        assert_close_tensors(
             &format!("{name} image_embeds"),
             &embeds,
             &t["image_embeds"],
@@ -136,4 +109,39 @@ fn tiny_fixture_vision_matches_the_reference() {
 #[test]
 fn small_fixture_vision_matches_the_reference() {
     check_fixture("small-mla-softmax");
+}
+
+/// The assembly lays out exactly N(tw, th) rows for every candidate grid (1×1 … 1×9,
+/// 3×3), so the prompt planner's count and the vision output always agree.
+#[test]
+fn assembly_length_equals_the_token_count_for_every_candidate_grid() {
+    let dir = fixture("tiny-mha-softmax");
+    let cfg = ModelConfig::from_dir(&dir).unwrap();
+    let ckpt = Checkpoint::open(&dir).unwrap();
+    let target = LoadTarget {
+        checkpoint: &ckpt,
+        dtype: DType::F32,
+        device: &Device::Cpu,
+    };
+    let vision = VisionModel::load(&cfg, target).unwrap();
+    let d = cfg.language.hidden_size;
+    assert_eq!(cfg.candidate_resolutions.len(), 23);
+    for [w, h] in &cfg.candidate_resolutions {
+        let tiling = Tiling::new(w / 384, h / 384);
+        let projected =
+            Tensor::zeros((tiling.num_tiles(), 196, d), DType::F32, &Device::Cpu).unwrap();
+        let rows = vision
+            .assemble(&projected, &[tiling])
+            .unwrap()
+            .dim(0)
+            .unwrap();
+        assert_eq!(
+            rows,
+            tiling.num_tokens(),
+            "tiling {}x{}",
+            tiling.width,
+            tiling.height
+        );
+    }
+    assert_eq!(Tiling::new(1, 9).num_tokens(), 2101);
 }

@@ -1,0 +1,68 @@
+//! Helpers shared by the golden tests: fixture paths, case fields, and a closeness check
+//! that fails loudly with the first mismatch.
+
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+use tessera_model::image_tokens::Tiling;
+
+/// A fixture folder under `tests/fixtures`.
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures")
+        .join(name)
+}
+
+/// The case called `name` of a fixture's `cases.json`.
+pub fn case(fixture_dir: &Path, name: &str) -> Value {
+    cases(fixture_dir)
+        .into_iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no case {name} in {}", fixture_dir.display()))
+}
+
+/// Every case of a fixture's `cases.json`.
+pub fn cases(fixture_dir: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(fixture_dir.join("cases.json")).unwrap();
+    let cases: Value = serde_json::from_str(&text).unwrap();
+    cases["cases"].as_array().unwrap().clone()
+}
+
+/// The case's `images_spatial_crop` as tilings.
+pub fn tilings(case: &Value) -> Vec<Tiling> {
+    case["images_spatial_crop"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|wh| {
+            Tiling::new(
+                wh[0].as_u64().unwrap() as usize,
+                wh[1].as_u64().unwrap() as usize,
+            )
+        })
+        .collect()
+}
+
+/// Fails with the first element outside `tol` and the overall max difference; returns
+/// the max difference.
+pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) -> f32 {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let max = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    if let Some(i) = got
+        .iter()
+        .zip(want)
+        .position(|(a, b)| (a - b).abs() > tol || a.is_nan())
+    {
+        panic!(
+            "{what}: first mismatch at {i}: got {} want {} (max abs diff {max}, tolerance {tol})",
+            got[i], want[i]
+        );
+    }
+    max
+}
