@@ -128,12 +128,13 @@ impl Golden {
         let logits = model
             .forward(&embeds, &mut cache, experts, Some(&mut trace))
             .unwrap();
-        assert_close(
+        let max = assert_close(
             &format!("{name} last_logits"),
             &vec1(&logits),
             &vec1(&t["last_logits"]),
             TOL,
         );
+        eprintln!("{name}: last_logits max abs diff {max:.2e}");
 
         let hidden = t["hidden_states_last_pos"].to_vec2::<f32>().unwrap();
         assert_eq!(
@@ -217,12 +218,13 @@ impl Golden {
         let mut cache = model.new_cache(ids.len()).unwrap();
         let chunked = prefill(model, experts, &mut cache, &embeds, Some(chunk)).unwrap();
         assert_eq!(cache.len(), ids.len());
-        assert_close(
+        let max = assert_close(
             &format!("{name} chunked_last_logits"),
             &vec1(&chunked),
             &vec1(&t["chunked_last_logits"]),
             TOL,
         );
+        eprintln!("{name}: chunked_last_logits max abs diff {max:.2e}");
         assert_close(
             &format!("{name} chunked vs one-shot"),
             &vec1(&chunked),
