@@ -1,0 +1,17 @@
+//! The runtime every Tessera service shares.
+//!
+//! - [`placement`]: which expert-worker holds which routed experts, as versioned
+//!   data computed from the live expert-workers (an even split for now).
+//! - [`discovery`]: who is in the cluster. The [`Discovery`] trait, with
+//!   [`StaticDiscovery`] (the embedded default: members from flags or a small JSON
+//!   file) and [`MemoryDiscovery`] (one process: tests and `tessera up`). It also
+//!   carries the published [`Placement`].
+//! - [`error`]: the crate's one error type.
+
+pub mod discovery;
+pub mod error;
+pub mod placement;
+
+pub use discovery::{Discovery, Member, MemoryDiscovery, Registration, Role, StaticDiscovery};
+pub use error::{Error, Result};
+pub use placement::{Placement, even_split, next_placement};
