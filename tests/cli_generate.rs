@@ -9,20 +9,23 @@ fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
-fn greedy_ids(fixture: &str, case: &str) -> Vec<u64> {
+fn case(fixture: &str, name: &str) -> Value {
     let text = std::fs::read_to_string(fixtures().join(fixture).join("cases.json")).unwrap();
     let cases: Value = serde_json::from_str(&text).unwrap();
-    let case = cases["cases"]
+    cases["cases"]
         .as_array()
         .unwrap()
         .iter()
-        .find(|c| c["name"] == case)
-        .unwrap();
-    case["greedy"]["new_token_ids"]
-        .as_array()
+        .find(|c| c["name"] == name)
+        .unwrap()
+        .clone()
+}
+
+fn u64s(v: &Value) -> Vec<u64> {
+    v.as_array()
         .unwrap()
         .iter()
-        .map(|v| v.as_u64().unwrap())
+        .map(|x| x.as_u64().unwrap())
         .collect()
 }
 
@@ -34,10 +37,10 @@ fn tessera(args: &[&str]) -> std::process::Output {
         .expect("run tessera")
 }
 
-#[test]
-fn generate_text_only_prints_the_reference_greedy_ids() {
-    let model = fixtures().join("tiny-mha-softmax");
-    let conversation = model.join("conversations/text_only.json");
+/// Runs a fixture case's conversation file greedily for 16 tokens with `--json`.
+fn generate_case_json(fixture: &str, name: &str) -> Value {
+    let model = fixtures().join(fixture);
+    let conversation = model.join(format!("conversations/{name}.json"));
     let out = tessera(&[
         "generate",
         "--model",
@@ -51,24 +54,50 @@ fn generate_text_only_prints_the_reference_greedy_ids() {
     ]);
     assert!(
         out.status.success(),
-        "stderr: {}",
+        "{fixture}/{name}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let report: Value = serde_json::from_slice(&out.stdout).expect("one JSON object on stdout");
-    let ids: Vec<u64> = report["output_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_u64().unwrap())
-        .collect();
-    assert_eq!(ids, greedy_ids("tiny-mha-softmax", "text_only"));
+    serde_json::from_slice(&out.stdout).expect("one JSON object on stdout")
+}
+
+#[test]
+fn generate_text_only_prints_the_reference_greedy_ids() {
+    let report = generate_case_json("tiny-mha-softmax", "text_only");
+    let want = case("tiny-mha-softmax", "text_only");
+    assert_eq!(
+        u64s(&report["output_ids"]),
+        u64s(&want["greedy"]["new_token_ids"])
+    );
+    assert_eq!(report["input_ids"], want["input_ids"]);
     assert_eq!(report["finish_reason"], "length");
-    assert_eq!(report["input_ids"].as_array().unwrap().len(), 22);
     assert!(report["timings"]["prefill_tokens_per_s"].as_f64().unwrap() > 0.0);
 }
 
 #[test]
-fn generate_writes_logits_and_a_prompt_runs_on_the_mla_fixture() {
+fn generate_from_image_files_prints_the_reference_greedy_ids() {
+    for (fixture, name) in [
+        ("tiny-mha-softmax", "two_images_odd_sizes"),
+        ("small-mla-softmax", "multi_turn"),
+    ] {
+        let report = generate_case_json(fixture, name);
+        let want = case(fixture, name);
+        assert_eq!(
+            u64s(&report["output_ids"]),
+            u64s(&want["greedy"]["new_token_ids"]),
+            "{fixture}/{name}"
+        );
+        let tokens: Vec<u64> = report["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["tokens"].as_u64().unwrap())
+            .collect();
+        assert_eq!(tokens, u64s(&want["num_image_tokens"]), "{fixture}/{name}");
+    }
+}
+
+#[test]
+fn generate_writes_logits_with_a_chunked_prompt_on_the_mla_fixture() {
     let model = fixtures().join("small-mla-softmax");
     let dir = std::env::temp_dir().join(format!("tessera-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -96,64 +125,6 @@ fn generate_writes_logits_and_a_prompt_runs_on_the_mla_fixture() {
     assert_eq!(saved["last_logits"].dims(), &[3072]);
     assert_eq!(saved["step_logits"].dims(), &[4, 3072]);
     std::fs::remove_dir_all(&dir).ok();
-}
-
-#[test]
-fn generate_from_image_files_prints_the_reference_greedy_ids() {
-    for (fixture, case) in [
-        ("tiny-mha-softmax", "two_images_odd_sizes"),
-        ("small-mla-softmax", "multi_turn"),
-    ] {
-        let model = fixtures().join(fixture);
-        let conversation = model.join(format!("conversations/{case}.json"));
-        let out = tessera(&[
-            "generate",
-            "--model",
-            model.to_str().unwrap(),
-            "--conversation",
-            conversation.to_str().unwrap(),
-            "--max-tokens",
-            "16",
-            "--ignore-eos",
-            "--json",
-        ]);
-        assert!(
-            out.status.success(),
-            "{case}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let report: Value = serde_json::from_slice(&out.stdout).unwrap();
-        let ids: Vec<u64> = report["output_ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap())
-            .collect();
-        assert_eq!(ids, greedy_ids(fixture, case), "{fixture}/{case}");
-        let cases: Value =
-            serde_json::from_str(&std::fs::read_to_string(model.join("cases.json")).unwrap())
-                .unwrap();
-        let want = cases["cases"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["name"] == case)
-            .unwrap();
-        let tokens: Vec<&Value> = report["images"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|i| &i["tokens"])
-            .collect();
-        assert_eq!(
-            tokens,
-            want["num_image_tokens"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .collect::<Vec<_>>()
-        );
-    }
 }
 
 #[test]

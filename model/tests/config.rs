@@ -16,6 +16,7 @@ use tessera_model::config::{
     TopkMethod,
 };
 
+#[allow(dead_code)] // each test binary uses a different subset of the helpers
 mod common;
 
 use common::config_spec::*;

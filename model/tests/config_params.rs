@@ -6,6 +6,7 @@ use tessera_model::config::{
     AttentionConfig, LanguageConfig, ProjectorConfig, TopkMethod, VisionConfig,
 };
 
+#[allow(dead_code)] // each test binary uses a different subset of the helpers
 mod common;
 
 use common::config_spec::*;

@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+#[allow(dead_code)] // each test binary uses a different subset of the helpers
 mod common;
 
 use candle_core::{DType, Device, Tensor};

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
+#[allow(dead_code)] // each test binary uses a different subset of the helpers
 mod common;
 
 use candle_core::{DType, Device, Tensor};

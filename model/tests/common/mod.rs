@@ -1,7 +1,6 @@
 //! Helpers shared by the golden tests: fixture paths, case fields, and a closeness check
-//! that fails loudly with the first mismatch.
-
-#![allow(dead_code)] // each test binary uses a different subset
+//! that fails loudly with the first mismatch. Each test binary declares it with
+//! `#[allow(dead_code)] mod common;`, since each uses a different subset.
 
 pub mod config_spec;
 
