@@ -1,0 +1,310 @@
+//! Routed experts on expert-workers: real gRPC servers on loopback, the
+//! scheduler's remote backend, greedy generation compared with in-process experts
+//! and the reference fixtures.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use serde_json::Value;
+use tessera_expert_worker::{Config, ExpertService};
+use tessera_model::chat::{ChatTokenizer, Message};
+use tessera_model::generate::{GenerationParams, generate};
+use tessera_model::language::LanguageModel;
+use tessera_model::pipeline::Pipeline;
+use tessera_model::weights::{Checkpoint, LoadTarget};
+use tessera_proto::MAX_MESSAGE_BYTES;
+use tessera_proto::internal::v1::expert_client::ExpertClient;
+use tessera_proto::internal::v1::{ForwardRequest, InfoRequest};
+use tessera_runtime::placement::{Placement, even_split};
+use tessera_scheduler::RemoteExperts;
+use tokio::net::TcpListener;
+use tokio::runtime::Runtime;
+use tokio::sync::oneshot;
+use tonic::transport::Channel;
+
+const FINGERPRINT: &str = "fixture";
+const NEW_TOKENS: usize = 16;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+fn case(dir: &Path, name: &str) -> Value {
+    let text = std::fs::read_to_string(dir.join("cases.json")).unwrap();
+    let cases: Value = serde_json::from_str(&text).unwrap();
+    cases["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap()
+        .clone()
+}
+
+fn u32s(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+/// Expert-workers serving one snapshot in this process, each on its own listener.
+struct Cluster {
+    runtime: Runtime,
+    placement: Placement,
+    clients: BTreeMap<String, ExpertClient<Channel>>,
+    stops: Vec<oneshot::Sender<()>>,
+    servers: Vec<tokio::task::JoinHandle<tessera_expert_worker::Result<()>>>,
+}
+
+impl Cluster {
+    fn start(dir: &Path, n_workers: usize) -> Self {
+        let cfg = tessera_model::config::ModelConfig::from_dir(dir).unwrap();
+        let n_experts = cfg.language.moe.as_ref().unwrap().n_routed_experts;
+        let ids: Vec<String> = (0..n_workers).map(|i| format!("worker-{i}")).collect();
+        let placement = even_split(1, &cfg.language.moe_layers(), n_experts, &ids).unwrap();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let (mut stops, mut servers, mut clients) = (Vec::new(), Vec::new(), BTreeMap::new());
+        for id in &ids {
+            let listener = runtime.block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
+            let addr = listener.local_addr().unwrap();
+            let (stop, stopped) = oneshot::channel::<()>();
+            let worker = Config {
+                model: dir.to_path_buf(),
+                experts: placement.experts_of(id).clone(),
+                fingerprint: FINGERPRINT.into(),
+            };
+            servers.push(
+                runtime.spawn(tessera_expert_worker::run(worker, listener, async {
+                    let _ = stopped.await;
+                })),
+            );
+            stops.push(stop);
+            let client = runtime
+                .block_on(ExpertClient::connect(format!("http://{addr}")))
+                .unwrap()
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES);
+            clients.insert(id.clone(), client);
+        }
+        Self {
+            runtime,
+            placement,
+            clients,
+            stops,
+            servers,
+        }
+    }
+
+    fn remote_experts(&self) -> RemoteExperts {
+        RemoteExperts::new(
+            self.placement.clone(),
+            self.clients.clone(),
+            self.runtime.handle().clone(),
+            FINGERPRINT,
+        )
+    }
+
+    /// Stops every worker and checks each exited cleanly.
+    fn stop(self) {
+        for stop in self.stops {
+            stop.send(()).unwrap();
+        }
+        for server in self.servers {
+            self.runtime.block_on(server).unwrap().unwrap();
+        }
+    }
+}
+
+/// A case's conversation with its images (paths relative to the fixture folder).
+fn case_prompt(pipeline: &Pipeline, dir: &Path, case: &Value) -> (Vec<u32>, candle_core::Tensor) {
+    let messages: Vec<Message> = serde_json::from_value(case["conversation"].clone()).unwrap();
+    let images: Vec<image::RgbImage> = messages
+        .iter()
+        .flat_map(|m| &m.images)
+        .map(|f| image::open(dir.join(f)).unwrap().to_rgb8())
+        .collect();
+    let prepared = pipeline.prepare(&messages, &images).unwrap();
+    (prepared.encoded.input_ids, prepared.embeds)
+}
+
+/// For 1, 2 and 3 workers: each holds about 1/N of the experts, and greedy
+/// generation through them equals in-process experts and the reference.
+fn dispatch_matches_in_process(fixture_name: &str, case_name: &str) {
+    let dir = fixture(fixture_name);
+    let case = case(&dir, case_name);
+    let want = u32s(&case["greedy"]["new_token_ids"]);
+    let pipeline = Pipeline::load(&dir, DType::F32, &Device::Cpu).unwrap();
+    let (ids, embeds) = case_prompt(&pipeline, &dir, &case);
+    assert_eq!(ids, u32s(&case["input_ids"]));
+    let eos = pipeline.config.language.eos_token_id;
+    let params = GenerationParams {
+        ignore_eos: true,
+        ..GenerationParams::greedy(NEW_TOKENS, eos)
+    };
+    let local = generate(
+        &pipeline.language,
+        &pipeline.experts,
+        None,
+        &ids,
+        &embeds,
+        &params,
+    )
+    .unwrap()
+    .output_ids;
+    assert_eq!(
+        local, want,
+        "{fixture_name}/{case_name}: in-process experts"
+    );
+
+    // The scheduler side: the language model without routed experts.
+    let checkpoint = Checkpoint::open(&dir).unwrap();
+    let device = Device::Cpu;
+    let target = LoadTarget {
+        checkpoint: &checkpoint,
+        dtype: DType::F32,
+        device: &device,
+    };
+    let language = LanguageModel::load(&pipeline.config.language, target).unwrap();
+    let tokenizer = ChatTokenizer::from_dir(&dir).unwrap();
+    let n_layers = pipeline.config.language.moe_layers().len() as u64;
+    let total = pipeline.experts.len();
+
+    for n in 1..=3 {
+        let cluster = Cluster::start(&dir, n);
+        for (id, client) in &cluster.clients {
+            let held = cluster.placement.experts_of(id);
+            let worker = Config {
+                model: dir.clone(),
+                experts: held.clone(),
+                fingerprint: FINGERPRINT.into(),
+            };
+            let len = ExpertService::load(&worker).unwrap().len();
+            assert!(
+                len.abs_diff(total / n) <= n_layers as usize,
+                "{id} of {n} holds {len} of {total}"
+            );
+            let info = cluster
+                .runtime
+                .block_on(client.clone().info(InfoRequest {}))
+                .unwrap()
+                .into_inner();
+            let reported: BTreeSet<(usize, usize)> = info
+                .held
+                .iter()
+                .flat_map(|l| l.experts.iter().map(|&e| (l.layer as usize, e as usize)))
+                .collect();
+            assert_eq!(&reported, held);
+            assert_eq!(info.model_fingerprint, FINGERPRINT);
+        }
+
+        let remote = cluster.remote_experts();
+        // This (test) thread is outside the runtime, like a model thread.
+        let got = generate(&language, &remote, Some(&tokenizer), &ids, &embeds, &params)
+            .unwrap()
+            .output_ids;
+        assert_eq!(got, local, "{fixture_name}/{case_name}: {n} expert-workers");
+
+        let tokens = (ids.len() + NEW_TOKENS - 1) as u64;
+        println!(
+            "{fixture_name}/{case_name}: {n} worker(s): {} B sent + {} B received; \
+             {:.0} B sent, {:.0} B received per token per MoE layer",
+            remote.bytes_sent(),
+            remote.bytes_received(),
+            remote.bytes_sent() as f64 / (tokens * n_layers) as f64,
+            remote.bytes_received() as f64 / (tokens * n_layers) as f64,
+        );
+        assert!(remote.bytes_sent() > 0 && remote.bytes_received() > 0);
+        cluster.stop();
+    }
+}
+
+#[test]
+fn tiny_mha_text_only_through_expert_workers_matches_in_process() {
+    dispatch_matches_in_process("tiny-mha-softmax", "text_only");
+}
+
+#[test]
+fn small_mla_multi_turn_through_expert_workers_matches_in_process() {
+    dispatch_matches_in_process("small-mla-softmax", "multi_turn");
+}
+
+#[test]
+fn tiny_mha_text_only_conversation_file_encodes_to_the_reference_ids() {
+    let dir = fixture("tiny-mha-softmax");
+    let text = std::fs::read_to_string(dir.join("conversations/text_only.json")).unwrap();
+    let messages: Vec<Message> = serde_json::from_str(&text).unwrap();
+    let tokenizer = ChatTokenizer::from_dir(&dir).unwrap();
+    let encoded = tokenizer.encode_conversation(&messages, &[]).unwrap();
+    assert_eq!(
+        encoded.input_ids,
+        u32s(&case(&dir, "text_only")["input_ids"])
+    );
+}
+
+#[test]
+fn a_forward_for_an_expert_not_held_is_refused_and_the_worker_keeps_serving() {
+    let dir = fixture("tiny-mha-softmax");
+    let cluster = Cluster::start(&dir, 2);
+    let (id, client) = cluster.clients.iter().next().unwrap();
+    let held = cluster.placement.experts_of(id);
+    let &(layer, expert) = held.iter().next().unwrap();
+    let not_held = (0..16)
+        .find(|&e| !held.contains(&(layer, e)))
+        .expect("worker holds only part of the layer");
+    let hidden = tessera_model::config::ModelConfig::from_dir(&dir)
+        .unwrap()
+        .language
+        .hidden_size;
+    let rows = candle_core::Tensor::ones((2, hidden), DType::F32, &Device::Cpu).unwrap();
+    let request = |expert: usize, fingerprint: &str| ForwardRequest {
+        model_fingerprint: fingerprint.into(),
+        layer: layer as u32,
+        rows: Some(tessera_proto::tensor::encode(&rows).unwrap()),
+        route_rows: vec![0, 1],
+        route_experts: vec![expert as u32, expert as u32],
+        route_weights: vec![0.5, 1.0],
+    };
+    let mut client = client.clone();
+
+    let refused = cluster
+        .runtime
+        .block_on(client.forward(request(not_held, FINGERPRINT)))
+        .unwrap_err();
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
+    assert!(refused.message().contains(&format!("expert {not_held}")));
+
+    let mismatch = cluster
+        .runtime
+        .block_on(client.forward(request(expert, "another-model")))
+        .unwrap_err();
+    assert_eq!(mismatch.code(), tonic::Code::FailedPrecondition);
+
+    // Still serving: a good request answers with the weighted sums.
+    let ok = cluster
+        .runtime
+        .block_on(client.forward(request(expert, FINGERPRINT)))
+        .unwrap()
+        .into_inner();
+    let sums = tessera_proto::tensor::decode(&ok.sums.unwrap(), &Device::Cpu).unwrap();
+    assert_eq!(sums.dims(), [2, hidden]);
+    let rows2 = sums.to_vec2::<f32>().unwrap();
+    // Same input row, weights 0.5 and 1.0: the second is twice the first.
+    for (a, b) in rows2[0].iter().zip(&rows2[1]) {
+        assert!((2.0 * a - b).abs() <= 1e-5 * b.abs().max(1.0), "{a} {b}");
+    }
+    assert!(rows2[0].iter().any(|v| *v != 0.0));
+    cluster.stop();
+}
