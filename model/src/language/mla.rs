@@ -30,9 +30,9 @@ pub struct MlaAttention {
     kv_a_proj: Tensor,
     kv_a_norm: Tensor,
     kv_b_proj: Tensor,
-    /// W_UK per head: (heads, nope, rank).
+    /// W_UK per head: (heads, nope, rank), a view into `kv_b_proj` (no copy).
     w_uk: Tensor,
-    /// W_UVᵀ per head: (heads, rank, v).
+    /// W_UVᵀ per head: (heads, rank, v), a view into `kv_b_proj` (no copy).
     w_uv_t: Tensor,
     o_proj: Tensor,
     heads: usize,
@@ -76,8 +76,8 @@ impl MlaAttention {
         let kv_b_proj = w.get("kv_b_proj.weight", &[heads * (nope + v), rank])?;
         // (heads·(nope+v), rank) → (heads, nope+v, rank): rows 0..nope are W_UK, then W_UV.
         let per_head = kv_b_proj.reshape((heads, nope + v, rank))?;
-        let w_uk = per_head.narrow(1, 0, nope)?.contiguous()?;
-        let w_uv_t = per_head.narrow(1, nope, v)?.transpose(1, 2)?.contiguous()?;
+        let w_uk = per_head.narrow(1, 0, nope)?;
+        let w_uv_t = per_head.narrow(1, nope, v)?.transpose(1, 2)?;
         Ok(Self {
             q,
             kv_a_proj: w.get("kv_a_proj_with_mqa.weight", &[rank + rope, hidden])?,
