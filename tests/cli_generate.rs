@@ -1,33 +1,12 @@
 //! `tessera generate` end to end: the real binary on the fixture checkpoints.
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde_json::Value;
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
+mod common;
 
-fn case(fixture: &str, name: &str) -> Value {
-    let text = std::fs::read_to_string(fixtures().join(fixture).join("cases.json")).unwrap();
-    let cases: Value = serde_json::from_str(&text).unwrap();
-    cases["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == name)
-        .unwrap()
-        .clone()
-}
-
-fn u64s(v: &Value) -> Vec<u64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap())
-        .collect()
-}
+use common::{case, fixture_dir, json_ids};
 
 fn tessera(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_tessera"))
@@ -39,7 +18,7 @@ fn tessera(args: &[&str]) -> std::process::Output {
 
 /// Runs a fixture case's conversation file greedily for 16 tokens with `--json`.
 fn generate_case_json(fixture: &str, name: &str) -> Value {
-    let model = fixtures().join(fixture);
+    let model = fixture_dir(fixture);
     let conversation = model.join(format!("conversations/{name}.json"));
     let out = tessera(&[
         "generate",
@@ -65,8 +44,8 @@ fn generate_text_only_prints_the_reference_greedy_ids() {
     let report = generate_case_json("tiny-mha-softmax", "text_only");
     let want = case("tiny-mha-softmax", "text_only");
     assert_eq!(
-        u64s(&report["output_ids"]),
-        u64s(&want["greedy"]["new_token_ids"])
+        json_ids(&report["output_ids"]),
+        json_ids(&want["greedy"]["new_token_ids"])
     );
     assert_eq!(report["input_ids"], want["input_ids"]);
     assert_eq!(report["finish_reason"], "length");
@@ -82,23 +61,27 @@ fn generate_from_image_files_prints_the_reference_greedy_ids() {
         let report = generate_case_json(fixture, name);
         let want = case(fixture, name);
         assert_eq!(
-            u64s(&report["output_ids"]),
-            u64s(&want["greedy"]["new_token_ids"]),
+            json_ids(&report["output_ids"]),
+            json_ids(&want["greedy"]["new_token_ids"]),
             "{fixture}/{name}"
         );
-        let tokens: Vec<u64> = report["images"]
+        let tokens: Vec<u32> = report["images"]
             .as_array()
             .unwrap()
             .iter()
-            .map(|i| i["tokens"].as_u64().unwrap())
+            .map(|i| i["tokens"].as_u64().unwrap() as u32)
             .collect();
-        assert_eq!(tokens, u64s(&want["num_image_tokens"]), "{fixture}/{name}");
+        assert_eq!(
+            tokens,
+            json_ids(&want["num_image_tokens"]),
+            "{fixture}/{name}"
+        );
     }
 }
 
 #[test]
 fn generate_writes_logits_with_a_chunked_prompt_on_the_mla_fixture() {
-    let model = fixtures().join("small-mla-softmax");
+    let model = fixture_dir("small-mla-softmax");
     let dir = std::env::temp_dir().join(format!("tessera-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let logits = dir.join("logits.safetensors");
@@ -129,7 +112,7 @@ fn generate_writes_logits_with_a_chunked_prompt_on_the_mla_fixture() {
 
 #[test]
 fn prompt_with_image_draws_boxes_to_a_png() {
-    let model = fixtures().join("tiny-mha-softmax");
+    let model = fixture_dir("tiny-mha-softmax");
     let dir = std::env::temp_dir().join(format!("tessera-cli-draw-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let png = dir.join("boxes.png");
@@ -162,8 +145,8 @@ fn prompt_with_image_draws_boxes_to_a_png() {
 
 #[test]
 fn bad_input_fails_with_a_clear_message() {
-    let model = fixtures().join("tiny-mha-softmax");
-    let not_an_image = fixtures().join("tiny-mha-softmax/config.json");
+    let model = fixture_dir("tiny-mha-softmax");
+    let not_an_image = fixture_dir("tiny-mha-softmax").join("config.json");
     let out = tessera(&[
         "generate",
         "--model",

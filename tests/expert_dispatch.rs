@@ -3,7 +3,7 @@
 //! and the reference fixtures.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Device};
 use serde_json::Value;
@@ -21,36 +21,14 @@ use tessera_scheduler::RemoteExperts;
 use tokio::net::TcpListener;
 use tokio::runtime::Runtime;
 use tokio::sync::oneshot;
+
+mod common;
+
+use common::{case, fixture_dir, json_ids};
 use tonic::transport::Channel;
 
 const FINGERPRINT: &str = "fixture";
 const NEW_TOKENS: usize = 16;
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
-
-fn case(dir: &Path, name: &str) -> Value {
-    let text = std::fs::read_to_string(dir.join("cases.json")).unwrap();
-    let cases: Value = serde_json::from_str(&text).unwrap();
-    cases["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == name)
-        .unwrap()
-        .clone()
-}
-
-fn u32s(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
 
 /// Expert-workers serving one snapshot in this process, each on its own listener.
 struct Cluster {
@@ -139,12 +117,12 @@ fn case_prompt(pipeline: &Pipeline, dir: &Path, case: &Value) -> (Vec<u32>, cand
 /// For 1, 2 and 3 workers: each holds about 1/N of the experts, and greedy
 /// generation through them equals in-process experts and the reference.
 fn dispatch_matches_in_process(fixture_name: &str, case_name: &str) {
-    let dir = fixture(fixture_name);
-    let case = case(&dir, case_name);
-    let want = u32s(&case["greedy"]["new_token_ids"]);
+    let dir = fixture_dir(fixture_name);
+    let case = case(fixture_name, case_name);
+    let want = json_ids(&case["greedy"]["new_token_ids"]);
     let pipeline = Pipeline::load(&dir, DType::F32, &Device::Cpu).unwrap();
     let (ids, embeds) = case_prompt(&pipeline, &dir, &case);
-    assert_eq!(ids, u32s(&case["input_ids"]));
+    assert_eq!(ids, json_ids(&case["input_ids"]));
     let eos = pipeline.config.language.eos_token_id;
     let params = GenerationParams {
         ignore_eos: true,
@@ -239,20 +217,20 @@ fn small_mla_multi_turn_through_expert_workers_matches_in_process() {
 
 #[test]
 fn tiny_mha_text_only_conversation_file_encodes_to_the_reference_ids() {
-    let dir = fixture("tiny-mha-softmax");
+    let dir = fixture_dir("tiny-mha-softmax");
     let text = std::fs::read_to_string(dir.join("conversations/text_only.json")).unwrap();
     let messages: Vec<Message> = serde_json::from_str(&text).unwrap();
     let tokenizer = ChatTokenizer::from_dir(&dir).unwrap();
     let encoded = tokenizer.encode_conversation(&messages, &[]).unwrap();
     assert_eq!(
         encoded.input_ids,
-        u32s(&case(&dir, "text_only")["input_ids"])
+        json_ids(&case("tiny-mha-softmax", "text_only")["input_ids"])
     );
 }
 
 #[test]
 fn a_forward_for_an_expert_not_held_is_refused_and_the_worker_keeps_serving() {
-    let dir = fixture("tiny-mha-softmax");
+    let dir = fixture_dir("tiny-mha-softmax");
     let cluster = Cluster::start(&dir, 2);
     let (id, client) = cluster.clients.iter().next().unwrap();
     let held = cluster.placement.experts_of(id);
