@@ -2,6 +2,7 @@
 //!
 //! - [`config`]: the released `config.json` / `processor_config.json` with reference defaults
 //! - [`weights`]: memory-mapped safetensors snapshots, loaded by name
+//! - [`fingerprint`]: a short hash of a snapshot's config and tensor layout
 //! - [`chat`]: tokenizer, processor special tokens and the `deepseek` chat template
 //! - [`image_tokens`]: how many image tokens a tiling expands to
 //! - [`language`]: the decoder (MHA/MLA attention, MoE gate, dense and shared MLPs, KV cache)
@@ -19,6 +20,7 @@ pub mod config;
 pub mod draw;
 pub mod error;
 pub mod experts;
+pub mod fingerprint;
 pub mod generate;
 pub mod grounding;
 pub mod image_tokens;
@@ -31,3 +33,4 @@ pub mod vision;
 pub mod weights;
 
 pub use error::{Error, Result};
+pub use fingerprint::fingerprint;

@@ -119,6 +119,18 @@ impl Checkpoint {
         names
     }
 
+    /// `(name, stored dtype, shape)` of every tensor, sorted by name.
+    pub fn layout(&self) -> Vec<(String, String, Vec<usize>)> {
+        let mut layout: Vec<(String, String, Vec<usize>)> = self
+            .tensors
+            .tensors()
+            .into_iter()
+            .map(|(name, view)| (name, format!("{:?}", view.dtype()), view.shape().to_vec()))
+            .collect();
+        layout.sort();
+        layout
+    }
+
     /// Loads one tensor, checking its shape, converted to `dtype` on `device`.
     pub fn tensor(
         &self,

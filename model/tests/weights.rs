@@ -568,3 +568,16 @@ fn check_dtypes(name: &str) {
         }
     }
 }
+
+#[test]
+fn fingerprints_tell_snapshots_apart_and_are_stable() {
+    let tiny = fixture("tiny-mha-softmax");
+    let small = fixture("small-mla-softmax");
+    let a = tessera_model::fingerprint(&tiny).unwrap();
+    assert_eq!(a.len(), 16);
+    assert!(a.chars().all(|c| c.is_ascii_hexdigit()), "{a}");
+    assert_eq!(a, tessera_model::fingerprint(&tiny).unwrap());
+    assert_ne!(a, tessera_model::fingerprint(&small).unwrap());
+    let err = tessera_model::fingerprint(&tiny.join("no-such-dir")).unwrap_err();
+    assert!(err.to_string().contains("config.json"), "{err}");
+}

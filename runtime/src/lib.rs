@@ -6,12 +6,19 @@
 //!   [`StaticDiscovery`] (the embedded default: members from flags or a small JSON
 //!   file) and [`MemoryDiscovery`] (one process: tests and `tessera up`). It also
 //!   carries the published [`Placement`].
+//! - [`shutdown`]: the root cancellation token, cancelled by SIGTERM/SIGINT.
+//! - [`serving`]: gRPC health (NOT_SERVING until ready) and reflection.
+//! - [`telemetry`]: `tracing` set-up and request-id propagation in gRPC metadata.
 //! - [`error`]: the crate's one error type.
 
 pub mod discovery;
 pub mod error;
 pub mod placement;
+pub mod serving;
+pub mod shutdown;
+pub mod telemetry;
 
 pub use discovery::{Discovery, Member, MemoryDiscovery, Registration, Role, StaticDiscovery};
 pub use error::{Error, Result};
+pub use shutdown::CancellationToken;
 pub use placement::{Placement, even_split, next_placement};

@@ -1,0 +1,58 @@
+//! What every Tessera gRPC server carries besides its own service: the standard
+//! health service (`grpc.health.v1.Health`, NOT_SERVING until the service has
+//! loaded its weights) and server reflection (`grpcurl`, Postman, `grpc_cli`).
+
+use tonic::server::NamedService;
+use tonic_health::ServingStatus;
+use tonic_health::pb::health_server::{Health, HealthServer};
+use tonic_health::server::HealthReporter;
+
+/// The health service's handle: flip a service between SERVING and NOT_SERVING.
+#[derive(Clone)]
+pub struct HealthHandle {
+    reporter: HealthReporter,
+}
+
+impl std::fmt::Debug for HealthHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HealthHandle").finish_non_exhaustive()
+    }
+}
+
+impl HealthHandle {
+    /// Reports `S` (and the whole server, the empty service name) as serving.
+    pub async fn serving<S: NamedService>(&self) {
+        self.reporter.set_serving::<S>().await;
+        self.reporter
+            .set_service_status("", ServingStatus::Serving)
+            .await;
+    }
+
+    /// Reports `S` (and the whole server) as not serving.
+    pub async fn not_serving<S: NamedService>(&self) {
+        self.reporter.set_not_serving::<S>().await;
+        self.reporter
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
+    }
+}
+
+/// A health service that reports NOT_SERVING for `S` and for the whole server
+/// until [`HealthHandle::serving`] is called.
+pub async fn health<S: NamedService>() -> (HealthHandle, HealthServer<impl Health>) {
+    let (reporter, server) = tonic_health::server::health_reporter();
+    let handle = HealthHandle { reporter };
+    handle.not_serving::<S>().await;
+    (handle, server)
+}
+
+/// The reflection service over every Tessera `.proto` file and the health service.
+pub fn reflection() -> tonic_reflection::server::v1::ServerReflectionServer<
+    impl tonic_reflection::server::v1::ServerReflection,
+> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(tessera_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .expect("the compiled descriptor sets are valid")
+}

@@ -1,0 +1,1 @@
+//! The vision-worker (work in progress).
