@@ -6,6 +6,8 @@
 //!   [`StaticDiscovery`] (the embedded default: members from flags or a small JSON
 //!   file) and [`MemoryDiscovery`] (one process: tests and `tessera up`). It also
 //!   carries the published [`Placement`].
+//! - [`placer`]: the task that republishes the placement when expert-workers
+//!   join or leave.
 //! - [`shutdown`]: the root cancellation token, cancelled by SIGTERM/SIGINT.
 //! - [`serving`]: gRPC health (NOT_SERVING until ready) and reflection.
 //! - [`telemetry`]: `tracing` set-up and request-id propagation in gRPC metadata.
@@ -14,6 +16,7 @@
 pub mod discovery;
 pub mod error;
 pub mod placement;
+pub mod placer;
 pub mod serving;
 pub mod shutdown;
 pub mod telemetry;
