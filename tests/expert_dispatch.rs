@@ -4,10 +4,12 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
 
 use candle_core::{DType, Device};
 use serde_json::Value;
-use tessera_expert_worker::{Config, ExpertService};
+use tessera_expert_worker::Config;
 use tessera_model::chat::{ChatTokenizer, Message};
 use tessera_model::generate::{GenerationParams, generate};
 use tessera_model::language::LanguageModel;
@@ -16,68 +18,91 @@ use tessera_model::weights::{Checkpoint, LoadTarget};
 use tessera_proto::MAX_MESSAGE_BYTES;
 use tessera_proto::internal::v1::expert_client::ExpertClient;
 use tessera_proto::internal::v1::{ForwardRequest, InfoRequest};
-use tessera_runtime::placement::{Placement, even_split};
+use tessera_runtime::placement::Placement;
+use tessera_runtime::{CancellationToken, MemoryDiscovery};
 use tessera_scheduler::RemoteExperts;
 use tokio::net::TcpListener;
 use tokio::runtime::Runtime;
-use tokio::sync::oneshot;
 
 mod common;
 
 use common::{case, fixture_dir, json_ids};
 use tonic::transport::Channel;
 
-const FINGERPRINT: &str = "fixture";
 const NEW_TOKENS: usize = 16;
+const DEADLINE: Duration = Duration::from_secs(60);
 
-/// Expert-workers serving one snapshot in this process, each on its own listener.
+/// Expert-workers serving one snapshot in this process, each on its own listener,
+/// following the placement their in-process discovery publishes.
 struct Cluster {
     runtime: Runtime,
     placement: Placement,
+    fingerprint: String,
     clients: BTreeMap<String, ExpertClient<Channel>>,
-    stops: Vec<oneshot::Sender<()>>,
+    stop: CancellationToken,
     servers: Vec<tokio::task::JoinHandle<tessera_expert_worker::Result<()>>>,
 }
 
 impl Cluster {
     fn start(dir: &Path, n_workers: usize) -> Self {
-        let cfg = tessera_model::config::ModelConfig::from_dir(dir).unwrap();
-        let n_experts = cfg.language.moe.as_ref().unwrap().n_routed_experts;
-        let ids: Vec<String> = (0..n_workers).map(|i| format!("worker-{i}")).collect();
-        let placement = even_split(1, &cfg.language.moe_layers(), n_experts, &ids).unwrap();
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .unwrap();
-        let (mut stops, mut servers, mut clients) = (Vec::new(), Vec::new(), BTreeMap::new());
-        for id in &ids {
+        let discovery = Arc::new(MemoryDiscovery::new());
+        let stop = CancellationToken::new();
+        let (mut servers, mut clients) = (Vec::new(), BTreeMap::new());
+        for i in 0..n_workers {
+            let id = format!("worker-{i}");
             let listener = runtime.block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
             let addr = listener.local_addr().unwrap();
-            let (stop, stopped) = oneshot::channel::<()>();
-            let worker = Config {
-                model: dir.to_path_buf(),
-                experts: placement.experts_of(id).clone(),
-                fingerprint: FINGERPRINT.into(),
-            };
-            servers.push(
-                runtime.spawn(tessera_expert_worker::run(worker, listener, async {
-                    let _ = stopped.await;
-                })),
-            );
-            stops.push(stop);
-            let client = runtime
-                .block_on(ExpertClient::connect(format!("http://{addr}")))
+            let mut worker = Config::new(dir);
+            worker.id = Some(id.clone());
+            servers.push(runtime.spawn(tessera_expert_worker::run(
+                worker,
+                listener,
+                discovery.clone(),
+                stop.clone(),
+            )));
+            let channel = Channel::from_shared(format!("http://{addr}"))
                 .unwrap()
+                .connect_lazy();
+            let client = ExpertClient::new(channel)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES);
-            clients.insert(id.clone(), client);
+            clients.insert(id, client);
         }
+        // Wait until the placement covers every worker and each has applied it.
+        let placement = runtime.block_on(async {
+            tokio::time::timeout(DEADLINE, async {
+                loop {
+                    if let Some(p) = discovery
+                        .placement()
+                        .filter(|p| p.workers().count() == n_workers)
+                    {
+                        let mut ready = true;
+                        for client in clients.values() {
+                            let info = client.clone().info(InfoRequest {}).await;
+                            ready &=
+                                info.is_ok_and(|i| i.into_inner().placement_version == p.version);
+                        }
+                        if ready {
+                            return p;
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+            .await
+            .expect("the workers apply a placement before the deadline")
+        });
         Self {
             runtime,
             placement,
+            fingerprint: tessera_model::fingerprint(dir).unwrap(),
             clients,
-            stops,
+            stop,
             servers,
         }
     }
@@ -87,15 +112,13 @@ impl Cluster {
             self.placement.clone(),
             self.clients.clone(),
             self.runtime.handle().clone(),
-            FINGERPRINT,
+            self.fingerprint.clone(),
         )
     }
 
     /// Stops every worker and checks each exited cleanly.
     fn stop(self) {
-        for stop in self.stops {
-            stop.send(()).unwrap();
-        }
+        self.stop.cancel();
         for server in self.servers {
             self.runtime.block_on(server).unwrap().unwrap();
         }
@@ -160,16 +183,6 @@ fn dispatch_matches_in_process(fixture_name: &str, case_name: &str) {
         let cluster = Cluster::start(&dir, n);
         for (id, client) in &cluster.clients {
             let held = cluster.placement.experts_of(id);
-            let worker = Config {
-                model: dir.clone(),
-                experts: held.clone(),
-                fingerprint: FINGERPRINT.into(),
-            };
-            let len = ExpertService::load(&worker).unwrap().len();
-            assert!(
-                len.abs_diff(total / n) <= n_layers as usize,
-                "{id} of {n} holds {len} of {total}"
-            );
             let info = cluster
                 .runtime
                 .block_on(client.clone().info(InfoRequest {}))
@@ -181,7 +194,12 @@ fn dispatch_matches_in_process(fixture_name: &str, case_name: &str) {
                 .flat_map(|l| l.experts.iter().map(|&e| (l.layer as usize, e as usize)))
                 .collect();
             assert_eq!(&reported, held);
-            assert_eq!(info.model_fingerprint, FINGERPRINT);
+            let len = reported.len();
+            assert!(
+                len.abs_diff(total / n) <= n_layers as usize,
+                "{id} of {n} holds {len} of {total}"
+            );
+            assert_eq!(info.model_fingerprint, cluster.fingerprint);
         }
 
         let remote = cluster.remote_experts();
@@ -255,7 +273,7 @@ fn a_forward_for_an_expert_not_held_is_refused_and_the_worker_keeps_serving() {
 
     let refused = cluster
         .runtime
-        .block_on(client.forward(request(not_held, FINGERPRINT)))
+        .block_on(client.forward(request(not_held, &cluster.fingerprint)))
         .unwrap_err();
     assert_eq!(
         refused.code(),
@@ -273,7 +291,7 @@ fn a_forward_for_an_expert_not_held_is_refused_and_the_worker_keeps_serving() {
     // Still serving: a good request answers with the weighted sums.
     let ok = cluster
         .runtime
-        .block_on(client.forward(request(expert, FINGERPRINT)))
+        .block_on(client.forward(request(expert, &cluster.fingerprint)))
         .unwrap()
         .into_inner();
     let sums = tessera_proto::tensor::decode(&ok.sums.unwrap(), &Device::Cpu).unwrap();

@@ -27,9 +27,12 @@ pub enum Error {
     /// A blocking task panicked or was cancelled.
     #[error("worker task failed: {0}")]
     Join(#[source] tokio::task::JoinError),
-    /// The RPC is not implemented by this worker yet.
-    #[error("{0} is not supported by this worker yet")]
-    Unsupported(&'static str),
+    /// The listener's address could not be read.
+    #[error("cannot use the listener: {0}")]
+    Bind(#[source] std::io::Error),
+    /// Registration in discovery failed.
+    #[error("cannot register in discovery: {0}")]
+    Discovery(#[source] tessera_runtime::Error),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -42,10 +45,12 @@ impl From<Error> for tonic::Status {
             Error::FingerprintMismatch { .. } | Error::NotHeld { .. } => {
                 Self::failed_precondition(message)
             }
-            Error::Unsupported(_) => Self::unimplemented(message),
-            Error::Load(_) | Error::Transport(_) | Error::Compute(_) | Error::Join(_) => {
-                Self::internal(message)
-            }
+            Error::Load(_)
+            | Error::Transport(_)
+            | Error::Compute(_)
+            | Error::Join(_)
+            | Error::Bind(_)
+            | Error::Discovery(_) => Self::internal(message),
         }
     }
 }

@@ -5,7 +5,8 @@
 //! the runtime's workers.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, PoisonError, RwLock};
 
 use candle_core::{DType, Device};
 use tessera_model::config::ModelConfig;
@@ -19,68 +20,180 @@ use tessera_proto::internal::v1::{
 use tessera_proto::tensor;
 use tonic::{Request, Response, Status};
 
-use crate::Config;
 use crate::error::{Error, Result};
 
-/// The experts this worker holds and what it needs to check requests against.
+/// The experts this worker holds at one moment. Replaced whole (copy-on-write:
+/// cloning shares the weights) when experts are loaded or dropped, so a `Forward`
+/// in flight keeps the shard it started with.
+#[derive(Debug, Clone, Default)]
 struct Shard {
     experts: LocalExperts,
     held: BTreeSet<(usize, usize)>,
-    hidden_size: usize,
+    /// Version of the last placement applied; 0 before any.
+    placement_version: u64,
+    /// Whether a placement (or a `Load`) has been applied.
+    ready: bool,
+}
+
+/// What does not change after start-up.
+struct Model {
+    dir: PathBuf,
+    config: ModelConfig,
     fingerprint: String,
 }
 
-/// Serves `tessera.internal.v1.Expert` for one shard of routed experts.
+/// Serves `tessera.internal.v1.Expert` for one shard of routed experts, which
+/// changes as placements are applied ([`ExpertService::apply`]).
 #[derive(Clone)]
 pub struct ExpertService {
-    shard: Arc<Shard>,
+    model: Arc<Model>,
+    shard: Arc<RwLock<Arc<Shard>>>,
+    /// Serialises loads and unloads (forwards never wait on it).
+    changing: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl std::fmt::Debug for ExpertService {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let shard = self.current();
         f.debug_struct("ExpertService")
-            .field("experts", &self.shard.held.len())
-            .field("fingerprint", &self.shard.fingerprint)
+            .field("experts", &shard.held.len())
+            .field("placement_version", &shard.placement_version)
+            .field("fingerprint", &self.model.fingerprint)
             .finish_non_exhaustive()
     }
 }
 
 impl ExpertService {
-    /// Loads exactly `cfg.experts` from the snapshot, in f32 on the CPU. Blocking.
-    pub fn load(cfg: &Config) -> Result<Self> {
-        let config = ModelConfig::from_dir(&cfg.model).map_err(Error::Load)?;
-        let checkpoint = Checkpoint::open(&cfg.model).map_err(Error::Load)?;
-        let device = Device::Cpu;
-        let target = LoadTarget {
-            checkpoint: &checkpoint,
-            dtype: DType::F32,
-            device: &device,
-        };
-        let selection = ExpertSelection::Only(cfg.experts.clone());
-        let experts =
-            LocalExperts::load(&config.language, target, &selection).map_err(Error::Load)?;
+    /// Reads the snapshot's config and fingerprint; holds no experts yet. Blocking.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let config = ModelConfig::from_dir(dir).map_err(Error::Load)?;
+        let fingerprint = tessera_model::fingerprint(dir).map_err(Error::Load)?;
         Ok(Self {
-            shard: Arc::new(Shard {
-                experts,
-                held: cfg.experts.clone(),
-                hidden_size: config.language.hidden_size,
-                fingerprint: cfg.fingerprint.clone(),
+            model: Arc::new(Model {
+                dir: dir.to_path_buf(),
+                config,
+                fingerprint,
             }),
+            shard: Arc::default(),
+            changing: Arc::default(),
         })
+    }
+
+    /// The model fingerprint this worker serves.
+    pub fn fingerprint(&self) -> &str {
+        &self.model.fingerprint
+    }
+
+    /// The `(layer, expert)` pairs of every MoE layer and the routed experts per
+    /// layer of the model.
+    pub fn layout(&self) -> (Vec<usize>, usize) {
+        let lang = &self.model.config.language;
+        let n = lang.moe.as_ref().map_or(0, |m| m.n_routed_experts);
+        (lang.moe_layers(), n)
+    }
+
+    fn current(&self) -> Arc<Shard> {
+        self.shard
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn replace(&self, shard: Shard) {
+        *self.shard.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(shard);
     }
 
     /// Number of `(layer, expert)` pairs held.
     pub fn len(&self) -> usize {
-        self.shard.experts.len()
+        self.current().held.len()
     }
 
     /// Whether no expert is held.
     pub fn is_empty(&self) -> bool {
-        self.shard.experts.is_empty()
+        self.current().held.is_empty()
+    }
+
+    /// Bytes of expert weights held.
+    pub fn bytes(&self) -> usize {
+        self.current().experts.bytes()
+    }
+
+    /// The pairs held.
+    pub fn held(&self) -> BTreeSet<(usize, usize)> {
+        self.current().held.clone()
+    }
+
+    /// Version of the last placement applied (0 before any).
+    pub fn placement_version(&self) -> u64 {
+        self.current().placement_version
+    }
+
+    /// Makes the held set exactly `want` for placement `version`: loads the missing
+    /// experts from the checkpoint (on a blocking thread) first, then drops the
+    /// ones no longer wanted, so experts kept across placements never stop being
+    /// served.
+    pub async fn apply(&self, version: u64, want: &BTreeSet<(usize, usize)>) -> Result<()> {
+        let _guard = self.changing.lock().await;
+        let missing: BTreeSet<(usize, usize)> =
+            want.difference(&self.current().held).copied().collect();
+        let loaded = self.load_blocking(missing).await?;
+        let mut shard = (*self.current()).clone();
+        shard.experts.merge(&loaded);
+        shard.experts.retain(|l, e| want.contains(&(l, e)));
+        shard.held = shard.experts.held();
+        shard.placement_version = shard.placement_version.max(version);
+        shard.ready = true;
+        tracing::info!(
+            version,
+            experts = shard.held.len(),
+            bytes = shard.experts.bytes(),
+            "expert placement applied"
+        );
+        self.replace(shard);
+        Ok(())
+    }
+
+    /// Loads `add` next to the experts already held.
+    async fn add(&self, version: u64, add: BTreeSet<(usize, usize)>) -> Result<()> {
+        let mut want = self.current().held.clone();
+        want.extend(add);
+        self.apply(version, &want).await
+    }
+
+    /// Drops `remove` from the experts held.
+    async fn remove(&self, version: u64, remove: &BTreeSet<(usize, usize)>) -> Result<()> {
+        let want: BTreeSet<(usize, usize)> =
+            self.current().held.difference(remove).copied().collect();
+        self.apply(version, &want).await
+    }
+
+    async fn load_blocking(&self, pairs: BTreeSet<(usize, usize)>) -> Result<LocalExperts> {
+        if pairs.is_empty() {
+            return Ok(LocalExperts::default());
+        }
+        let model = self.model.clone();
+        tokio::task::spawn_blocking(move || {
+            let checkpoint = Checkpoint::open(&model.dir).map_err(Error::Load)?;
+            let device = Device::Cpu;
+            let target = LoadTarget {
+                checkpoint: &checkpoint,
+                dtype: DType::F32,
+                device: &device,
+            };
+            LocalExperts::load(
+                &model.config.language,
+                target,
+                &ExpertSelection::Only(pairs),
+            )
+            .map_err(Error::Load)
+        })
+        .await
+        .map_err(Error::Join)?
     }
 
     fn forward_blocking(
-        &self,
+        shard: &Shard,
+        hidden_size: usize,
         req: &ForwardRequest,
         routes: &[ExpertRoute],
     ) -> Result<ForwardResponse> {
@@ -92,10 +205,9 @@ impl ExpertService {
         let (n, hidden) = xs.dims2().map_err(|_| {
             Error::Malformed(format!("`rows` has shape {:?}, expected 2-D", xs.dims()))
         })?;
-        if hidden != self.shard.hidden_size {
+        if hidden != hidden_size {
             return Err(Error::Malformed(format!(
-                "`rows` has {hidden} columns, the model's hidden size is {}",
-                self.shard.hidden_size
+                "`rows` has {hidden} columns, the model's hidden size is {hidden_size}"
             )));
         }
         if let Some(r) = routes.iter().find(|r| r.row as usize >= n) {
@@ -105,8 +217,7 @@ impl ExpertService {
             )));
         }
         // Experts run in f32 here; answer in the request's dtype.
-        let sums = self
-            .shard
+        let sums = shard
             .experts
             .forward(
                 req.layer as usize,
@@ -120,20 +231,48 @@ impl ExpertService {
             sums: Some(tensor::encode(&sums)?),
         })
     }
+}
 
-    fn held_by_layer(&self) -> Vec<LayerExperts> {
-        let mut layers: BTreeMap<usize, Vec<u32>> = BTreeMap::new();
-        for &(layer, expert) in &self.shard.held {
-            layers.entry(layer).or_default().push(expert as u32);
-        }
-        layers
-            .into_iter()
-            .map(|(layer, experts)| LayerExperts {
-                layer: layer as u32,
-                experts,
-            })
-            .collect()
+/// `pairs` grouped by layer, as on the wire.
+fn by_layer(pairs: &BTreeSet<(usize, usize)>) -> Vec<LayerExperts> {
+    let mut layers: BTreeMap<usize, Vec<u32>> = BTreeMap::new();
+    for &(layer, expert) in pairs {
+        layers.entry(layer).or_default().push(expert as u32);
     }
+    layers
+        .into_iter()
+        .map(|(layer, experts)| LayerExperts {
+            layer: layer as u32,
+            experts,
+        })
+        .collect()
+}
+
+/// Wire `LayerExperts` as pairs, checked against the model's layout.
+fn pairs(
+    layers: &[LayerExperts],
+    layout: &(Vec<usize>, usize),
+) -> Result<BTreeSet<(usize, usize)>> {
+    let mut out = BTreeSet::new();
+    for l in layers {
+        let layer = l.layer as usize;
+        if !layout.0.contains(&layer) {
+            return Err(Error::Malformed(format!(
+                "layer {layer} is not an MoE layer of this model (MoE layers: {:?})",
+                layout.0
+            )));
+        }
+        for &e in &l.experts {
+            if e as usize >= layout.1 {
+                return Err(Error::Malformed(format!(
+                    "layer {layer} has {} routed experts; expert {e} does not exist",
+                    layout.1
+                )));
+            }
+            out.insert((layer, e as usize));
+        }
+    }
+    Ok(out)
 }
 
 /// The routes of a request, checked against what this worker holds.
@@ -189,28 +328,46 @@ impl Expert for ExpertService {
         request: Request<ForwardRequest>,
     ) -> Result<Response<ForwardResponse>, Status> {
         let req = request.into_inner();
-        let routes = routes(&req, &self.shard.fingerprint, &self.shard.held)?;
-        let this = self.clone();
-        let response = tokio::task::spawn_blocking(move || this.forward_blocking(&req, &routes))
-            .await
-            .map_err(Error::Join)??;
+        let shard = self.current();
+        let routes = routes(&req, &self.model.fingerprint, &shard.held)?;
+        let hidden = self.model.config.language.hidden_size;
+        let response = tokio::task::spawn_blocking(move || {
+            ExpertService::forward_blocking(&shard, hidden, &req, &routes)
+        })
+        .await
+        .map_err(Error::Join)??;
         Ok(Response::new(response))
     }
 
-    async fn load(&self, _: Request<LoadRequest>) -> Result<Response<LoadResponse>, Status> {
-        Err(Error::Unsupported("Load").into())
+    async fn load(&self, request: Request<LoadRequest>) -> Result<Response<LoadResponse>, Status> {
+        let req = request.into_inner();
+        let add = pairs(&req.experts, &self.layout())?;
+        self.add(req.placement_version, add).await?;
+        Ok(Response::new(LoadResponse {
+            held: by_layer(&self.current().held),
+        }))
     }
 
-    async fn unload(&self, _: Request<UnloadRequest>) -> Result<Response<UnloadResponse>, Status> {
-        Err(Error::Unsupported("Unload").into())
+    async fn unload(
+        &self,
+        request: Request<UnloadRequest>,
+    ) -> Result<Response<UnloadResponse>, Status> {
+        let req = request.into_inner();
+        let remove = pairs(&req.experts, &self.layout())?;
+        self.remove(req.placement_version, &remove).await?;
+        Ok(Response::new(UnloadResponse {
+            held: by_layer(&self.current().held),
+        }))
     }
 
     async fn info(&self, _: Request<InfoRequest>) -> Result<Response<InfoResponse>, Status> {
+        let shard = self.current();
         Ok(Response::new(InfoResponse {
-            model_fingerprint: self.shard.fingerprint.clone(),
-            held: self.held_by_layer(),
-            ready: true,
-            placement_version: 0,
+            model_fingerprint: self.model.fingerprint.clone(),
+            held: by_layer(&shard.held),
+            ready: shard.ready,
+            placement_version: shard.placement_version,
+            held_bytes: shard.experts.bytes() as u64,
         }))
     }
 }

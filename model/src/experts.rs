@@ -1,7 +1,7 @@
 //! Routed experts behind one trait, so the scheduler can run them in-process or on
 //! remote expert-workers (ARCHITECTURE.md, "Expert dispatch").
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use candle_core::{DType, Tensor};
 
@@ -62,7 +62,7 @@ impl ExpertSelection {
 }
 
 /// Routed experts held in this process; each expert runs one matmul chain over its rows.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct LocalExperts {
     experts: BTreeMap<(usize, usize), Mlp>,
 }
@@ -112,6 +112,26 @@ impl LocalExperts {
     /// Bytes of expert weights held.
     pub fn bytes(&self) -> usize {
         self.experts.values().map(Mlp::bytes).sum()
+    }
+
+    /// The `(layer, expert)` pairs held, ascending.
+    pub fn held(&self) -> BTreeSet<(usize, usize)> {
+        self.experts.keys().copied().collect()
+    }
+
+    /// Adds `other`'s experts (sharing their weights; no copy). An expert held by
+    /// both keeps this one's weights.
+    pub fn merge(&mut self, other: &LocalExperts) {
+        for (key, mlp) in &other.experts {
+            self.experts.entry(*key).or_insert_with(|| mlp.clone());
+        }
+    }
+
+    /// Drops every expert for which `keep` is false, freeing its weights once no
+    /// other holder shares them.
+    pub fn retain(&mut self, mut keep: impl FnMut(usize, usize) -> bool) {
+        self.experts
+            .retain(|&(layer, expert), _| keep(layer, expert));
     }
 }
 
