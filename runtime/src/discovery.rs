@@ -2,10 +2,11 @@
 //!
 //! Services register `{role, id, address, shard}`; a [`Registration`] is the
 //! lease — dropping it (or [`Registration::deregister`]) takes the member out.
-//! Two implementations live here: [`StaticDiscovery`], the embedded default,
-//! whose members are fixed by configuration, and [`MemoryDiscovery`], a live
-//! in-process registry for tests and `tessera up`. Both also carry the newest
-//! [`Placement`], which only moves forward.
+//! Three implementations: [`StaticDiscovery`], the embedded default, whose
+//! members are fixed by configuration; [`MemoryDiscovery`], a live in-process
+//! registry for tests and `tessera up`; and [`EtcdDiscovery`] (in `etcd`), the
+//! distributed one, with leases that expire when a process dies. All carry the
+//! newest [`Placement`], which only moves forward.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -17,6 +18,9 @@ use tokio::sync::watch;
 
 use crate::error::{Error, Result};
 use crate::placement::Placement;
+
+mod etcd;
+pub use etcd::{DEFAULT_LEASE_TTL, EtcdDiscovery};
 
 /// What a member of the cluster does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

@@ -74,4 +74,16 @@ pub enum Error {
          (and differs from it)"
     )]
     StalePlacement { version: u64, current: u64 },
+
+    /// etcd could not be reached when connecting.
+    #[error("cannot reach etcd at {endpoints}: {cause}; start etcd or use static discovery")]
+    EtcdUnreachable { endpoints: String, cause: String },
+
+    /// An etcd call failed or timed out after connecting.
+    #[error("etcd {what} failed: {cause}")]
+    Etcd { what: &'static str, cause: String },
+
+    /// Invalid etcd discovery settings.
+    #[error("invalid etcd discovery settings: {reason}")]
+    EtcdConfig { reason: String },
 }

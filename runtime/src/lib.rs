@@ -4,8 +4,9 @@
 //!   data computed from the live expert-workers (an even split for now).
 //! - [`discovery`]: who is in the cluster. The [`Discovery`] trait, with
 //!   [`StaticDiscovery`] (the embedded default: members from flags or a small JSON
-//!   file) and [`MemoryDiscovery`] (one process: tests and `tessera up`). It also
-//!   carries the published [`Placement`].
+//!   file), [`MemoryDiscovery`] (one process: tests and `tessera up`) and
+//!   [`EtcdDiscovery`] (the distributed one: leased registrations in etcd). It
+//!   also carries the published [`Placement`].
 //! - [`placer`]: the task that republishes the placement when expert-workers
 //!   join or leave.
 //! - [`shutdown`]: the root cancellation token, cancelled by SIGTERM/SIGINT.
@@ -21,7 +22,9 @@ pub mod serving;
 pub mod shutdown;
 pub mod telemetry;
 
-pub use discovery::{Discovery, Member, MemoryDiscovery, Registration, Role, StaticDiscovery};
+pub use discovery::{
+    Discovery, EtcdDiscovery, Member, MemoryDiscovery, Registration, Role, StaticDiscovery,
+};
 pub use error::{Error, Result};
-pub use shutdown::CancellationToken;
 pub use placement::{Placement, even_split, next_placement};
+pub use shutdown::CancellationToken;

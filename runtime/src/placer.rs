@@ -42,7 +42,12 @@ fn place_once(discovery: &dyn Discovery, layout: &ExpertLayout, workers: &[Strin
     if layout.moe_layers.is_empty() || layout.n_experts == 0 {
         return;
     }
-    match next_placement(current.as_ref(), &layout.moe_layers, layout.n_experts, workers) {
+    match next_placement(
+        current.as_ref(),
+        &layout.moe_layers,
+        layout.n_experts,
+        workers,
+    ) {
         Ok(next) if Some(&next) == current.as_ref() => {}
         Ok(next) => match discovery.publish_placement(next) {
             Ok(()) | Err(Error::StalePlacement { .. }) => {}
