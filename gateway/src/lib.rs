@@ -1,1 +1,141 @@
-//! The gateway (work in progress).
+//! The gateway: Tessera's public gRPC API (`tessera.v1.Tessera`). It loads no
+//! weights — only the snapshot's configurations, tokenizer and fingerprint — and
+//! splits each request between a vision-worker (images) and a scheduler (tokens).
+//!
+//! - [`config`]: the [`Config`] flags and the request [`Limits`]
+//! - [`model_files`]: what the gateway reads from a snapshot
+//! - [`request`]: checking a public request, conversation → chat messages
+//! - [`planning`]: image headers → tilings → the tokenized prompt
+//! - [`prepare`]: request → vision-worker → the scheduler's `SubmitRequest`
+//! - [`generation`]: the scheduler's token stream → deltas and the closing message
+//! - [`detokenize`]: text deltas that concatenate exactly to the answer's text
+//! - [`upstream`]: members from discovery, round-robin, cached channels
+//! - [`cluster`]: `ClusterStatus` from discovery and the placement
+//! - [`service`]: the gRPC service
+//! - [`error`]: the crate's one error type and its gRPC status
+//! - [`run`]: serve on a listener, register in discovery, drain on shutdown
+
+pub mod cluster;
+pub mod config;
+pub mod detokenize;
+pub mod error;
+pub mod generation;
+pub mod model_files;
+pub mod planning;
+pub mod prepare;
+pub mod request;
+pub mod service;
+pub mod upstream;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tessera_proto::MAX_MESSAGE_BYTES;
+use tessera_proto::v1::tessera_server::TesseraServer;
+use tessera_runtime::shutdown::CancellationToken;
+use tessera_runtime::{Discovery, Member, Role, serving};
+use tokio::net::TcpListener;
+use tonic::transport::server::TcpIncoming;
+
+pub use config::{Config, Limits};
+pub use error::{Error, Result};
+pub use model_files::ModelFiles;
+pub use service::TesseraService;
+
+/// The generated server around [`TesseraService`], with the raised message limits.
+pub fn server(service: TesseraService) -> TesseraServer<TesseraService> {
+    TesseraServer::new(service)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+}
+
+/// Serves the gateway on `listener` until `shutdown`.
+///
+/// The server answers at once (UNAVAILABLE and health NOT_SERVING while the model
+/// files load on a blocking thread); once loaded it reports SERVING and registers as
+/// [`Role::Gateway`] in `discovery`. On `shutdown` it reports NOT_SERVING,
+/// deregisters, stops accepting calls and drains in-flight ones for at most
+/// `cfg.grace_seconds`. Configuration and load errors are returned.
+pub async fn run(
+    cfg: Config,
+    listener: TcpListener,
+    discovery: Arc<dyn Discovery>,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    cfg.validate()?;
+    let local = listener.local_addr().map_err(Error::Listener)?;
+    let advertise = cfg.advertise.clone().unwrap_or_else(|| local.to_string());
+    let id = cfg
+        .id
+        .clone()
+        .unwrap_or_else(|| format!("{}-{advertise}", Role::Gateway));
+    let service = TesseraService::new(&cfg, discovery.clone());
+    let (health, health_server) = serving::health::<TesseraServer<TesseraService>>().await;
+
+    let stop_serving = CancellationToken::new();
+    let mut server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health_server)
+            .add_service(serving::reflection())
+            .add_service(server(service.clone()))
+            .serve_with_incoming_shutdown(
+                TcpIncoming::from(listener).with_nodelay(Some(true)),
+                stop_serving.clone().cancelled_owned(),
+            ),
+    );
+    tracing::info!(%id, address = %local, model = %cfg.model.display(), "gateway loading");
+
+    let dir = cfg.model.clone();
+    let loading = tokio::task::spawn_blocking(move || ModelFiles::load(&dir));
+    let files = tokio::select! {
+        loaded = loading => loaded.map_err(Error::Join).and_then(|r| r),
+        () = shutdown.cancelled() => {
+            stop_serving.cancel();
+            return finish(server, Duration::ZERO).await;
+        }
+    };
+    let files = match files {
+        Ok(files) => Arc::new(files),
+        Err(e) => {
+            stop_serving.cancel();
+            server.abort();
+            return Err(e);
+        }
+    };
+    tracing::info!(fingerprint = %files.fingerprint, "gateway model files loaded");
+    service.set_loaded(files);
+    health.serving::<TesseraServer<TesseraService>>().await;
+    let registration = discovery
+        .register(Member::new(Role::Gateway, id, advertise))
+        .map_err(Error::Register)?;
+    tracing::info!("gateway serving");
+
+    tokio::select! {
+        () = shutdown.cancelled() => {}
+        ended = &mut server => {
+            // The server stopped on its own: a transport failure.
+            drop(registration);
+            return ended.map_err(Error::Join)?.map_err(Error::Transport);
+        }
+    }
+    tracing::info!(grace_seconds = cfg.grace_seconds, "gateway draining");
+    health.not_serving::<TesseraServer<TesseraService>>().await;
+    drop(registration);
+    stop_serving.cancel();
+    finish(server, Duration::from_secs(cfg.grace_seconds)).await
+}
+
+/// Waits at most `grace` for the stopped server to drain its calls.
+async fn finish(
+    mut server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    grace: Duration,
+) -> Result<()> {
+    match tokio::time::timeout(grace, &mut server).await {
+        Ok(ended) => ended.map_err(Error::Join)?.map_err(Error::Transport),
+        Err(_) => {
+            tracing::warn!("in-flight calls did not finish within the grace period");
+            server.abort();
+            Ok(())
+        }
+    }
+}

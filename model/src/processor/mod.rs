@@ -32,17 +32,28 @@ pub struct ProcessedImage {
     pub original_size: (u32, u32),
 }
 
-/// Tiles one image. With `cropping` the best candidate resolution of `cfg` is used;
-/// without it (≥3 images in the conversation) the image is a global view plus one local view.
-pub fn process_image(image: &RgbImage, cfg: &ProcessorConfig, cropping: bool) -> ProcessedImage {
-    let (width, height) = image.dimensions();
-    let tile = TILE_SIZE as u32;
+/// The tiling of a `width` × `height` image: the one function that decides it, for the
+/// processor here and for planning a prompt from image headers alone (the gateway).
+///
+/// With `cropping` (at most two images in the conversation, see
+/// [`cropping_enabled`]) it is the best candidate resolution of `cfg` in tiles; without it,
+/// a single 1×1 local view.
+pub fn tiling_for(width: u32, height: u32, cropping: bool, cfg: &ProcessorConfig) -> Tiling {
     let best = if cropping {
         select_best_resolution(width as usize, height as usize, &cfg.candidate_resolutions)
     } else {
         [TILE_SIZE, TILE_SIZE]
     };
-    let tiling = tiling::tiling_of(best);
+    tiling::tiling_of(best)
+}
+
+/// Tiles one image. With `cropping` the best candidate resolution of `cfg` is used;
+/// without it (≥3 images in the conversation) the image is a global view plus one local view.
+pub fn process_image(image: &RgbImage, cfg: &ProcessorConfig, cropping: bool) -> ProcessedImage {
+    let (width, height) = image.dimensions();
+    let tile = TILE_SIZE as u32;
+    let tiling = tiling_for(width, height, cropping, cfg);
+    let best = [tiling.width * TILE_SIZE, tiling.height * TILE_SIZE];
     let fill = pad_fill(cfg.image_mean);
 
     let global = pad_resize_with_fill(image, tile, tile, fill);
@@ -151,6 +162,32 @@ mod tests {
             assert_eq!(p.original_size, (1200, 400));
             assert!(p.tiles.iter().all(|t| t.dimensions() == (384, 384)));
         }
+    }
+
+    #[test]
+    fn tiling_for_follows_the_candidates_and_the_cropping_rule() {
+        let cfg = ProcessorConfig::default();
+        for ((w, h), tiling) in [
+            ((640, 480), Tiling::new(2, 2)),
+            ((300, 900), Tiling::new(1, 3)),
+            ((1200, 400), Tiling::new(4, 2)),
+            ((518, 293), Tiling::new(2, 1)),
+            ((384, 384), Tiling::new(1, 1)),
+        ] {
+            assert_eq!(tiling_for(w, h, true, &cfg), tiling, "{w}x{h}");
+            assert_eq!(tiling_for(w, h, false, &cfg), Tiling::new(1, 1), "{w}x{h}");
+        }
+        // The processor tiles with the same function.
+        let wide = RgbImage::new(1200, 400);
+        assert_eq!(
+            process_image(&wide, &cfg, true).tiling,
+            tiling_for(1200, 400, true, &cfg)
+        );
+        let only_square = ProcessorConfig {
+            candidate_resolutions: vec![[384, 384]],
+            ..ProcessorConfig::default()
+        };
+        assert_eq!(tiling_for(1200, 400, true, &only_square), Tiling::new(1, 1));
     }
 
     #[test]

@@ -1,0 +1,138 @@
+//! The gateway's configuration: the service contract's flags plus the request
+//! limits, parsed once at start-up (`tessera gateway --help`).
+
+use std::path::PathBuf;
+
+use tessera_model::processor::DEFAULT_MAX_PIXELS;
+
+use crate::error::{Error, Result};
+
+/// Default for `--default-max-tokens`.
+pub const DEFAULT_MAX_TOKENS: u32 = 512;
+/// Default for `--max-images`.
+pub const DEFAULT_MAX_IMAGES: usize = 16;
+/// Default for `--request-timeout-seconds`.
+pub const DEFAULT_REQUEST_TIMEOUT_SECONDS: u64 = 600;
+
+/// What one gateway serves and how it limits requests.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Config {
+    /// Snapshot folder (config.json, tokenizer.json, *.safetensors).
+    #[arg(long, env = "TESSERA_MODEL")]
+    pub model: PathBuf,
+    /// This member's id in discovery [default: "gateway-<advertised address>"].
+    #[arg(long, env = "TESSERA_ID")]
+    pub id: Option<String>,
+    /// host:port other members reach this service at [default: the listener's address].
+    #[arg(long, env = "TESSERA_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// Seconds to drain in-flight requests after a shutdown signal.
+    #[arg(long, env = "TESSERA_GRACE_SECONDS", default_value_t = 25)]
+    pub grace_seconds: u64,
+    /// Most tokens to generate when a request does not set `max_tokens` (lowered to
+    /// what fits in the model's maximum position).
+    #[arg(long, env = "TESSERA_DEFAULT_MAX_TOKENS", default_value_t = DEFAULT_MAX_TOKENS)]
+    pub default_max_tokens: u32,
+    /// Most images one request may carry.
+    #[arg(long, env = "TESSERA_MAX_IMAGES", default_value_t = DEFAULT_MAX_IMAGES)]
+    pub max_images: usize,
+    /// Refuse images with more pixels (width × height) than this, read from the header.
+    #[arg(long, env = "TESSERA_MAX_IMAGE_PIXELS", default_value_t = DEFAULT_MAX_PIXELS)]
+    pub max_image_pixels: u64,
+    /// Seconds a request may take from arrival to its last token before it is
+    /// cancelled with DEADLINE_EXCEEDED.
+    #[arg(
+        long,
+        env = "TESSERA_REQUEST_TIMEOUT_SECONDS",
+        default_value_t = DEFAULT_REQUEST_TIMEOUT_SECONDS
+    )]
+    pub request_timeout_seconds: u64,
+}
+
+impl Config {
+    /// The configuration for the snapshot at `model` with every default.
+    pub fn new(model: impl Into<PathBuf>) -> Self {
+        Self {
+            model: model.into(),
+            id: None,
+            advertise: None,
+            grace_seconds: 25,
+            default_max_tokens: DEFAULT_MAX_TOKENS,
+            max_images: DEFAULT_MAX_IMAGES,
+            max_image_pixels: DEFAULT_MAX_PIXELS,
+            request_timeout_seconds: DEFAULT_REQUEST_TIMEOUT_SECONDS,
+        }
+    }
+
+    /// Checks the values that have no sensible meaning at 0.
+    pub fn validate(&self) -> Result<()> {
+        let positive = [
+            ("--default-max-tokens", u64::from(self.default_max_tokens)),
+            ("--request-timeout-seconds", self.request_timeout_seconds),
+            ("--max-image-pixels", self.max_image_pixels),
+        ];
+        match positive.iter().find(|(_, v)| *v == 0) {
+            Some((flag, _)) => Err(Error::Config(format!("{flag} must be at least 1"))),
+            None => Ok(()),
+        }
+    }
+
+    /// The request limits this configuration sets.
+    pub fn limits(&self) -> Limits {
+        Limits {
+            default_max_tokens: self.default_max_tokens,
+            max_images: self.max_images,
+            max_image_pixels: self.max_image_pixels,
+        }
+    }
+}
+
+/// The limits a request is validated against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// `max_tokens` of a request that does not set it.
+    pub default_max_tokens: u32,
+    /// Most images per request.
+    pub max_images: usize,
+    /// Most pixels per image.
+    pub max_image_pixels: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Config::new("").limits()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        config: Config,
+    }
+
+    #[test]
+    fn the_flag_defaults_are_the_constructor_defaults() {
+        let parsed = Cli::try_parse_from(["gateway", "--model", "/snap"]).unwrap();
+        let new = Config::new("/snap");
+        assert_eq!(parsed.config.limits(), new.limits());
+        assert_eq!(parsed.config.grace_seconds, new.grace_seconds);
+        assert_eq!(
+            parsed.config.request_timeout_seconds,
+            new.request_timeout_seconds
+        );
+        let set = Cli::try_parse_from(["gateway", "--model", "/s", "--max-images", "2"]).unwrap();
+        assert_eq!(set.config.max_images, 2);
+        assert!(new.validate().is_ok());
+        let zero = Config {
+            request_timeout_seconds: 0,
+            ..new
+        };
+        let err = zero.validate().unwrap_err().to_string();
+        assert!(err.contains("--request-timeout-seconds"), "{err}");
+    }
+}

@@ -1,0 +1,266 @@
+//! One request on a scheduler: submit it, read its token events, and turn them into
+//! the public deltas and the closing usage, finish reason, groundings and image
+//! tilings. Dropping a [`Running`] before its `finished` event cancels the request
+//! on the scheduler (the stream is reset and `Scheduler.Cancel` is sent).
+
+use std::sync::Arc;
+
+use tessera_model::grounding::parse_groundings;
+use tessera_proto::internal::v1::{StopReason, TokenEvent, token_event};
+use tessera_proto::v1::{
+    self, FinishReason, GenerateDelta, GenerateFinished, GenerateResponse, GenerateStreamResponse,
+    Grounding, Usage, generate_stream_response,
+};
+use tessera_runtime::{Member, Role, telemetry};
+use tokio::sync::mpsc;
+use tonic::Streaming;
+
+use crate::detokenize::{Ending, IncrementalText};
+use crate::error::{Error, Result};
+use crate::model_files::ModelFiles;
+use crate::prepare::Prepared;
+use crate::upstream::Upstream;
+
+/// Where a stream's messages go: the response stream of one `GenerateStream` call.
+pub type StreamSender = mpsc::Sender<Result<GenerateStreamResponse, tonic::Status>>;
+
+/// Sends `Scheduler.Cancel` when dropped while armed.
+struct CancelGuard {
+    upstream: Arc<Upstream>,
+    scheduler: Member,
+    request_id: String,
+    armed: bool,
+}
+
+impl Drop for CancelGuard {
+    fn drop(&mut self) {
+        if self.armed {
+            tracing::info!(scheduler = %self.scheduler.id, "request abandoned; cancelling it");
+            self.upstream.cancel(&self.scheduler, &self.request_id);
+        }
+    }
+}
+
+/// A scheduler event the gateway acts on.
+enum Event {
+    Tokens(Vec<u32>),
+    Finished(Ending, FinishReason),
+}
+
+/// A request running on a scheduler.
+pub struct Running {
+    stream: Streaming<TokenEvent>,
+    guard: CancelGuard,
+}
+
+impl Running {
+    /// Submits `prepared` to the next scheduler.
+    pub async fn submit(upstream: &Arc<Upstream>, prepared: &Prepared) -> Result<Self> {
+        let (scheduler, mut client) = upstream.scheduler()?;
+        tracing::debug!(scheduler = %scheduler.id, "submitting");
+        let mut guard = CancelGuard {
+            upstream: Arc::clone(upstream),
+            scheduler,
+            request_id: prepared.request_id.clone(),
+            armed: true,
+        };
+        let request = telemetry::request_with_id(prepared.submit.clone(), &prepared.request_id);
+        match client.submit(request).await {
+            Ok(response) => Ok(Self {
+                stream: response.into_inner(),
+                guard,
+            }),
+            Err(status) => {
+                guard.armed = false;
+                Err(Error::upstream(Role::Scheduler, status))
+            }
+        }
+    }
+
+    /// The next event; the stream must end with exactly one `finished`.
+    async fn next(&mut self) -> Result<Event> {
+        let scheduler_error = |status| Error::upstream(Role::Scheduler, status);
+        let event = self.stream.message().await.map_err(|status| {
+            self.guard.armed = false;
+            scheduler_error(status)
+        })?;
+        match event.and_then(|e| e.event) {
+            Some(token_event::Event::Tokens(t)) => Ok(Event::Tokens(t.token_ids)),
+            Some(token_event::Event::Finished(f)) => {
+                self.guard.armed = false;
+                let (ending, reason) = match StopReason::try_from(f.reason) {
+                    Ok(StopReason::Eos) => (Ending::Eos, FinishReason::Eos),
+                    Ok(StopReason::Length) => (Ending::Length, FinishReason::Length),
+                    Ok(StopReason::Stop) => (Ending::Stop, FinishReason::Stop),
+                    Ok(StopReason::Unspecified) | Err(_) => {
+                        return Err(Error::protocol(
+                            Role::Scheduler,
+                            format!("finished with the unknown reason {}", f.reason),
+                        ));
+                    }
+                };
+                Ok(Event::Finished(ending, reason))
+            }
+            None => {
+                self.guard.armed = false;
+                Err(Error::protocol(
+                    Role::Scheduler,
+                    "the token stream ended without a finished event",
+                ))
+            }
+        }
+    }
+}
+
+/// Builds the public answer of one request from its events.
+pub struct Answer {
+    files: Arc<ModelFiles>,
+    prepared: Prepared,
+    text: IncrementalText,
+}
+
+impl Answer {
+    /// The answer of `prepared`, decoded with `files`' tokenizer.
+    pub fn new(files: Arc<ModelFiles>, prepared: Prepared) -> Self {
+        let text = IncrementalText::new(
+            prepared.stop().to_vec(),
+            files.tokenizer.special().eos,
+            prepared.ignore_eos(),
+        );
+        Self {
+            files,
+            prepared,
+            text,
+        }
+    }
+
+    /// The request's id.
+    pub fn request_id(&self) -> &str {
+        &self.prepared.request_id
+    }
+
+    /// Reads `running` to its end and returns the whole answer.
+    pub async fn collect(&mut self, running: &mut Running) -> Result<GenerateResponse> {
+        let finished = self.drive(running, None).await?;
+        Ok(self.response(finished))
+    }
+
+    /// Reads `running` to its end, sending each token batch to `sink` as a delta and the
+    /// remaining text as a last delta; returns the closing message for the caller to
+    /// send. [`Error::ClientGone`] when the client stopped listening.
+    pub async fn stream(
+        &mut self,
+        running: &mut Running,
+        sink: &StreamSender,
+    ) -> Result<GenerateFinished> {
+        self.drive(running, Some(sink)).await
+    }
+
+    async fn drive(
+        &mut self,
+        running: &mut Running,
+        sink: Option<&StreamSender>,
+    ) -> Result<GenerateFinished> {
+        loop {
+            match running.next().await? {
+                Event::Tokens(ids) => {
+                    let Some(sink) = sink else {
+                        self.text.push_ids(&ids);
+                        continue;
+                    };
+                    let text = self.text.push(&self.files.tokenizer, &ids)?;
+                    let delta = GenerateDelta {
+                        text,
+                        token_ids: ids,
+                    };
+                    self.send(sink, delta).await?;
+                }
+                Event::Finished(ending, reason) => {
+                    let rest = self.text.finish(&self.files.tokenizer, ending)?;
+                    if let Some(sink) = sink
+                        && !rest.is_empty()
+                    {
+                        let delta = GenerateDelta {
+                            text: rest,
+                            token_ids: Vec::new(),
+                        };
+                        self.send(sink, delta).await?;
+                    }
+                    return Ok(self.finished(reason));
+                }
+            }
+        }
+    }
+
+    /// Sends a delta to the client.
+    async fn send(&self, sink: &StreamSender, delta: GenerateDelta) -> Result<()> {
+        let message = GenerateStreamResponse {
+            request_id: self.prepared.request_id.clone(),
+            event: Some(generate_stream_response::Event::Delta(delta)),
+        };
+        sink.send(Ok(message)).await.map_err(|_| Error::ClientGone)
+    }
+
+    /// The closing message of a stream.
+    pub fn closing(&self, finished: GenerateFinished) -> GenerateStreamResponse {
+        GenerateStreamResponse {
+            request_id: self.prepared.request_id.clone(),
+            event: Some(generate_stream_response::Event::Finished(finished)),
+        }
+    }
+
+    /// The whole answer, given its closing message.
+    fn response(&self, finished: GenerateFinished) -> GenerateResponse {
+        GenerateResponse {
+            request_id: self.prepared.request_id.clone(),
+            text: self.text.emitted().to_owned(),
+            token_ids: self.text.ids().to_vec(),
+            finish_reason: finished.finish_reason,
+            usage: finished.usage,
+            groundings: finished.groundings,
+            images: finished.images,
+        }
+    }
+
+    fn finished(&self, reason: FinishReason) -> GenerateFinished {
+        let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        GenerateFinished {
+            finish_reason: reason.into(),
+            usage: Some(Usage {
+                prompt_tokens: count(self.prepared.prompt_tokens()),
+                image_tokens: count(self.prepared.image_tokens),
+                completion_tokens: count(self.text.ids().len()),
+            }),
+            groundings: self.groundings(),
+            images: self.prepared.images.iter().map(|i| i.to_public()).collect(),
+        }
+    }
+
+    /// The answer's boxes in pixels of the request's last image; none without images.
+    fn groundings(&self) -> Vec<Grounding> {
+        let Some(last) = self.prepared.images.last() else {
+            return Vec::new();
+        };
+        let image_index = (self.prepared.images.len() - 1) as u32;
+        parse_groundings(self.text.emitted())
+            .into_iter()
+            .map(|g| Grounding {
+                label: g.label,
+                boxes: g
+                    .boxes
+                    .iter()
+                    .map(|b| {
+                        let p = b.to_pixels(last.width, last.height);
+                        v1::Box {
+                            x1: p.x1,
+                            y1: p.y1,
+                            x2: p.x2,
+                            y2: p.y2,
+                        }
+                    })
+                    .collect(),
+                image_index,
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,216 @@
+//! The public `tessera.v1.Tessera` service: `Generate`, `GenerateStream`,
+//! `ModelInfo` and `ClusterStatus`.
+//!
+//! A generation is prepared (checked, planned, images encoded) and submitted to a
+//! scheduler inside the call, so bad input and a missing member fail the call itself;
+//! a stream's tokens are then forwarded by a task that stops, and cancels the request
+//! on the scheduler, as soon as the client goes away or the request times out.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use tessera_proto::v1::tessera_server::Tessera;
+use tessera_proto::v1::{
+    ClusterStatusRequest, ClusterStatusResponse, GenerateRequest, GenerateResponse,
+    GenerateStreamResponse, ModelInfoRequest, ModelInfoResponse,
+};
+use tessera_runtime::Discovery;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+
+use crate::cluster::cluster_status;
+use crate::config::{Config, Limits};
+use crate::error::{Error, Result};
+use crate::generation::{Answer, Running};
+use crate::model_files::ModelFiles;
+use crate::prepare::prepare;
+use crate::request::request_id;
+use crate::upstream::Upstream;
+
+/// Stream messages buffered for a slow client before the forwarding task waits.
+const STREAM_BUFFER: usize = 32;
+
+struct Inner {
+    files: OnceLock<Arc<ModelFiles>>,
+    upstream: Arc<Upstream>,
+    limits: Limits,
+    timeout: Duration,
+}
+
+/// Serves `tessera.v1.Tessera`; answers UNAVAILABLE until its model files are set.
+#[derive(Clone)]
+pub struct TesseraService {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for TesseraService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TesseraService")
+            .field("loaded", &self.inner.files.get().is_some())
+            .field("limits", &self.inner.limits)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TesseraService {
+    /// A service with `cfg`'s limits, calling the members of `discovery`.
+    pub fn new(cfg: &Config, discovery: Arc<dyn Discovery>) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                files: OnceLock::new(),
+                upstream: Arc::new(Upstream::new(discovery)),
+                limits: cfg.limits(),
+                timeout: Duration::from_secs(cfg.request_timeout_seconds),
+            }),
+        }
+    }
+
+    /// Starts serving generations with `files` (once; later calls are ignored).
+    pub fn set_loaded(&self, files: Arc<ModelFiles>) {
+        let _ = self.inner.files.set(files);
+    }
+
+    fn files(&self) -> Result<Arc<ModelFiles>> {
+        self.inner.files.get().cloned().ok_or(Error::Loading)
+    }
+
+    fn timeout_error(&self) -> Error {
+        Error::Timeout(self.inner.timeout.as_secs())
+    }
+
+    /// Prepares `request` and submits it, within `deadline`.
+    async fn start(
+        &self,
+        request: GenerateRequest,
+        id: String,
+        deadline: Instant,
+    ) -> Result<(Answer, Running)> {
+        let files = self.files()?;
+        let inner = &self.inner;
+        let work = async {
+            let prepared = prepare(&files, &inner.upstream, &inner.limits, request, id).await?;
+            let running = Running::submit(&inner.upstream, &prepared).await?;
+            Ok((Answer::new(Arc::clone(&files), prepared), running))
+        };
+        tokio::time::timeout_at(deadline, work)
+            .await
+            .map_err(|_| self.timeout_error())?
+    }
+
+    async fn generate_whole(
+        &self,
+        request: GenerateRequest,
+        id: String,
+    ) -> Result<GenerateResponse> {
+        let deadline = Instant::now() + self.inner.timeout;
+        let (mut answer, mut running) = self.start(request, id, deadline).await?;
+        let response = tokio::time::timeout_at(deadline, answer.collect(&mut running))
+            .await
+            .map_err(|_| self.timeout_error())??;
+        tracing::info!(
+            finish_reason = response.finish_reason,
+            completion_tokens = response.token_ids.len(),
+            "generated"
+        );
+        Ok(response)
+    }
+}
+
+/// Logs a failed call and turns it into its status.
+fn failed(e: Error) -> Status {
+    match &e {
+        Error::InvalidArgument(_) => tracing::info!(error = %e, "rejected"),
+        _ => tracing::warn!(error = %e, "failed"),
+    }
+    e.into()
+}
+
+/// Forwards a running stream to the client until its end, the client leaving, or
+/// the deadline.
+async fn forward(
+    mut answer: Answer,
+    mut running: Running,
+    tx: mpsc::Sender<Result<GenerateStreamResponse, Status>>,
+    deadline: Instant,
+    timeout: Error,
+) {
+    let result = tokio::select! {
+        r = answer.stream(&mut running, &tx) => r,
+        () = tx.closed() => Err(Error::ClientGone),
+        () = tokio::time::sleep_until(deadline) => Err(timeout),
+    };
+    match result {
+        Ok(finished) => {
+            tracing::info!(
+                finish_reason = finished.finish_reason,
+                completion_tokens = finished.usage.as_ref().map_or(0, |u| u.completion_tokens),
+                "streamed"
+            );
+            let _ = tx.send(Ok(answer.closing(finished))).await;
+        }
+        Err(Error::ClientGone) => tracing::info!("the client went away"),
+        Err(e) => {
+            let _ = tx.send(Err(failed(e))).await;
+        }
+    }
+    // Dropping an unfinished `running` cancels it on the scheduler.
+    drop(running);
+}
+
+#[tonic::async_trait]
+impl Tessera for TesseraService {
+    async fn generate(
+        &self,
+        request: Request<GenerateRequest>,
+    ) -> Result<Response<GenerateResponse>, Status> {
+        let id = request_id(request.metadata(), &request.get_ref().request_id).map_err(failed)?;
+        let span = tracing::info_span!("generate", request_id = %id);
+        async {
+            match self.generate_whole(request.into_inner(), id).await {
+                Ok(response) => Ok(Response::new(response)),
+                Err(e) => Err(failed(e)),
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    type GenerateStreamStream = ReceiverStream<Result<GenerateStreamResponse, Status>>;
+
+    async fn generate_stream(
+        &self,
+        request: Request<GenerateRequest>,
+    ) -> Result<Response<Self::GenerateStreamStream>, Status> {
+        let id = request_id(request.metadata(), &request.get_ref().request_id).map_err(failed)?;
+        let span = tracing::info_span!("generate_stream", request_id = %id);
+        let deadline = Instant::now() + self.inner.timeout;
+        let (answer, running) = self
+            .start(request.into_inner(), id, deadline)
+            .instrument(span.clone())
+            .await
+            .map_err(|e| span.in_scope(|| failed(e)))?;
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let timeout = self.timeout_error();
+        tokio::spawn(forward(answer, running, tx, deadline, timeout).instrument(span));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn model_info(
+        &self,
+        _request: Request<ModelInfoRequest>,
+    ) -> Result<Response<ModelInfoResponse>, Status> {
+        Ok(Response::new(self.files()?.info()))
+    }
+
+    async fn cluster_status(
+        &self,
+        _request: Request<ClusterStatusRequest>,
+    ) -> Result<Response<ClusterStatusResponse>, Status> {
+        Ok(Response::new(cluster_status(
+            self.inner.upstream.discovery(),
+        )))
+    }
+}

@@ -1,0 +1,280 @@
+//! A real gateway on 127.0.0.1:0 with no other member: every bad request is
+//! INVALID_ARGUMENT before any upstream call and the gateway keeps serving; good
+//! requests without the member they need are UNAVAILABLE; ModelInfo, ClusterStatus,
+//! health and shutdown.
+
+#[allow(dead_code)] // each test binary uses a different subset of the helpers
+mod common;
+
+use common::*;
+use tessera_gateway::Config;
+use tessera_proto::v1::{
+    ClusterStatusRequest, GenerateRequest, MemberRole, ModelInfoRequest, Role, SamplingParams,
+    StoppingParams,
+};
+use tessera_runtime::{Discovery, MemoryDiscovery};
+use tonic::Code;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+const FIXTURE: &str = "tiny-mha-softmax";
+
+/// A gateway allowing at most 2 images of at most 100 000 pixels each.
+async fn strict_gateway() -> Gateway {
+    let cfg = Config {
+        max_images: 2,
+        max_image_pixels: 100_000,
+        ..Config::new(fixture(FIXTURE))
+    };
+    Gateway::start(cfg, MemoryDiscovery::new()).await
+}
+
+fn sampling(req: GenerateRequest, sampling: SamplingParams) -> GenerateRequest {
+    GenerateRequest {
+        sampling: Some(sampling),
+        ..req
+    }
+}
+
+fn hello() -> GenerateRequest {
+    ask(vec![text("Hello")])
+}
+
+/// Bad requests, each named, with a word its error message must contain.
+fn bad_requests() -> Vec<(&'static str, GenerateRequest, &'static str)> {
+    let mut unspecified = hello();
+    unspecified.messages[0].role = Role::Unspecified.into();
+    let mut unknown_role = hello();
+    unknown_role.messages[0].role = 42;
+    let stop_empty = GenerateRequest {
+        stopping: Some(StoppingParams {
+            stop: vec!["ok".into(), String::new()],
+            ..Default::default()
+        }),
+        ..hello()
+    };
+    let mut bad_mime = ask(vec![image(png(8, 8)), text("What?")]);
+    if let Some(tessera_proto::v1::part::Kind::Image(i)) = &mut bad_mime.messages[0].parts[0].kind {
+        i.mime_type = "image/tiff".into();
+    }
+    let late_system = GenerateRequest {
+        messages: vec![
+            message(Role::User, vec![text("Hi")]),
+            message(Role::System, vec![text("Be brief.")]),
+        ],
+        ..Default::default()
+    };
+    let assistant_image = GenerateRequest {
+        messages: vec![
+            message(Role::User, vec![text("Hi")]),
+            message(Role::Assistant, vec![image(png(8, 8))]),
+        ],
+        ..Default::default()
+    };
+    let mut bad_id = hello();
+    bad_id.request_id = "two words".into();
+    vec![
+        ("no messages", GenerateRequest::default(), "no messages"),
+        ("unspecified role", unspecified, "role"),
+        ("unknown role", unknown_role, "role"),
+        ("no parts", ask(vec![]), "no parts"),
+        (
+            "empty part",
+            ask(vec![tessera_proto::v1::Part { kind: None }]),
+            "empty",
+        ),
+        (
+            "empty image",
+            ask(vec![image(Vec::new()), text("What?")]),
+            "empty",
+        ),
+        (
+            "garbage image",
+            ask(vec![image(b"not a picture".to_vec())]),
+            "image 0",
+        ),
+        (
+            "truncated png",
+            ask(vec![image(png(8, 8)[..20].to_vec())]),
+            "image 0",
+        ),
+        (
+            "too many pixels",
+            ask(vec![image(png(400, 300))]),
+            "100000 pixels",
+        ),
+        (
+            "too many images",
+            ask(vec![image(png(8, 8)); 3]),
+            "limit of 2",
+        ),
+        ("unsupported mime type", bad_mime, "MIME"),
+        (
+            "image tag in text",
+            ask(vec![text("<image> hi")]),
+            "<image>",
+        ),
+        ("late system message", late_system, "system"),
+        ("image from the assistant", assistant_image, "user messages"),
+        (
+            "negative temperature",
+            sampling(
+                hello(),
+                SamplingParams {
+                    temperature: Some(-1.0),
+                    ..Default::default()
+                },
+            ),
+            "temperature",
+        ),
+        (
+            "top_p zero",
+            sampling(
+                hello(),
+                SamplingParams {
+                    top_p: Some(0.0),
+                    ..Default::default()
+                },
+            ),
+            "top_p",
+        ),
+        (
+            "repetition penalty zero",
+            sampling(
+                hello(),
+                SamplingParams {
+                    repetition_penalty: Some(0.0),
+                    ..Default::default()
+                },
+            ),
+            "repetition_penalty",
+        ),
+        ("max_tokens zero", with_max_tokens(hello(), 0), "max_tokens"),
+        (
+            "beyond the maximum position",
+            with_max_tokens(hello(), 4096),
+            "4096 positions",
+        ),
+        ("empty stop string", stop_empty, "stop string 1"),
+        ("bad request id", bad_id, "request_id"),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_are_invalid_arguments_and_the_gateway_keeps_serving() {
+    let gateway = strict_gateway().await;
+    let mut client = gateway.client().await;
+    for (name, req, needle) in bad_requests() {
+        for streaming in [false, true] {
+            let status = if streaming {
+                client
+                    .generate_stream(req.clone())
+                    .await
+                    .map(drop)
+                    .unwrap_err()
+            } else {
+                client.generate(req.clone()).await.map(drop).unwrap_err()
+            };
+            assert_eq!(status.code(), Code::InvalidArgument, "{name}: {status:?}");
+            assert!(
+                status.message().contains(needle),
+                "{name}: {:?} lacks {needle:?}",
+                status.message()
+            );
+        }
+    }
+    // Still serving: health, model info, and a good request reaches the next step.
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", gateway.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel);
+    let serving = health
+        .check(HealthCheckRequest {
+            service: "tessera.v1.Tessera".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(serving.status(), ServingStatus::Serving);
+    let info = client
+        .model_info(ModelInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.model_id, FIXTURE);
+    assert_eq!(info.max_position_embeddings, 4096);
+    assert_eq!(
+        info.fingerprint,
+        tessera_model::fingerprint(&fixture(FIXTURE)).unwrap()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_without_the_members_they_need_are_unavailable() {
+    let gateway = Gateway::fixture(FIXTURE, MemoryDiscovery::new()).await;
+    let mut client = gateway.client().await;
+    let status = client.generate(hello()).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().contains("no scheduler is registered"),
+        "{status:?}"
+    );
+    let status = client.generate_stream(hello()).await.map(drop).unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+
+    let with_image = ask(vec![image(png(64, 48)), text("What is this?")]);
+    let status = client.generate(with_image).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().contains("no vision-worker is registered"),
+        "{status:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_status_lists_the_gateway_and_shutdown_deregisters_it() {
+    let discovery = MemoryDiscovery::new();
+    let gateway = Gateway::fixture(FIXTURE, discovery.clone()).await;
+    let mut client = gateway.client().await;
+    let status = client
+        .cluster_status(ClusterStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.placement_version, 0);
+    assert_eq!(status.members.len(), 1);
+    let me = &status.members[0];
+    assert_eq!(me.role(), MemberRole::Gateway);
+    assert_eq!(me.address, gateway.addr.to_string());
+    assert_eq!(me.id, format!("gateway-{}", gateway.addr));
+    assert!(me.ready);
+
+    gateway.shutdown.cancel();
+    tokio::time::timeout(DEADLINE, gateway.task)
+        .await
+        .expect("the gateway stops in time")
+        .unwrap()
+        .unwrap();
+    assert!(discovery.members().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_that_cannot_load_is_an_error_from_run() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let discovery = std::sync::Arc::new(MemoryDiscovery::new());
+    let run = tessera_gateway::run(
+        Config::new("/nonexistent/snapshot"),
+        listener,
+        discovery.clone(),
+        tessera_runtime::shutdown::CancellationToken::new(),
+    );
+    let err = tokio::time::timeout(DEADLINE, run)
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(err.to_string().contains("/nonexistent/snapshot"), "{err}");
+    assert!(discovery.members().is_empty());
+}
