@@ -55,6 +55,17 @@ pub enum FinishReason {
     Length,
     /// A stop string appeared in the output.
     Stop,
+    /// The caller's token callback asked to stop ([`generate_streaming`]).
+    Cancelled,
+}
+
+/// What a [`generate_streaming`] token callback asks for next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    /// Keep generating.
+    Continue,
+    /// Stop now; generation ends with [`FinishReason::Cancelled`].
+    Stop,
 }
 
 /// Wall-clock time spent in each phase.
@@ -131,6 +142,30 @@ pub fn generate(
     embeds: &Tensor,
     params: &GenerationParams,
 ) -> Result<Generation> {
+    generate_streaming(
+        model,
+        experts,
+        tokenizer,
+        prompt_ids,
+        embeds,
+        params,
+        &mut |_| Flow::Continue,
+    )
+}
+
+/// [`generate`], calling `on_token` with every generated id as soon as it is picked
+/// (including a final EOS or the token that completes a stop string). When it
+/// answers [`Flow::Stop`], generation ends before the next model step with
+/// [`FinishReason::Cancelled`].
+pub fn generate_streaming(
+    model: &LanguageModel,
+    experts: &dyn ExpertBackend,
+    tokenizer: Option<&ChatTokenizer>,
+    prompt_ids: &[u32],
+    embeds: &Tensor,
+    params: &GenerationParams,
+    on_token: &mut dyn FnMut(u32) -> Flow,
+) -> Result<Generation> {
     if prompt_ids.is_empty() || embeds.dim(0)? != prompt_ids.len() {
         return Err(Error::Request(format!(
             "the prompt has {} ids but {} embedding rows",
@@ -175,6 +210,10 @@ pub fn generate(
         }
         output.push(next);
         history.push(next);
+        if on_token(next) == Flow::Stop {
+            finish_reason = FinishReason::Cancelled;
+            break;
+        }
         if next == params.eos_token_id && !params.ignore_eos {
             finish_reason = FinishReason::Eos;
             break;

@@ -1,0 +1,207 @@
+//! One MoE layer's routes split into one batch per expert-worker: each worker
+//! gets the rows it needs once, re-indexed, and its `(row, expert, weight)`
+//! routes (ARCHITECTURE.md, "Expert dispatch"); and reading a worker's answer:
+//! its sums checked, its errors sorted into "a newer routing table may fix it"
+//! and "final".
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Tensor};
+use tessera_model::experts::ExpertRoute;
+use tessera_proto::internal::v1::ForwardResponse;
+use tessera_proto::tensor;
+use tessera_runtime::placement::Placement;
+
+use crate::error::Error;
+
+/// Model-side results.
+type ModelResult<T> = tessera_model::Result<T>;
+
+/// One worker's share of a layer's batch: the batch rows it needs (each once, in
+/// ascending order; local row `i` is batch row `rows[i]`) and its routes, whose
+/// `row` indexes `rows`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkerBatch {
+    pub rows: Vec<u32>,
+    pub routes: Vec<ExpertRoute>,
+}
+
+/// Splits `routes` by owning worker (the first owner of each expert that has a
+/// client) and re-indexes each worker's rows.
+pub fn plan<'p>(
+    placement: &'p Placement,
+    live: impl Fn(&str) -> bool,
+    layer: usize,
+    routes: &[ExpertRoute],
+) -> ModelResult<BTreeMap<&'p str, WorkerBatch>> {
+    let mut owner_of: BTreeMap<u32, &'p str> = BTreeMap::new();
+    let mut by_worker: BTreeMap<&'p str, Vec<ExpertRoute>> = BTreeMap::new();
+    for r in routes {
+        let owner = match owner_of.get(&r.expert) {
+            Some(&w) => w,
+            None => {
+                let w = placement
+                    .owners(layer, r.expert as usize)
+                    .into_iter()
+                    .find(|w| live(w))
+                    .ok_or_else(|| {
+                        tessera_model::Error::Experts(format!(
+                            "no live owner for layer {layer} expert {}",
+                            r.expert
+                        ))
+                    })?;
+                owner_of.insert(r.expert, w);
+                w
+            }
+        };
+        by_worker.entry(owner).or_default().push(*r);
+    }
+    Ok(by_worker
+        .into_iter()
+        .map(|(worker, routes)| {
+            let mut rows: Vec<u32> = routes.iter().map(|r| r.row).collect();
+            rows.sort_unstable();
+            rows.dedup();
+            let local: BTreeMap<u32, u32> = rows
+                .iter()
+                .enumerate()
+                .map(|(i, &r)| (r, i as u32))
+                .collect();
+            let routes = routes
+                .into_iter()
+                .map(|r| ExpertRoute {
+                    row: local[&r.row],
+                    ..r
+                })
+                .collect();
+            (worker, WorkerBatch { rows, routes })
+        })
+        .collect())
+}
+
+/// Why one attempt at a layer failed.
+pub enum Failure {
+    /// A newer routing table may fix it (the reason names the layer and worker/expert).
+    Retry(String),
+    /// Retrying cannot help.
+    Fatal(Error),
+}
+
+/// Whether a worker's error status is one a newer routing table can fix: the
+/// worker is gone or unreachable, or its placement moved on.
+pub fn classify(layer: usize, worker: &str, status: tonic::Status) -> Failure {
+    use tonic::Code;
+    match status.code() {
+        Code::Unavailable
+        | Code::FailedPrecondition
+        | Code::Unknown
+        | Code::Cancelled
+        | Code::Aborted
+        | Code::DeadlineExceeded => Failure::Retry(format!(
+            "layer {layer}: expert-worker {worker}: {:?}: {}",
+            status.code(),
+            status.message()
+        )),
+        code => Failure::Fatal(Error::Worker {
+            worker: worker.to_string(),
+            code,
+            message: status.message().to_string(),
+        }),
+    }
+}
+
+/// A worker's partial sums as an f32 (rows, hidden) tensor, checked.
+pub fn decode_sums(
+    worker: &str,
+    response: &ForwardResponse,
+    rows: usize,
+    hidden: usize,
+    xs: &Tensor,
+) -> Result<Tensor, Error> {
+    let bad = |message: String| Error::Worker {
+        worker: worker.to_string(),
+        code: tonic::Code::Ok,
+        message,
+    };
+    let sums = response
+        .sums
+        .as_ref()
+        .ok_or_else(|| bad("response without sums".into()))?;
+    let sums = tensor::decode(sums, xs.device())
+        .map_err(|e| bad(e.to_string()))?
+        .to_dtype(DType::F32)
+        .map_err(|e| Error::Model(e.into()))?;
+    if sums.dims() != [rows, hidden] {
+        return Err(bad(format!(
+            "sums have shape {:?}, expected [{rows}, {hidden}]",
+            sums.dims()
+        )));
+    }
+    Ok(sums)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    fn placement() -> Placement {
+        let workers: Vec<String> = vec!["a".into(), "b".into()];
+        tessera_runtime::placement::even_split(1, &[1, 2], 4, &workers).unwrap()
+    }
+
+    fn route(row: u32, expert: u32) -> ExpertRoute {
+        ExpertRoute {
+            row,
+            expert,
+            weight: 0.5,
+        }
+    }
+
+    #[test]
+    fn each_worker_gets_its_rows_once_reindexed() {
+        let p = placement();
+        // Experts 0, 1 live on "a", 2, 3 on "b".
+        let routes = [
+            route(0, 0),
+            route(0, 3),
+            route(2, 1),
+            route(2, 0),
+            route(5, 2),
+        ];
+        let got = plan(&p, |_| true, 1, &routes).unwrap();
+        assert_eq!(
+            got["a"],
+            WorkerBatch {
+                rows: vec![0, 2],
+                routes: vec![route(0, 0), route(1, 1), route(1, 0)],
+            }
+        );
+        assert_eq!(
+            got["b"],
+            WorkerBatch {
+                rows: vec![0, 5],
+                routes: vec![route(0, 3), route(1, 2)],
+            }
+        );
+    }
+
+    #[test]
+    fn a_worker_without_routes_gets_no_request() {
+        let p = placement();
+        let got = plan(&p, |_| true, 2, &[route(0, 1)]).unwrap();
+        assert_eq!(got.keys().copied().collect::<BTreeSet<_>>(), ["a"].into());
+    }
+
+    #[test]
+    fn an_expert_without_a_live_owner_is_an_error() {
+        let p = placement();
+        let err = plan(&p, |w| w != "b", 1, &[route(0, 3)]).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("no live owner for layer 1 expert 3"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,256 @@
+//! Checking a `SubmitRequest` up front, before it is queued: everything the
+//! engine needs is in range, so a bad request fails at once with
+//! INVALID_ARGUMENT and a message naming the field, never its contents.
+
+use std::ops::Range;
+
+use tessera_model::generate::GenerationParams;
+use tessera_model::sampling::SamplingParams;
+use tessera_proto::internal::v1::{Dtype, SubmitRequest, Tensor as WireTensor};
+
+use crate::error::{Error, Result};
+
+/// What of the model a request is checked against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub max_positions: usize,
+    pub eos_token_id: u32,
+}
+
+/// A request that passed [`validate`]: ready for the engine.
+#[derive(Debug, Clone)]
+pub struct Validated {
+    pub input_ids: Vec<u32>,
+    /// Image runs in prompt order, each with its `[len, hidden]` float embeddings
+    /// (still on the wire; the engine decodes them).
+    pub image_runs: Vec<(Range<usize>, WireTensor)>,
+    pub params: GenerationParams,
+}
+
+fn invalid(message: impl Into<String>) -> Error {
+    Error::InvalidArgument(message.into())
+}
+
+/// Checks `req` against `limits`; `prefill_chunk` is the scheduler's setting.
+pub fn validate(
+    req: SubmitRequest,
+    limits: &Limits,
+    prefill_chunk: Option<usize>,
+) -> Result<Validated> {
+    let n = req.input_ids.len();
+    if n == 0 {
+        return Err(invalid("input_ids is empty"));
+    }
+    if let Some(i) = req
+        .input_ids
+        .iter()
+        .position(|&id| id as usize >= limits.vocab_size)
+    {
+        return Err(invalid(format!(
+            "input_ids[{i}] is outside the vocabulary of {} tokens",
+            limits.vocab_size
+        )));
+    }
+
+    let mut image_runs = Vec::with_capacity(req.image_runs.len());
+    let mut end_of_previous = 0;
+    for (i, run) in req.image_runs.into_iter().enumerate() {
+        let (start, len) = (run.start as usize, run.len as usize);
+        if len == 0 {
+            return Err(invalid(format!("image_runs[{i}] is empty")));
+        }
+        if start + len > n {
+            return Err(invalid(format!(
+                "image_runs[{i}] covers tokens {start}..{} but the prompt has {n}",
+                start + len
+            )));
+        }
+        if start < end_of_previous {
+            return Err(invalid(format!(
+                "image_runs[{i}] starts at token {start}, inside or before the previous run \
+                 (runs must be in prompt order and not overlap)"
+            )));
+        }
+        end_of_previous = start + len;
+        let embeddings = run
+            .embeddings
+            .ok_or_else(|| invalid(format!("image_runs[{i}] has no embeddings")))?;
+        check_embeddings(i, &embeddings, len, limits.hidden_size)?;
+        image_runs.push((start..start + len, embeddings));
+    }
+
+    let sampling = req.sampling.ok_or_else(|| invalid("sampling is not set"))?;
+    let sampling = SamplingParams {
+        temperature: sampling.temperature,
+        top_k: (sampling.top_k > 0).then_some(sampling.top_k as usize),
+        top_p: sampling.top_p,
+        repetition_penalty: sampling.repetition_penalty,
+        seed: sampling.seed,
+    };
+    sampling
+        .validate()
+        .map_err(|e| invalid(format!("sampling: {}", strip_prefix(&e))))?;
+
+    let stopping = req.stopping.ok_or_else(|| invalid("stopping is not set"))?;
+    let max_tokens = stopping.max_tokens as usize;
+    if max_tokens == 0 {
+        return Err(invalid("stopping.max_tokens must be at least 1"));
+    }
+    if n + max_tokens > limits.max_positions {
+        return Err(invalid(format!(
+            "the prompt ({n} tokens) plus max_tokens ({max_tokens}) exceeds the model's \
+             {} positions",
+            limits.max_positions
+        )));
+    }
+    Ok(Validated {
+        input_ids: req.input_ids,
+        image_runs,
+        params: GenerationParams {
+            max_new_tokens: max_tokens,
+            ignore_eos: stopping.ignore_eos,
+            eos_token_id: limits.eos_token_id,
+            stop: stopping.stop,
+            sampling,
+            prefill_chunk,
+            record_logits: false,
+        },
+    })
+}
+
+/// The message of a model `Request` error without its "invalid request: " prefix.
+fn strip_prefix(e: &tessera_model::Error) -> String {
+    match e {
+        tessera_model::Error::Request(message) => message.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Run `i`'s embeddings must be a float `[len, hidden]` tensor with matching bytes.
+fn check_embeddings(i: usize, t: &WireTensor, len: usize, hidden: usize) -> Result<()> {
+    let size = match Dtype::try_from(t.dtype) {
+        Ok(Dtype::F32) => 4,
+        Ok(Dtype::F16 | Dtype::Bf16) => 2,
+        Ok(Dtype::U32 | Dtype::I64 | Dtype::Unspecified) | Err(_) => {
+            return Err(invalid(format!(
+                "image_runs[{i}].embeddings must be f32, f16 or bf16"
+            )));
+        }
+    };
+    if t.shape != [len as u64, hidden as u64] {
+        return Err(invalid(format!(
+            "image_runs[{i}].embeddings have shape {:?}, expected [{len}, {hidden}] \
+             (run length × hidden size)",
+            t.shape
+        )));
+    }
+    if t.data.len() != len * hidden * size {
+        return Err(invalid(format!(
+            "image_runs[{i}].embeddings carry {} bytes, expected {}",
+            t.data.len(),
+            len * hidden * size
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use tessera_proto::internal::v1::{ImageRun, Sampling, Stopping};
+
+    use super::*;
+
+    const LIMITS: Limits = Limits {
+        vocab_size: 100,
+        hidden_size: 4,
+        max_positions: 32,
+        eos_token_id: 1,
+    };
+
+    fn embeddings(len: usize) -> WireTensor {
+        WireTensor {
+            dtype: Dtype::F32 as i32,
+            shape: vec![len as u64, 4],
+            data: vec![0; len * 16].into(),
+        }
+    }
+
+    fn run(start: u32, len: u32) -> ImageRun {
+        ImageRun {
+            start,
+            len,
+            embeddings: Some(embeddings(len as usize)),
+        }
+    }
+
+    fn request() -> SubmitRequest {
+        SubmitRequest {
+            request_id: "r".into(),
+            model_fingerprint: String::new(),
+            input_ids: vec![5; 10],
+            image_runs: vec![run(2, 3), run(6, 2)],
+            sampling: Some(Sampling {
+                temperature: 0.0,
+                top_p: 1.0,
+                top_k: 0,
+                repetition_penalty: 1.0,
+                seed: 0,
+            }),
+            stopping: Some(Stopping {
+                max_tokens: 8,
+                stop: vec![],
+                ignore_eos: true,
+            }),
+        }
+    }
+
+    fn error_of(f: impl FnOnce(&mut SubmitRequest)) -> String {
+        let mut req = request();
+        f(&mut req);
+        match validate(req, &LIMITS, None) {
+            Err(Error::InvalidArgument(message)) => message,
+            other => panic!("expected InvalidArgument, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_good_request_becomes_generation_params() {
+        let v = validate(request(), &LIMITS, Some(4)).unwrap();
+        assert_eq!(v.image_runs.len(), 2);
+        assert_eq!(v.image_runs[1].0, 6..8);
+        assert_eq!(v.params.max_new_tokens, 8);
+        assert!(v.params.ignore_eos);
+        assert_eq!(v.params.eos_token_id, 1);
+        assert_eq!(v.params.prefill_chunk, Some(4));
+        assert_eq!(v.params.sampling.top_k, None);
+    }
+
+    #[test]
+    fn each_bad_field_is_named() {
+        assert!(error_of(|r| r.input_ids.clear()).contains("input_ids is empty"));
+        assert!(error_of(|r| r.input_ids[3] = 100).contains("input_ids[3]"));
+        assert!(error_of(|r| r.image_runs[1] = run(9, 2)).contains("prompt has 10"));
+        assert!(error_of(|r| r.image_runs[1] = run(4, 2)).contains("overlap"));
+        assert!(error_of(|r| r.image_runs[0] = run(0, 0)).contains("empty"));
+        let wrong_len = |r: &mut SubmitRequest| r.image_runs[0].embeddings = Some(embeddings(2));
+        assert!(error_of(wrong_len).contains("expected [3, 4]"));
+        let wrong_dtype = |r: &mut SubmitRequest| {
+            r.image_runs[0].embeddings.as_mut().unwrap().dtype = Dtype::U32 as i32
+        };
+        assert!(error_of(wrong_dtype).contains("f32, f16 or bf16"));
+        let short = |r: &mut SubmitRequest| {
+            let data = &mut r.image_runs[0].embeddings.as_mut().unwrap().data;
+            data.truncate(data.len() - 1);
+        };
+        assert!(error_of(short).contains("bytes"));
+        let hot = |r: &mut SubmitRequest| r.sampling.as_mut().unwrap().temperature = -1.0;
+        assert!(error_of(hot).contains("sampling: temperature"));
+        let none = |r: &mut SubmitRequest| r.stopping.as_mut().unwrap().max_tokens = 0;
+        assert!(error_of(none).contains("max_tokens must be at least 1"));
+        let long = |r: &mut SubmitRequest| r.stopping.as_mut().unwrap().max_tokens = 23;
+        assert!(error_of(long).contains("exceeds the model's 32 positions"));
+        assert!(error_of(|r| r.sampling = None).contains("sampling is not set"));
+    }
+}

@@ -1,0 +1,160 @@
+//! The `tessera.internal.v1.Scheduler` gRPC service: checks a request, queues it
+//! for the [`Engine`] and streams its events back; `Cancel` cancels by id.
+//! Nothing here touches tensors; the handlers never block.
+
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+
+use tessera_proto::internal::v1::scheduler_server::Scheduler;
+use tessera_proto::internal::v1::{CancelRequest, CancelResponse, SubmitRequest};
+use tessera_runtime::telemetry;
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::DropGuard;
+use tonic::{Request, Response, Status};
+
+use crate::active::ActiveRequests;
+use crate::engine::{Engine, EventResult, Job};
+use crate::error::Error;
+use crate::request::{Limits, validate};
+use crate::stats::{Stats, StatsSnapshot};
+
+/// Events buffered per request between the engine and the gRPC stream.
+const EVENT_BUFFER: usize = 32;
+
+/// What the service needs once the model is loaded.
+#[derive(Debug)]
+pub struct Ready {
+    pub engine: Engine,
+    /// This scheduler's model fingerprint.
+    pub fingerprint: String,
+    pub limits: Limits,
+    /// `--prefill-chunk`.
+    pub prefill_chunk: Option<usize>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    ready: OnceLock<Ready>,
+    active: ActiveRequests,
+    stats: Arc<Stats>,
+}
+
+/// The Scheduler service; cheap to clone (all clones share one state).
+#[derive(Debug, Clone)]
+pub struct SchedulerService {
+    shared: Arc<Shared>,
+}
+
+impl SchedulerService {
+    /// A service that answers UNAVAILABLE until [`SchedulerService::set_ready`].
+    pub fn new(stats: Arc<Stats>) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                ready: OnceLock::new(),
+                active: ActiveRequests::default(),
+                stats,
+            }),
+        }
+    }
+
+    /// Starts serving requests with the loaded model (once; later calls are ignored).
+    pub fn set_ready(&self, ready: Ready) {
+        if self.shared.ready.set(ready).is_err() {
+            tracing::warn!("the scheduler was already ready");
+        }
+    }
+
+    /// Totals over the requests run so far.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.shared.stats.snapshot()
+    }
+
+    /// The queued and running requests.
+    pub fn active(&self) -> &ActiveRequests {
+        &self.shared.active
+    }
+
+    fn submit_job(
+        &self,
+        metadata_id: Option<String>,
+        body: SubmitRequest,
+    ) -> Result<EventStream, Error> {
+        let ready = self.shared.ready.get().ok_or(Error::Loading)?;
+        if !body.model_fingerprint.is_empty() && body.model_fingerprint != ready.fingerprint {
+            return Err(Error::FingerprintMismatch {
+                requested: body.model_fingerprint,
+                served: ready.fingerprint.clone(),
+            });
+        }
+        let key = match (&body.request_id, &metadata_id) {
+            (id, _) if !id.is_empty() => id.clone(),
+            (_, Some(id)) => id.clone(),
+            _ => telemetry::new_request_id(),
+        };
+        let trace_id = metadata_id.unwrap_or_else(|| key.clone());
+        let span = tracing::info_span!("submit", request_id = %trace_id);
+        let _enter = span.enter();
+        let request = validate(body, &ready.limits, ready.prefill_chunk)?;
+        let entry = self.shared.active.insert(&key)?;
+        let cancel = entry.cancel_token().clone();
+        let (events, rx) = mpsc::channel(EVENT_BUFFER);
+        ready.engine.submit(Job {
+            entry,
+            trace_id,
+            request,
+            events,
+        })?;
+        tracing::debug!("queued");
+        Ok(EventStream {
+            events: ReceiverStream::new(rx),
+            _cancel_on_drop: cancel.drop_guard(),
+        })
+    }
+}
+
+/// A request's events; dropping it (the client went away) cancels the request.
+pub struct EventStream {
+    events: ReceiverStream<EventResult>,
+    _cancel_on_drop: DropGuard,
+}
+
+impl std::fmt::Debug for EventStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventStream").finish_non_exhaustive()
+    }
+}
+
+impl Stream for EventStream {
+    type Item = EventResult;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        Pin::new(&mut self.events).poll_next(cx)
+    }
+}
+
+#[tonic::async_trait]
+impl Scheduler for SchedulerService {
+    type SubmitStream = EventStream;
+
+    async fn submit(
+        &self,
+        request: Request<SubmitRequest>,
+    ) -> Result<Response<Self::SubmitStream>, Status> {
+        let metadata_id = telemetry::request_id(request.metadata());
+        let stream = self.submit_job(metadata_id, request.into_inner())?;
+        Ok(Response::new(stream))
+    }
+
+    async fn cancel(
+        &self,
+        request: Request<CancelRequest>,
+    ) -> Result<Response<CancelResponse>, Status> {
+        let id = request.into_inner().request_id;
+        let found = self.shared.active.cancel(&id);
+        tracing::info!(request_id = %id, found, "cancel");
+        Ok(Response::new(CancelResponse { found }))
+    }
+}

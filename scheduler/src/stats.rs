@@ -1,0 +1,131 @@
+//! Running totals of the scheduler, and the one log line per request.
+//!
+//! The figure that matters for expert dispatch is
+//! `expert_bytes_per_token_per_layer`: bytes sent to and received from
+//! expert-workers, divided by tokens run through the model × MoE layers.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Totals over every finished request (shared between the engine and readers).
+#[derive(Debug, Default)]
+pub struct Stats {
+    requests: AtomicU64,
+    prompt_tokens: AtomicU64,
+    completion_tokens: AtomicU64,
+    model_tokens: AtomicU64,
+    expert_bytes: AtomicU64,
+    moe_layers: AtomicU64,
+}
+
+/// A copy of [`Stats`] at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    /// Requests that ran (finished, failed or cancelled after starting).
+    pub requests: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    /// Token positions run through the model (prompt + decode steps).
+    pub model_tokens: u64,
+    /// Bytes of `Forward` requests and responses, encoded.
+    pub expert_bytes: u64,
+    /// MoE layers of the model (0 until it is loaded).
+    pub moe_layers: u64,
+}
+
+impl StatsSnapshot {
+    /// Expert bytes per token per MoE layer; 0 when nothing ran.
+    pub fn expert_bytes_per_token_per_layer(&self) -> f64 {
+        per_token_per_layer(self.expert_bytes, self.model_tokens, self.moe_layers)
+    }
+}
+
+/// One request's figures, as logged.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RequestStats {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub model_tokens: u64,
+    pub expert_bytes: u64,
+    pub decode_tokens_per_s: f64,
+}
+
+fn per_token_per_layer(bytes: u64, tokens: u64, layers: u64) -> f64 {
+    if tokens == 0 || layers == 0 {
+        0.0
+    } else {
+        bytes as f64 / (tokens * layers) as f64
+    }
+}
+
+impl Stats {
+    /// Records the model's number of MoE layers (once loaded).
+    pub fn set_moe_layers(&self, n: usize) {
+        self.moe_layers.store(n as u64, Ordering::Relaxed);
+    }
+
+    /// Adds one request and logs its line.
+    pub fn record(&self, request_id: &str, r: RequestStats) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.prompt_tokens
+            .fetch_add(r.prompt_tokens, Ordering::Relaxed);
+        self.completion_tokens
+            .fetch_add(r.completion_tokens, Ordering::Relaxed);
+        self.model_tokens
+            .fetch_add(r.model_tokens, Ordering::Relaxed);
+        self.expert_bytes
+            .fetch_add(r.expert_bytes, Ordering::Relaxed);
+        let layers = self.moe_layers.load(Ordering::Relaxed);
+        tracing::info!(
+            request_id,
+            prompt_tokens = r.prompt_tokens,
+            completion_tokens = r.completion_tokens,
+            decode_tokens_per_s = format_args!("{:.1}", r.decode_tokens_per_s),
+            expert_bytes = r.expert_bytes,
+            expert_bytes_per_token_per_layer = format_args!(
+                "{:.0}",
+                per_token_per_layer(r.expert_bytes, r.model_tokens, layers)
+            ),
+            "request done"
+        );
+    }
+
+    /// The totals now.
+    pub fn snapshot(&self) -> StatsSnapshot {
+        StatsSnapshot {
+            requests: self.requests.load(Ordering::Relaxed),
+            prompt_tokens: self.prompt_tokens.load(Ordering::Relaxed),
+            completion_tokens: self.completion_tokens.load(Ordering::Relaxed),
+            model_tokens: self.model_tokens.load(Ordering::Relaxed),
+            expert_bytes: self.expert_bytes.load(Ordering::Relaxed),
+            moe_layers: self.moe_layers.load(Ordering::Relaxed),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_are_divided_by_tokens_and_layers() {
+        let stats = Stats::default();
+        assert_eq!(stats.snapshot().expert_bytes_per_token_per_layer(), 0.0);
+        stats.set_moe_layers(2);
+        stats.record(
+            "r",
+            RequestStats {
+                prompt_tokens: 7,
+                completion_tokens: 4,
+                model_tokens: 10,
+                expert_bytes: 4000,
+                decode_tokens_per_s: 1.0,
+            },
+        );
+        let s = stats.snapshot();
+        assert_eq!(
+            (s.requests, s.prompt_tokens, s.completion_tokens),
+            (1, 7, 4)
+        );
+        assert_eq!(s.expert_bytes_per_token_per_layer(), 200.0);
+    }
+}
