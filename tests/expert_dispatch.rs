@@ -19,7 +19,7 @@ use tessera_proto::MAX_MESSAGE_BYTES;
 use tessera_proto::internal::v1::expert_client::ExpertClient;
 use tessera_proto::internal::v1::{ForwardRequest, InfoRequest};
 use tessera_runtime::placement::Placement;
-use tessera_runtime::{CancellationToken, MemoryDiscovery};
+use tessera_runtime::{CancellationToken, Discovery, MemoryDiscovery};
 use tessera_scheduler::RemoteExperts;
 use tokio::net::TcpListener;
 use tokio::runtime::Runtime;
@@ -50,6 +50,7 @@ impl Cluster {
             .enable_all()
             .build()
             .unwrap();
+        let _inside = runtime.enter();
         let discovery = Arc::new(MemoryDiscovery::new());
         let stop = CancellationToken::new();
         let (mut servers, mut clients) = (Vec::new(), BTreeMap::new());

@@ -96,7 +96,7 @@ pub async fn run(
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
         .serve_with_incoming_shutdown(
-            TcpIncoming::from(listener),
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
             stop_server.clone().cancelled_owned(),
         );
     let server = tokio::spawn(server);

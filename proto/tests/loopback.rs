@@ -72,6 +72,7 @@ impl Expert for ScalingExperts {
             held: Vec::new(),
             ready: true,
             placement_version: 0,
+            held_bytes: 0,
         }))
     }
 }

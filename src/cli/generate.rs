@@ -195,15 +195,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     }
 
     if !args.model.exists() {
-        let name = args.model.display().to_string();
-        let looks_like_hub_id = name.split('/').count() == 2 && !name.starts_with(['.', '/']);
-        if looks_like_hub_id {
-            bail!(
-                "`{name}` is not a local folder: download the snapshot (e.g. with \
-                 `huggingface-cli download {name} --local-dir DIR`) and pass --model DIR"
-            );
-        }
-        bail!("model folder {name} not found: pass --model PATH to a local snapshot folder");
+        super::check_model_path(&args.model)?;
     }
 
     let device = Device::Cpu;

@@ -1,7 +1,19 @@
 //! Command-line interface: one subcommand per module.
+//!
+//! - `generate`: offline, in this process (no network, no services)
+//! - `up`: the whole cluster in one process
+//! - `gateway`, `vision-worker`, `scheduler`, `expert-worker`: one role each
+//! - `ask`: a client of the public API
 
+mod ask;
+mod discovery;
 mod generate;
+mod roles;
+mod up;
 
+use std::path::Path;
+
+use anyhow::bail;
 use clap::{Parser, Subcommand};
 
 /// Tessera serves the DeepSeek-VL2 vision-language models.
@@ -16,11 +28,58 @@ pub struct Cli {
 enum Command {
     /// Generate a reply offline, in this process (no network, no services).
     Generate(generate::GenerateArgs),
+    /// Run the whole cluster in one process: gateway, vision-worker, scheduler and
+    /// expert-workers on loopback ports, no etcd needed.
+    Up(up::UpArgs),
+    /// Run the gateway: the public gRPC API.
+    Gateway(roles::GatewayArgs),
+    /// Run a vision-worker: image tiling and encoding.
+    VisionWorker(roles::VisionWorkerArgs),
+    /// Run a scheduler: attention, sampling and expert dispatch.
+    Scheduler(roles::SchedulerArgs),
+    /// Run an expert-worker: a shard of the routed experts, assigned by the placement.
+    ExpertWorker(roles::ExpertWorkerArgs),
+    /// Ask a running cluster (the public gRPC API) and print the answer as it streams.
+    Ask(ask::AskArgs),
+}
+
+/// Whether the subcommand serves (logs at info by default) or is a one-shot tool.
+pub fn is_service(cli: &Cli) -> bool {
+    !matches!(cli.command, Command::Generate(_) | Command::Ask(_))
 }
 
 /// Runs the chosen subcommand.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Generate(args) => generate::run(args),
+        Command::Up(args) => block_on(up::run(args)),
+        Command::Gateway(args) => block_on(roles::gateway(args)),
+        Command::VisionWorker(args) => block_on(roles::vision_worker(args)),
+        Command::Scheduler(args) => block_on(roles::scheduler(args)),
+        Command::ExpertWorker(args) => block_on(roles::expert_worker(args)),
+        Command::Ask(args) => block_on(ask::run(args)),
     }
+}
+
+fn block_on<F: Future<Output = anyhow::Result<()>>>(future: F) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(future)
+}
+
+/// A clear error for a model path that is not a local folder (a Hub id, a typo).
+pub fn check_model_path(model: &Path) -> anyhow::Result<()> {
+    if model.is_dir() {
+        return Ok(());
+    }
+    let name = model.display().to_string();
+    let looks_like_hub_id = name.split('/').count() == 2 && !name.starts_with(['.', '/']);
+    if looks_like_hub_id {
+        bail!(
+            "`{name}` is not a local folder: download the snapshot (e.g. with \
+             `huggingface-cli download {name} --local-dir DIR`) and pass --model DIR"
+        );
+    }
+    bail!("model folder {name} not found: pass --model PATH to a local snapshot folder")
 }
