@@ -7,6 +7,7 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
 
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
@@ -18,6 +19,8 @@ pub struct Checkpoint {
     dir: PathBuf,
     files: Vec<PathBuf>,
     tensors: MmapedSafetensors,
+    /// Names of the tensors loaded so far (what this process holds from it).
+    loaded: Mutex<BTreeSet<String>>,
 }
 
 impl std::fmt::Debug for Checkpoint {
@@ -57,6 +60,7 @@ impl Checkpoint {
             dir: dir.to_path_buf(),
             files,
             tensors,
+            loaded: Mutex::default(),
         })
     }
 
@@ -131,6 +135,17 @@ impl Checkpoint {
         layout
     }
 
+    /// The names of every tensor loaded through this checkpoint so far, sorted: what a
+    /// process took from the snapshot (e.g. a scheduler: no routed experts).
+    pub fn loaded(&self) -> Vec<String> {
+        self.loaded
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .cloned()
+            .collect()
+    }
+
     /// Loads one tensor, checking its shape, converted to `dtype` on `device`.
     pub fn tensor(
         &self,
@@ -148,6 +163,10 @@ impl Checkpoint {
             });
         }
         let t = self.tensors.load(name, device)?;
+        self.loaded
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(name.to_string());
         Ok(t.to_dtype(dtype)?)
     }
 }

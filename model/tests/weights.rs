@@ -581,3 +581,26 @@ fn fingerprints_tell_snapshots_apart_and_are_stable() {
     let err = tessera_model::fingerprint(&tiny.join("no-such-dir")).unwrap_err();
     assert!(err.to_string().contains("config.json"), "{err}");
 }
+
+#[test]
+fn the_language_model_loads_no_routed_expert_and_the_checkpoint_says_so() {
+    let dir = fixture("small-mla-softmax");
+    let cfg = ModelConfig::from_dir(&dir).unwrap();
+    let checkpoint = Checkpoint::open(&dir).unwrap();
+    let device = Device::Cpu;
+    let target = LoadTarget {
+        checkpoint: &checkpoint,
+        dtype: DType::F32,
+        device: &device,
+    };
+    let is_routed = |n: &String| n.contains(".mlp.experts.");
+    LanguageModel::load(&cfg.language, target).unwrap();
+    let loaded = checkpoint.loaded();
+    assert!(loaded.iter().any(|n| n.contains("self_attn")), "{loaded:?}");
+    assert_eq!(loaded.iter().filter(|n| is_routed(n)).count(), 0);
+    // The record would show routed experts had they been loaded.
+    let only = ExpertSelection::Only([(cfg.language.moe_layers()[0], 3)].into_iter().collect());
+    LocalExperts::load(&cfg.language, target, &only).unwrap();
+    let routed: Vec<String> = checkpoint.loaded().into_iter().filter(is_routed).collect();
+    assert_eq!(routed.len(), 3, "{routed:?}"); // gate, up and down of one expert
+}

@@ -57,6 +57,8 @@ struct Loaded {
     model: LanguageModel,
     tokenizer: ChatTokenizer,
     fingerprint: String,
+    /// Names of the tensors taken from the checkpoint.
+    loaded: Vec<String>,
 }
 
 fn load(cfg: &Config) -> Result<Loaded> {
@@ -76,11 +78,13 @@ fn load(cfg: &Config) -> Result<Loaded> {
     let model = LanguageModel::load(&config.language, target).map_err(fail)?;
     let tokenizer = ChatTokenizer::from_dir(dir).map_err(fail)?;
     let fingerprint = tessera_model::fingerprint(dir).map_err(fail)?;
+    let loaded = checkpoint.loaded();
     Ok(Loaded {
         config,
         model,
         tokenizer,
         fingerprint,
+        loaded,
     })
 }
 
@@ -156,6 +160,13 @@ pub async fn run_with_stats(
         n_experts: language.moe.as_ref().map_or(0, |m| m.n_routed_experts),
     };
     stats.set_moe_layers(layout.moe_layers.len());
+    stats.set_loaded(&loaded.loaded);
+    let snapshot = stats.snapshot();
+    tracing::info!(
+        tensors = snapshot.weight_tensors,
+        routed_expert_tensors = snapshot.routed_expert_tensors,
+        "scheduler weights loaded (routed experts live on expert-workers)"
+    );
     let (tables_tx, tables) = watch::channel(None);
     tokio::spawn(placer::run(discovery.clone(), layout, background.clone()));
     tokio::spawn(router::run(

@@ -15,6 +15,8 @@ pub struct Stats {
     model_tokens: AtomicU64,
     expert_bytes: AtomicU64,
     moe_layers: AtomicU64,
+    weight_tensors: AtomicU64,
+    routed_expert_tensors: AtomicU64,
 }
 
 /// A copy of [`Stats`] at one moment.
@@ -30,6 +32,11 @@ pub struct StatsSnapshot {
     pub expert_bytes: u64,
     /// MoE layers of the model (0 until it is loaded).
     pub moe_layers: u64,
+    /// Tensors this scheduler loaded from the checkpoint (0 until loaded).
+    pub weight_tensors: u64,
+    /// Of those, routed-expert tensors (`….mlp.experts.…`): always 0, the routed
+    /// experts live on expert-workers.
+    pub routed_expert_tensors: u64,
 }
 
 impl StatsSnapshot {
@@ -61,6 +68,15 @@ impl Stats {
     /// Records the model's number of MoE layers (once loaded).
     pub fn set_moe_layers(&self, n: usize) {
         self.moe_layers.store(n as u64, Ordering::Relaxed);
+    }
+
+    /// Records what the scheduler took from the checkpoint: every tensor name loaded.
+    pub fn set_loaded(&self, names: &[String]) {
+        let routed = names.iter().filter(|n| n.contains(".mlp.experts.")).count();
+        self.weight_tensors
+            .store(names.len() as u64, Ordering::Relaxed);
+        self.routed_expert_tensors
+            .store(routed as u64, Ordering::Relaxed);
     }
 
     /// Adds one request and logs its line.
@@ -98,6 +114,8 @@ impl Stats {
             model_tokens: self.model_tokens.load(Ordering::Relaxed),
             expert_bytes: self.expert_bytes.load(Ordering::Relaxed),
             moe_layers: self.moe_layers.load(Ordering::Relaxed),
+            weight_tensors: self.weight_tensors.load(Ordering::Relaxed),
+            routed_expert_tensors: self.routed_expert_tensors.load(Ordering::Relaxed),
         }
     }
 }

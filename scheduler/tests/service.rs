@@ -30,6 +30,13 @@ async fn greedy_cases_match_the_reference(fixture: &str, cases: &[&str]) {
         }
         let stats = cluster.stats.snapshot();
         assert_eq!(stats.requests, cases.len() as u64);
+        // The scheduler holds attention, gates, shared experts and lm_head, but no
+        // routed expert: those tensors were never loaded into this process.
+        assert!(stats.weight_tensors > 0);
+        assert_eq!(
+            stats.routed_expert_tensors, 0,
+            "the scheduler loaded routed experts"
+        );
         assert!(stats.expert_bytes > 0);
         let per = stats.expert_bytes_per_token_per_layer();
         // At least one hidden row (256 f32) each way per token per layer.
