@@ -125,6 +125,19 @@ async fn model_info_and_bad_requests_leave_the_cluster_serving() {
     let err = generate(&mut cluster.client, too_long).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
 
+    // A member loading another model refuses to join at start.
+    let other = fixture_dir("small-mla-softmax");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let refused = tessera_expert_worker::run(
+        tessera_expert_worker::Config::new(&other),
+        listener,
+        discovery.clone(),
+        tessera_runtime::CancellationToken::new(),
+    )
+    .await
+    .unwrap_err();
+    assert!(refused.to_string().contains("same snapshot"), "{refused}");
+
     let ok = generate(&mut cluster.client, case_request(&dir, &case, NEW_TOKENS))
         .await
         .unwrap();

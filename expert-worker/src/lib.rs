@@ -86,6 +86,9 @@ pub async fn run(
         .await
         .map_err(Error::Join)??;
 
+    tessera_runtime::discovery::check_same_model(&discovery.members(), service.fingerprint())
+        .map_err(Error::Discovery)?;
+
     let stop_server = CancellationToken::new();
     let server = tonic::transport::Server::builder()
         .add_service(health_server)
@@ -102,7 +105,10 @@ pub async fn run(
     let server = tokio::spawn(server);
 
     let registration = discovery
-        .register(Member::new(Role::ExpertWorker, &id, &advertise))
+        .register(
+            Member::new(Role::ExpertWorker, &id, &advertise)
+                .with_fingerprint(service.fingerprint()),
+        )
         .map_err(Error::Discovery)?;
     tracing::info!(%id, %advertise, fingerprint = service.fingerprint(), "expert-worker registered");
     let (moe_layers, n_experts) = service.layout();

@@ -32,6 +32,7 @@ use std::time::Duration;
 
 use tessera_proto::MAX_MESSAGE_BYTES;
 use tessera_proto::v1::tessera_server::TesseraServer;
+use tessera_runtime::discovery::check_same_model;
 use tessera_runtime::shutdown::CancellationToken;
 use tessera_runtime::{Discovery, Member, Role, serving};
 use tokio::net::TcpListener;
@@ -103,10 +104,12 @@ pub async fn run(
         }
     };
     tracing::info!(fingerprint = %files.fingerprint, "gateway model files loaded");
+    let fingerprint = files.fingerprint.clone();
+    check_same_model(&discovery.members(), &fingerprint).map_err(Error::Register)?;
     service.set_loaded(files);
     health.serving::<TesseraServer<TesseraService>>().await;
     let registration = discovery
-        .register(Member::new(Role::Gateway, id, advertise))
+        .register(Member::new(Role::Gateway, id, advertise).with_fingerprint(fingerprint))
         .map_err(Error::Register)?;
     tracing::info!("gateway serving");
 

@@ -62,6 +62,10 @@ pub struct Member {
     /// Free-form shard label, if the role has shards.
     #[serde(default)]
     pub shard: Option<String>,
+    /// Fingerprint of the model the member serves (see `tessera_model::fingerprint`);
+    /// unset in static member files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<String>,
 }
 
 impl Member {
@@ -71,12 +75,19 @@ impl Member {
             id: id.into(),
             address: address.into(),
             shard: None,
+            fingerprint: None,
         }
     }
 
     /// The same member at another address.
     pub fn with_address(mut self, address: impl Into<String>) -> Self {
         self.address = address.into();
+        self
+    }
+
+    /// The same member serving the model with `fingerprint`.
+    pub fn with_fingerprint(mut self, fingerprint: impl Into<String>) -> Self {
+        self.fingerprint = Some(fingerprint.into());
         self
     }
 
@@ -122,6 +133,22 @@ pub fn ids_with_role(members: &[Member], role: Role) -> Vec<String> {
         .collect();
     ids.sort();
     ids
+}
+
+/// Refuses to join a cluster whose members serve another model: an error naming
+/// the first registered member whose fingerprint differs from `fingerprint`.
+pub fn check_same_model(members: &[Member], fingerprint: &str) -> Result<()> {
+    match members
+        .iter()
+        .find(|m| m.fingerprint.as_deref().is_some_and(|f| f != fingerprint))
+    {
+        Some(m) => Err(Error::ModelMismatch {
+            member: m.to_string(),
+            theirs: m.fingerprint.clone().unwrap_or_default(),
+            ours: fingerprint.to_string(),
+        }),
+        None => Ok(()),
+    }
 }
 
 /// Membership and placement for one cluster.
@@ -312,7 +339,15 @@ impl Discovery for StaticDiscovery {
                 id: member.id,
             });
         };
-        if *configured != member {
+        // A static file does not know fingerprints; one that names one must match.
+        let comparable = Member {
+            fingerprint: configured
+                .fingerprint
+                .clone()
+                .or(member.fingerprint.clone()),
+            ..configured.clone()
+        };
+        if comparable != member {
             return Err(Error::MemberMismatch {
                 id: member.id.clone(),
                 registering: member.to_string(),

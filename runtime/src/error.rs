@@ -43,6 +43,17 @@ pub enum Error {
         configured: String,
     },
 
+    /// The cluster's members serve another model than this process.
+    #[error(
+        "{member} serves model {theirs}, this process serves {ours}: every member of a \
+         cluster must load the same snapshot (or use another discovery prefix)"
+    )]
+    ModelMismatch {
+        member: String,
+        theirs: String,
+        ours: String,
+    },
+
     /// A second live registration under an id that is already registered.
     #[error("member {id:?} is already registered; ids must be unique among live members")]
     AlreadyRegistered { id: String },

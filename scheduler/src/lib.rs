@@ -37,6 +37,7 @@ use tessera_model::language::LanguageModel;
 use tessera_model::weights::{Checkpoint, LoadTarget};
 use tessera_proto::MAX_MESSAGE_BYTES;
 use tessera_proto::internal::v1::scheduler_server::SchedulerServer;
+use tessera_runtime::discovery::check_same_model;
 use tessera_runtime::discovery::{Discovery, Member, Role};
 use tessera_runtime::placer::{self, ExpertLayout};
 use tessera_runtime::serving;
@@ -200,8 +201,12 @@ pub async fn run_with_stats(
         limits,
         prefill_chunk: cfg.prefill_chunk,
     });
+    check_same_model(&discovery.members(), &loaded.fingerprint)?;
     health.serving::<Server>().await;
-    let registration = discovery.register(Member::new(Role::Scheduler, id.clone(), advertise))?;
+    let registration = discovery.register(
+        Member::new(Role::Scheduler, id.clone(), advertise)
+            .with_fingerprint(loaded.fingerprint.clone()),
+    )?;
     tracing::info!(%id, fingerprint = %loaded.fingerprint, "scheduler serving");
 
     tokio::select! {

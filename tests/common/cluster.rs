@@ -98,9 +98,10 @@ impl Cluster {
             .unwrap()
             .connect_lazy();
         wait_serving(channel.clone()).await;
-        let client = TesseraClient::new(channel)
+        let mut client = TesseraClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        wait_members(&mut client, n_workers).await;
         Cluster {
             addr,
             client,
@@ -128,6 +129,37 @@ impl Cluster {
                 .unwrap();
         }
     }
+}
+
+/// Polls `ClusterStatus` until a scheduler, a vision-worker and `n_workers`
+/// expert-workers holding experts are registered.
+pub async fn wait_members(client: &mut TesseraClient<Channel>, n_workers: usize) {
+    use tessera_proto::v1::{ClusterStatusRequest, MemberRole};
+    tokio::time::timeout(DEADLINE, async {
+        loop {
+            let status = client
+                .cluster_status(ClusterStatusRequest {})
+                .await
+                .unwrap()
+                .into_inner();
+            let count =
+                |role: MemberRole| status.members.iter().filter(|m| m.role() == role).count();
+            let holding = status
+                .members
+                .iter()
+                .filter(|m| m.role() == MemberRole::ExpertWorker && !m.experts.is_empty())
+                .count();
+            if count(MemberRole::Scheduler) == 1
+                && count(MemberRole::VisionWorker) == 1
+                && holding == n_workers
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("every member registers before the deadline");
 }
 
 /// Polls the gRPC health service at `channel` until it reports SERVING.

@@ -9,6 +9,7 @@ use std::time::Duration;
 use candle_core::DType;
 use tessera_proto::MAX_MESSAGE_BYTES;
 use tessera_proto::internal::v1::vision_server::VisionServer;
+use tessera_runtime::discovery::check_same_model;
 use tessera_runtime::serving::{self, HealthHandle};
 use tessera_runtime::{CancellationToken, Discovery, Member, Registration, Role};
 use tokio::net::TcpListener;
@@ -112,9 +113,13 @@ async fn until_shutdown(
         () = shutdown.cancelled() => return Ok(None),
         ended = &mut *server => return Err(server_ended(ended)),
     };
+    let fingerprint = loaded.fingerprint.clone();
+    check_same_model(&discovery.members(), &fingerprint).map_err(Error::Discovery)?;
     service.set_ready(encoder, loaded);
     health.serving::<Served>().await;
-    let registration = discovery.register(member).map_err(Error::Discovery)?;
+    let registration = discovery
+        .register(member.with_fingerprint(fingerprint))
+        .map_err(Error::Discovery)?;
     tracing::info!(member = %registration.member(), "vision-worker serving");
     tokio::select! {
         () = shutdown.cancelled() => Ok(Some(registration)),

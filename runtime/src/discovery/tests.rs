@@ -264,3 +264,25 @@ async fn placement_follows_membership() {
     assert!(after.experts_of("w0").is_empty());
     assert_eq!(after.workers().collect::<Vec<_>>(), ["w1", "w2"]);
 }
+
+#[test]
+fn members_serving_another_model_are_refused() {
+    let members = vec![
+        Member::new(Role::Scheduler, "s", "127.0.0.1:1").with_fingerprint("aaaa"),
+        Member::new(Role::Gateway, "g", "127.0.0.1:2"),
+    ];
+    assert!(check_same_model(&members, "aaaa").is_ok());
+    let err = check_same_model(&members, "bbbb").unwrap_err();
+    assert!(matches!(err, Error::ModelMismatch { .. }), "{err}");
+    assert!(
+        err.to_string().contains("aaaa") && err.to_string().contains("bbbb"),
+        "{err}"
+    );
+}
+
+#[test]
+fn static_members_accept_a_fingerprint_the_file_does_not_name() {
+    let d = StaticDiscovery::from_members(vec![worker("ew-0", 1)]).unwrap();
+    let registration = d.register(worker("ew-0", 1).with_fingerprint("aaaa"));
+    assert!(registration.is_ok());
+}
