@@ -52,9 +52,78 @@ pub struct Config {
     /// placement) before its request fails with UNAVAILABLE.
     #[arg(long, env = "TESSERA_EXPERT_WAIT_SECONDS", default_value_t = 30)]
     pub expert_wait_seconds: u64,
-    /// Prefill long prompts in chunks of this many tokens [default: in one step].
-    #[arg(long, env = "TESSERA_PREFILL_CHUNK")]
-    pub prefill_chunk: Option<usize>,
+    /// How the engine batches, caches and overlaps.
+    #[command(flatten)]
+    pub engine: EngineConfig,
+}
+
+/// How the engine batches requests, sizes its KV cache and dispatches experts
+/// (shared by `tessera scheduler`, `tessera up` and `tessera bench`).
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+pub struct EngineConfig {
+    /// Tokens one engine step may run, over every sequence (decode tokens plus
+    /// prefill chunks).
+    #[arg(long, env = "TESSERA_MAX_BATCH_TOKENS", default_value_t = 2048)]
+    pub max_batch_tokens: usize,
+    /// Sequences running at once; more wait in the queue.
+    #[arg(long, env = "TESSERA_MAX_SEQS", default_value_t = 64)]
+    pub max_seqs: usize,
+    /// Tokens per KV-cache block (the unit of allocation and of prefix reuse).
+    #[arg(long, env = "TESSERA_KV_BLOCK_SIZE", default_value_t = 16)]
+    pub kv_block_size: usize,
+    /// Bytes of KV cache (the pool of blocks) [default: 10% of the machine's
+    /// memory, at most 8 GiB].
+    #[arg(long, env = "TESSERA_KV_CACHE_BYTES")]
+    pub kv_cache_bytes: Option<u64>,
+    /// Prefill long prompts in chunks of at most this many tokens, interleaved
+    /// with other sequences' decode steps.
+    #[arg(long, env = "TESSERA_PREFILL_CHUNK", default_value_t = 512)]
+    pub prefill_chunk: usize,
+    /// Run every step as one batch instead of two micro-batches whose expert
+    /// calls overlap the other's attention (for comparison).
+    #[arg(long, env = "TESSERA_NO_OVERLAP")]
+    pub no_overlap: bool,
+    /// Do not reuse cached blocks of identical prompt prefixes.
+    #[arg(long, env = "TESSERA_NO_PREFIX_CACHE")]
+    pub no_prefix_cache: bool,
+    /// Seconds a request may run before it is stopped with DEADLINE_EXCEEDED
+    /// (0: no limit; a client's gRPC deadline applies too).
+    #[arg(long, env = "TESSERA_REQUEST_TIMEOUT_SECONDS", default_value_t = 0)]
+    pub request_timeout_seconds: u64,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            max_batch_tokens: 2048,
+            max_seqs: 64,
+            kv_block_size: 16,
+            kv_cache_bytes: None,
+            prefill_chunk: 512,
+            no_overlap: false,
+            no_prefix_cache: false,
+            request_timeout_seconds: 0,
+        }
+    }
+}
+
+impl EngineConfig {
+    /// Rejects values the engine cannot run with.
+    pub fn validate(&self) -> Result<()> {
+        let positive = [
+            (self.max_batch_tokens, "--max-batch-tokens"),
+            (self.max_seqs, "--max-seqs"),
+            (self.kv_block_size, "--kv-block-size"),
+            (self.prefill_chunk, "--prefill-chunk"),
+        ];
+        if let Some((_, flag)) = positive.iter().find(|(v, _)| *v == 0) {
+            return Err(Error::Config(format!("{flag} must be at least 1")));
+        }
+        if self.kv_cache_bytes == Some(0) {
+            return Err(Error::Config("--kv-cache-bytes must be more than 0".into()));
+        }
+        Ok(())
+    }
 }
 
 impl Config {
@@ -68,7 +137,7 @@ impl Config {
             dtype: Precision::F32,
             max_queue: 64,
             expert_wait_seconds: 30,
-            prefill_chunk: None,
+            engine: EngineConfig::default(),
         }
     }
 
@@ -87,10 +156,7 @@ impl Config {
         if self.max_queue == 0 {
             return Err(Error::Config("--max-queue must be at least 1".into()));
         }
-        if self.prefill_chunk == Some(0) {
-            return Err(Error::Config("--prefill-chunk must be at least 1".into()));
-        }
-        Ok(())
+        self.engine.validate()
     }
 }
 
@@ -114,6 +180,7 @@ mod tests {
         assert_eq!(cli.config.expert_wait_seconds, new.expert_wait_seconds);
         assert_eq!(cli.config.grace_seconds, new.grace_seconds);
         assert_eq!(cli.config.dtype, Precision::F32);
+        assert_eq!(cli.config.engine, new.engine);
         let cli = Cli::parse_from([
             "t",
             "--model",

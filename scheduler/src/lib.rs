@@ -22,6 +22,7 @@ pub mod config;
 pub mod dispatch;
 pub mod engine;
 pub mod error;
+pub mod kv;
 pub mod remote_experts;
 pub mod request;
 pub mod request_experts;
@@ -46,7 +47,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::TcpIncoming;
 
-pub use config::{Config, Precision};
+pub use config::{Config, EngineConfig, Precision};
 pub use error::{Error, Result};
 pub use remote_experts::{RemoteExperts, RoutingTable};
 pub use service::SchedulerService;
@@ -199,7 +200,7 @@ pub async fn run_with_stats(
         engine,
         fingerprint: loaded.fingerprint.clone(),
         limits,
-        prefill_chunk: cfg.prefill_chunk,
+        prefill_chunk: Some(cfg.engine.prefill_chunk),
     });
     check_same_model(&discovery.members(), &loaded.fingerprint)?;
     health.serving::<Server>().await;

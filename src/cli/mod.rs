@@ -6,8 +6,10 @@
 //! - `ask`: a client of the public API
 
 mod ask;
+mod bench;
 mod discovery;
 mod generate;
+mod init_random;
 mod roles;
 mod up;
 
@@ -41,11 +43,19 @@ enum Command {
     ExpertWorker(roles::ExpertWorkerArgs),
     /// Ask a running cluster (the public gRPC API) and print the answer as it streams.
     Ask(ask::AskArgs),
+    /// Load-test a running gateway (or an in-process cluster): latency
+    /// percentiles and throughput.
+    Bench(bench::BenchArgs),
+    /// Write a random-weight checkpoint at a variant's real widths (offline benchmarks).
+    InitRandom(init_random::InitRandomArgs),
 }
 
 /// Whether the subcommand serves (logs at info by default) or is a one-shot tool.
 pub fn is_service(cli: &Cli) -> bool {
-    !matches!(cli.command, Command::Generate(_) | Command::Ask(_))
+    !matches!(
+        cli.command,
+        Command::Generate(_) | Command::Ask(_) | Command::Bench(_) | Command::InitRandom(_)
+    )
 }
 
 /// Runs the chosen subcommand.
@@ -58,6 +68,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Scheduler(args) => block_on(roles::scheduler(args)),
         Command::ExpertWorker(args) => block_on(roles::expert_worker(args)),
         Command::Ask(args) => block_on(ask::run(args)),
+        Command::Bench(args) => bench::run(args),
+        Command::InitRandom(args) => init_random::run(args),
     }
 }
 

@@ -1,0 +1,1 @@
+//! The paged KV cache's block pool (being written).
