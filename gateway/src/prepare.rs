@@ -3,7 +3,9 @@
 //! position, and have one vision-worker encode all the request's images, checked
 //! against the plan.
 
+use sha2::{Digest, Sha256};
 use std::sync::Arc;
+use tessera_model::image_tokens::cropping_enabled;
 
 use tessera_proto::internal::v1::{
     EncodeRequest, EncodedImage, ImageInput, ImageRun, SubmitRequest,
@@ -162,20 +164,33 @@ async fn encode_images(
         ));
     }
     let hidden = files.config.language.hidden_size;
+    let cropping = cropping_enabled(images.len());
     encoded
         .into_iter()
         .zip(&plan.images)
         .zip(&plan.prompt.image_runs)
+        .zip(images)
         .enumerate()
-        .map(|(k, ((got, want), run))| {
+        .map(|(k, (((got, want), run), image))| {
             check_encoded(k, &got, want, hidden)?;
             Ok(ImageRun {
                 start: run.start as u32,
                 len: run.len() as u32,
                 embeddings: got.embeddings,
+                content_hash: content_hash(&image.data, cropping).to_vec().into(),
             })
         })
         .collect()
+}
+
+/// What names an image's embeddings for the scheduler's prefix cache: the file's
+/// bytes and whether it was cropped into tiles (the vision-worker's cache key).
+fn content_hash(data: &[u8], cropping: bool) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(b"tessera.image.v1");
+    h.update([u8::from(cropping)]);
+    h.update(data);
+    h.finalize().into()
 }
 
 /// Checks encoded image `k` against its plan: size, tiling, token count and the

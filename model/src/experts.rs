@@ -27,6 +27,51 @@ pub trait ExpertBackend: Send + Sync {
     /// `Σ weight · Expert_expert(xs[r])` over the routes of `r` (zero for a row without
     /// routes), accumulated in f32 and returned in `xs`'s dtype.
     fn forward(&self, layer: usize, xs: &Tensor, routes: &[ExpertRoute]) -> Result<Tensor>;
+
+    /// Starts [`forward`](Self::forward) and returns at once when the backend can work
+    /// in the background (remote experts: the calls are in flight), so the caller can
+    /// run other work before [`PendingExperts::wait`]. The default computes now.
+    fn start(&self, layer: usize, xs: &Tensor, routes: &[ExpertRoute]) -> PendingExperts<'_> {
+        PendingExperts::ready(self.forward(layer, xs, routes))
+    }
+}
+
+/// Routed experts started by [`ExpertBackend::start`]; [`wait`](Self::wait) gives the sums.
+pub struct PendingExperts<'a>(Pending<'a>);
+
+enum Pending<'a> {
+    Ready(Result<Tensor>),
+    Waiting(Box<dyn FnOnce() -> Result<Tensor> + Send + 'a>),
+}
+
+impl<'a> PendingExperts<'a> {
+    /// Already computed.
+    pub fn ready(result: Result<Tensor>) -> Self {
+        Self(Pending::Ready(result))
+    }
+
+    /// Computed by `wait` when asked (e.g. collecting calls in flight).
+    pub fn waiting(wait: impl FnOnce() -> Result<Tensor> + Send + 'a) -> Self {
+        Self(Pending::Waiting(Box::new(wait)))
+    }
+
+    /// The (rows, hidden) sums, blocking until they are there.
+    pub fn wait(self) -> Result<Tensor> {
+        match self.0 {
+            Pending::Ready(result) => result,
+            Pending::Waiting(wait) => wait(),
+        }
+    }
+}
+
+impl std::fmt::Debug for PendingExperts<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = match self.0 {
+            Pending::Ready(_) => "ready",
+            Pending::Waiting(_) => "waiting",
+        };
+        f.debug_tuple("PendingExperts").field(&state).finish()
+    }
 }
 
 /// Routes grouped by expert: for each expert, its rows and weights.

@@ -253,7 +253,7 @@ pub fn generate_streaming(
 }
 
 /// Byte offset of the earliest occurrence of any stop string in `text`.
-fn earliest_stop(text: &str, stop: &[String]) -> Option<usize> {
+pub fn earliest_stop(text: &str, stop: &[String]) -> Option<usize> {
     stop.iter()
         .filter(|s| !s.is_empty())
         .filter_map(|s| text.find(s.as_str()))

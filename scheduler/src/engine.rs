@@ -1,85 +1,204 @@
-//! The engine: the language model on its own thread, fed by a bounded queue of
-//! jobs (STYLE.md: the model never runs on the gRPC runtime). One request runs
-//! at a time; each streams a `Tokens` event per generated token into its own
-//! bounded channel, then one `Finished` (or an error status).
+//! The engine: the language model on its own thread (STYLE.md: the model never runs
+//! on the gRPC runtime), fed by a bounded queue of jobs, running many sequences at
+//! once (continuous batching, after vLLM and SGLang).
 //!
-//! A job stops within one model step when its cancellation token fires (the
-//! `Cancel` rpc, the client dropping the stream, shutdown) or when its event
-//! channel is closed; a job cancelled while queued is skipped.
+//! Every step it
+//! 1. takes new jobs from the queue and ends sequences that were cancelled, whose
+//!    client went away or whose deadline passed (their blocks are freed);
+//! 2. plans the step ([`Engine`] docs below): one decode token for each running
+//!    sequence, then prefill chunks, then new sequences, within `--max-batch-tokens`
+//!    and `--max-seqs`, taking KV blocks from the pool and preempting the newest
+//!    sequence when decode runs out of blocks;
+//! 3. runs all of it in one [`LanguageModel::forward_batch`] (two micro-batches whose
+//!    expert calls overlap each other's attention unless `--no-overlap`);
+//! 4. samples a token for every sequence that reached the end of its known tokens,
+//!    streams it, and ends sequences that are done.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError, sync_channel};
+use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
+use sha2::{Digest, Sha256};
 use tessera_model::chat::ChatTokenizer;
-use tessera_model::generate::{FinishReason, Flow, generate_streaming};
-use tessera_model::language::LanguageModel;
+use tessera_model::experts::{ExpertBackend, LocalExperts};
+use tessera_model::generate::FinishReason;
+use tessera_model::language::{BatchSegment, LanguageModel, PagedKvCache};
 use tessera_proto::internal::v1::token_event::Event;
-use tessera_proto::internal::v1::{Finished, StopReason, TokenEvent, Tokens};
+use tessera_proto::internal::v1::{Finished, StopReason, TokenEvent};
 use tessera_proto::tensor;
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
 use crate::active::ActiveEntry;
+use crate::config::EngineConfig;
 use crate::error::{Error, Result};
+use crate::kv::{BlockPool, TokenKey};
 use crate::remote_experts::RemoteExperts;
 use crate::request::Validated;
-use crate::request_experts::RequestExperts;
-use crate::stats::{RequestStats, Stats};
+use crate::sequence::{NewSequence, Outcome, Sequence};
+use crate::stats::{EngineCounters, RequestStats, Stats};
 
-/// What a request's stream carries.
-pub type EventResult = std::result::Result<TokenEvent, Status>;
+pub use crate::sequence::EventResult;
 
 /// One request for the engine.
 #[derive(Debug)]
 pub struct Job {
-    /// Its place among the active requests (removed when the job is dropped).
+    /// Its place among the active requests (removed when the request ends).
     pub entry: ActiveEntry,
-    /// The id logged and sent to expert-workers.
+    /// The id logged.
     pub trace_id: String,
     pub request: Validated,
-    /// Where its events go; bounded, so a slow reader slows the engine.
-    pub events: mpsc::Sender<EventResult>,
+    /// Where its events go. Sends never wait: the channel must hold
+    /// `max_tokens + 1` events ([`event_buffer`]).
+    pub events: tokio::sync::mpsc::Sender<EventResult>,
+}
+
+/// Events a request's channel must hold so the engine never waits on a reader.
+pub fn event_buffer(max_tokens: usize) -> usize {
+    max_tokens + 2
+}
+
+/// Routed experts as the engine uses them.
+pub trait Experts: ExpertBackend {
+    /// The scheduler error behind the last failed layer, if the backend keeps one.
+    fn take_failure(&self) -> Option<Error> {
+        None
+    }
+    /// Bytes sent to and received from expert-workers so far.
+    fn bytes_moved(&self) -> u64 {
+        0
+    }
+}
+
+impl Experts for LocalExperts {}
+
+impl Experts for RemoteExperts {
+    fn take_failure(&self) -> Option<Error> {
+        RemoteExperts::take_failure(self)
+    }
+    fn bytes_moved(&self) -> u64 {
+        self.bytes_sent() + self.bytes_received()
+    }
+}
+
+/// Default KV-cache size: 10% of the machine's memory, at most 8 GiB.
+pub fn default_cache_bytes() -> u64 {
+    const FALLBACK: u64 = 1 << 30;
+    let total = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(FALLBACK * 10, |kb| kb * 1024);
+    (total / 10).min(8 << 30)
+}
+
+/// Blocks of the KV pool for `model` under `cfg`; an error names the flag to change.
+pub fn kv_blocks(model: &LanguageModel, cfg: &EngineConfig) -> Result<usize> {
+    let bytes = cfg.kv_cache_bytes.unwrap_or_else(default_cache_bytes);
+    let per_block = (model.cache_bytes_per_token() * cfg.kv_block_size) as u64;
+    let blocks = (bytes / per_block.max(1)) as usize;
+    if blocks == 0 {
+        return Err(Error::Config(format!(
+            "--kv-cache-bytes {bytes} holds no KV block: one block of {} tokens takes {per_block} bytes",
+            cfg.kv_block_size
+        )));
+    }
+    Ok(blocks)
 }
 
 /// A handle to the engine thread: submits jobs to its bounded queue. The thread
-/// ends once every handle is dropped and the queue is empty.
+/// ends once every handle is dropped and every sequence has ended.
 #[derive(Debug, Clone)]
 pub struct Engine {
     jobs: SyncSender<Job>,
     capacity: usize,
+    blocks: usize,
+    block_size: usize,
 }
 
 /// What the engine thread owns.
 struct Worker {
     model: LanguageModel,
     tokenizer: ChatTokenizer,
-    experts: Arc<RemoteExperts>,
+    experts: Arc<dyn Experts>,
     stats: Arc<Stats>,
+    cfg: EngineConfig,
+    cache: PagedKvCache,
+    pool: BlockPool,
+    waiting: VecDeque<Sequence>,
+    /// Oldest first.
+    running: Vec<Sequence>,
+    next_serial: u64,
+    counters: EngineCounters,
 }
 
 impl Engine {
-    /// Starts the engine thread with a queue of `capacity` waiting jobs.
+    /// Starts the engine thread with a queue of `capacity` waiting jobs and a KV
+    /// pool of `blocks` blocks ([`kv_blocks`]).
     pub fn start(
         model: LanguageModel,
         tokenizer: ChatTokenizer,
-        experts: Arc<RemoteExperts>,
+        experts: Arc<dyn Experts>,
         stats: Arc<Stats>,
         capacity: usize,
+        cfg: EngineConfig,
     ) -> Result<Self> {
+        cfg.validate()?;
+        let blocks = kv_blocks(&model, &cfg)?;
+        let block_size = cfg.kv_block_size;
+        let cache = model
+            .new_paged_cache(blocks * block_size)
+            .map_err(|e| Error::Config(format!("cannot allocate the KV cache: {e}")))?;
+        let mut pool = BlockPool::new(blocks, block_size);
+        pool.set_enabled(!cfg.no_prefix_cache);
+        tracing::info!(
+            blocks,
+            block_size,
+            bytes = cache.allocated_bytes(),
+            bytes_per_token = cache.bytes_per_token(),
+            "KV cache allocated"
+        );
+        let counters = EngineCounters {
+            pool: pool.counters(),
+            kv_bytes_per_token: cache.bytes_per_token(),
+            kv_block_size: block_size,
+            ..Default::default()
+        };
+        stats.set_engine(counters);
         let (jobs, queue) = sync_channel(capacity);
         let worker = Worker {
             model,
             tokenizer,
             experts,
             stats,
+            cfg,
+            cache,
+            pool,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            next_serial: 0,
+            counters,
         };
         std::thread::Builder::new()
             .name("tessera-engine".into())
             .spawn(move || worker.run(queue))
             .map_err(Error::Thread)?;
-        Ok(Self { jobs, capacity })
+        Ok(Self {
+            jobs,
+            capacity,
+            blocks,
+            block_size,
+        })
+    }
+
+    /// Tokens the KV pool holds: no request may need more.
+    pub fn cache_tokens(&self) -> usize {
+        self.blocks * self.block_size
     }
 
     /// Queues `job`; a full queue is [`Error::QueueFull`] (the job is dropped).
@@ -92,126 +211,374 @@ impl Engine {
     }
 }
 
+/// One sequence's share of the planned step.
+struct Planned {
+    serial: u64,
+    tokens: usize,
+}
+
 impl Worker {
-    fn run(self, queue: Receiver<Job>) {
-        for job in queue {
-            let Job {
-                entry,
-                trace_id,
-                request,
-                events,
-            } = job;
-            let cancel = entry.cancel_token().clone();
-            let span = tracing::info_span!("request", request_id = %trace_id);
-            let _enter = span.enter();
-            if cancel.is_cancelled() || events.is_closed() {
-                tracing::debug!("cancelled while queued");
+    fn run(mut self, queue: Receiver<Job>) {
+        let mut open = true;
+        loop {
+            if self.running.is_empty() && self.waiting.is_empty() {
+                if !open {
+                    break;
+                }
+                match queue.recv() {
+                    Ok(job) => self.accept(job),
+                    Err(_) => break,
+                }
+            }
+            loop {
+                match queue.try_recv() {
+                    Ok(job) => self.accept(job),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        open = false;
+                        break;
+                    }
+                }
+            }
+            self.reap();
+            let plan = self.schedule();
+            if plan.is_empty() {
+                // Nothing can run: only a waiting sequence the pool cannot hold even
+                // when empty (refused up front, so this is a safety net).
+                if self.running.is_empty()
+                    && let Some(seq) = self.waiting.pop_front()
+                {
+                    let status = Status::from(Error::InvalidArgument(
+                        "the request does not fit in the KV cache".into(),
+                    ));
+                    self.end(seq, Outcome::Failed(status));
+                }
+                self.publish();
                 continue;
             }
-            let last = match self.generate(&trace_id, &cancel, &request, &events) {
-                Ok(finished) => Ok(TokenEvent {
-                    event: Some(Event::Finished(finished)),
-                }),
-                Err(Error::Cancelled) => {
-                    tracing::info!("request cancelled");
-                    Err(Status::from(Error::Cancelled))
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "request failed");
-                    Err(Status::from(e))
-                }
-            };
-            // The id is free again before the client hears the end.
-            drop(entry);
-            // The reader may be gone; nothing is left to tell it.
-            let _ = events.blocking_send(last);
+            self.step(plan);
+            self.publish();
         }
         tracing::debug!("engine stopped");
     }
 
-    /// Runs one request, streaming its tokens; returns its `Finished` event.
-    fn generate(
-        &self,
-        trace_id: &str,
-        cancel: &CancellationToken,
-        request: &Validated,
-        events: &mpsc::Sender<EventResult>,
-    ) -> Result<Finished> {
-        let embeds = self.embeddings(request)?;
-        let experts = RequestExperts::new(&self.experts, trace_id, cancel);
-        let bytes_before = self.expert_bytes();
-        let mut streamed = 0u64;
-        let mut on_token = |token: u32| {
-            if cancel.is_cancelled() {
-                return Flow::Stop;
-            }
-            let event = TokenEvent {
-                event: Some(Event::Tokens(Tokens {
-                    token_ids: vec![token],
-                })),
-            };
-            if events.blocking_send(Ok(event)).is_err() {
-                // The client went away.
-                cancel.cancel();
-                return Flow::Stop;
-            }
-            streamed += 1;
-            Flow::Continue
+    /// Turns a job into a waiting sequence (or ends it at once with its error).
+    fn accept(&mut self, job: Job) {
+        let Job {
+            entry,
+            trace_id,
+            request,
+            events,
+        } = job;
+        let serial = self.next_serial;
+        self.next_serial += 1;
+        let timeout = (self.cfg.request_timeout_seconds > 0)
+            .then(|| Instant::now() + Duration::from_secs(self.cfg.request_timeout_seconds));
+        let deadline = match (request.deadline, timeout) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         };
-        let generation = generate_streaming(
-            &self.model,
-            &experts,
-            Some(&self.tokenizer),
-            &request.input_ids,
-            &embeds,
-            &request.params,
-            &mut on_token,
-        );
-        let prompt_tokens = request.input_ids.len() as u64;
-        let mut figures = RequestStats {
-            prompt_tokens,
-            completion_tokens: streamed,
-            // Ended early: prefill (if a token came out) and the decode steps before.
-            model_tokens: if streamed == 0 {
-                0
-            } else {
-                prompt_tokens + streamed - 1
-            },
-            expert_bytes: self.expert_bytes() - bytes_before,
-            decode_tokens_per_s: 0.0,
-        };
-        let generation = match generation {
-            Ok(generation) => generation,
+        let built = self.embeddings(&request).and_then(|embeds| {
+            Sequence::new(NewSequence {
+                entry,
+                trace_id: trace_id.clone(),
+                events: events.clone(),
+                serial,
+                deadline,
+                keys: token_keys(&request),
+                params: request.params,
+                prompt: request.input_ids,
+                prompt_embeds: embeds,
+            })
+        });
+        match built {
+            Ok(seq) => self.waiting.push_back(seq),
             Err(e) => {
-                self.stats.record(trace_id, figures);
-                if cancel.is_cancelled() {
-                    return Err(Error::Cancelled);
-                }
-                return Err(experts
-                    .take_failure()
-                    .unwrap_or_else(|| Error::from_model(e)));
+                tracing::warn!(request_id = %trace_id, error = %e, "request refused");
+                let _ = events.try_send(Err(Status::from(e)));
             }
-        };
-        let completion_tokens = generation.output_ids.len() as u64;
-        figures.completion_tokens = completion_tokens;
-        figures.model_tokens = prompt_tokens + generation.timings.decode_steps as u64;
-        figures.decode_tokens_per_s = generation.timings.decode_tokens_per_s();
-        self.stats.record(trace_id, figures);
-        let reason = match generation.finish_reason {
-            FinishReason::Eos => StopReason::Eos,
-            FinishReason::Length => StopReason::Length,
-            FinishReason::Stop => StopReason::Stop,
-            FinishReason::Cancelled => return Err(Error::Cancelled),
-        };
-        Ok(Finished {
-            reason: reason as i32,
-            prompt_tokens: prompt_tokens as u32,
-            completion_tokens: completion_tokens as u32,
-        })
+        }
     }
 
-    fn expert_bytes(&self) -> u64 {
-        self.experts.bytes_sent() + self.experts.bytes_received()
+    /// Ends every sequence that was cancelled, lost its reader or ran out of time.
+    fn reap(&mut self) {
+        let now = Instant::now();
+        let verdict = |seq: &Sequence| {
+            if seq.entry.cancel_token().is_cancelled() || seq.events.is_closed() {
+                Some(Error::Cancelled)
+            } else if seq.deadline.is_some_and(|d| now >= d) {
+                Some(Error::DeadlineExceeded)
+            } else {
+                None
+            }
+        };
+        let mut ended = Vec::new();
+        let mut i = 0;
+        while i < self.running.len() {
+            match verdict(&self.running[i]) {
+                Some(e) => ended.push((self.running.remove(i), e)),
+                None => i += 1,
+            }
+        }
+        let mut kept = VecDeque::with_capacity(self.waiting.len());
+        for seq in self.waiting.drain(..) {
+            match verdict(&seq) {
+                Some(e) => ended.push((seq, e)),
+                None => kept.push_back(seq),
+            }
+        }
+        self.waiting = kept;
+        for (seq, e) in ended {
+            self.end(seq, Outcome::Failed(Status::from(e)));
+        }
+    }
+
+    /// Plans a step: decodes first, then prefill chunks of running sequences, then
+    /// new sequences, within the token budget and the KV pool.
+    fn schedule(&mut self) -> Vec<Planned> {
+        let chunk = self.cfg.prefill_chunk;
+        let bs = self.pool.block_size();
+        let mut budget = self.cfg.max_batch_tokens;
+        let mut plan: Vec<Planned> = Vec::new();
+        for decode_pass in [true, false] {
+            let mut i = 0;
+            while i < self.running.len() && budget > 0 {
+                let seq = &self.running[i];
+                if seq.is_decoding() != decode_pass || plan.iter().any(|p| p.serial == seq.serial) {
+                    i += 1;
+                    continue;
+                }
+                let n = seq.pending().min(chunk).min(budget);
+                let need = seq.blocks.blocks_needed(seq.computed + n, bs);
+                let serial = seq.serial;
+                // Make room by preempting the newest other sequences.
+                while self.pool.available() < need {
+                    let victim = (0..self.running.len())
+                        .filter(|&j| j != i)
+                        .max_by_key(|&j| self.running[j].serial);
+                    let Some(v) = victim else { break };
+                    let victim_serial = self.running[v].serial;
+                    if let Some(p) = plan.iter().position(|p| p.serial == victim_serial) {
+                        budget += plan.remove(p).tokens;
+                    }
+                    self.preempt(v);
+                    if v < i {
+                        i -= 1;
+                    }
+                }
+                if self.pool.available() < need {
+                    // Alone and still no room: the pool is smaller than the
+                    // sequence (refused up front; safety net).
+                    self.preempt(i);
+                    continue;
+                }
+                let seq = &mut self.running[i];
+                for _ in 0..need {
+                    let block = self.pool.allocate().expect("checked available");
+                    seq.blocks.blocks.push(block);
+                }
+                plan.push(Planned { serial, tokens: n });
+                budget -= n;
+                i += 1;
+            }
+        }
+        self.admit(&mut plan, budget);
+        plan
+    }
+
+    /// Moves waiting sequences into the step while the budget, the sequence cap and
+    /// the pool allow: a sequence is admitted only when its whole prompt fits next
+    /// to what running prefills still need.
+    fn admit(&mut self, plan: &mut Vec<Planned>, mut budget: usize) {
+        let chunk = self.cfg.prefill_chunk;
+        let bs = self.pool.block_size();
+        while budget > 0 && self.running.len() < self.cfg.max_seqs {
+            let Some(seq) = self.waiting.front() else {
+                break;
+            };
+            let reserved: usize = self
+                .running
+                .iter()
+                .filter(|s| !s.is_decoding())
+                .map(|s| s.blocks.blocks_needed(s.len(), bs))
+                .sum();
+            let whole = self.pool.blocks_for(seq.len()) + 1;
+            if self.pool.available() < reserved + whole {
+                break;
+            }
+            let mut seq = self.waiting.pop_front().expect("front exists");
+            let reused = seq.match_prefix(&mut self.pool);
+            seq.reused_tokens += reused;
+            self.counters.prefix_reused_tokens += reused as u64;
+            let n = seq.pending().min(chunk).min(budget);
+            for _ in 0..seq.blocks.blocks_needed(seq.computed + n, bs) {
+                let block = self.pool.allocate().expect("checked available");
+                seq.blocks.blocks.push(block);
+            }
+            plan.push(Planned {
+                serial: seq.serial,
+                tokens: n,
+            });
+            budget -= n;
+            let at = self.running.partition_point(|s| s.serial < seq.serial);
+            self.running.insert(at, seq);
+        }
+    }
+
+    /// Frees running sequence `i`'s blocks and puts it back at the head of the queue.
+    fn preempt(&mut self, i: usize) {
+        let mut seq = self.running.remove(i);
+        tracing::debug!(request_id = %seq.trace_id, computed = seq.computed, "preempted: out of KV blocks");
+        seq.release(&mut self.pool);
+        seq.preemptions += 1;
+        self.counters.preemptions += 1;
+        let at = self.waiting.partition_point(|s| s.serial < seq.serial);
+        self.waiting.insert(at, seq);
+    }
+
+    /// Runs the planned step and hands out its tokens.
+    fn step(&mut self, plan: Vec<Planned>) {
+        let bs = self.pool.block_size();
+        let index_of = |running: &[Sequence], serial| {
+            running
+                .iter()
+                .position(|s| s.serial == serial)
+                .expect("planned sequences are running")
+        };
+        let mut slots = Vec::with_capacity(plan.len());
+        let mut inputs = Vec::with_capacity(plan.len());
+        for p in &plan {
+            let seq = &self.running[index_of(&self.running, p.serial)];
+            let start = seq.computed;
+            slots.push(seq.blocks.slots(start + p.tokens, bs));
+            inputs.push((
+                seq.embeds(&self.model, start, p.tokens),
+                start,
+                start + p.tokens == seq.len(),
+            ));
+        }
+        let mut segments = Vec::with_capacity(plan.len());
+        let mut failed = None;
+        for ((embeds, start, logits), slots) in inputs.into_iter().zip(&slots) {
+            match embeds {
+                Ok(embeds) => segments.push(BatchSegment {
+                    embeds,
+                    start,
+                    slots,
+                    logits,
+                }),
+                Err(e) => failed = Some(e),
+            }
+        }
+        let micro_batches = if self.cfg.no_overlap { 1 } else { 2 };
+        let bytes_before = self.experts.bytes_moved();
+        let result = match failed {
+            Some(e) => Err(e),
+            None => self
+                .model
+                .forward_batch(&segments, &self.cache, self.experts.as_ref(), micro_batches)
+                .map_err(|e| {
+                    self.experts
+                        .take_failure()
+                        .unwrap_or_else(|| Error::from_model(e))
+                }),
+        };
+        drop(segments);
+        let total: usize = plan.iter().map(|p| p.tokens).sum();
+        let bytes = self.experts.bytes_moved() - bytes_before;
+        self.counters.steps += 1;
+        self.counters.batched_tokens += total as u64;
+        self.counters.max_step_sequences = self.counters.max_step_sequences.max(plan.len());
+        let logits = match result {
+            Ok(logits) => logits,
+            Err(e) => {
+                tracing::warn!(error = %e, sequences = plan.len(), "step failed");
+                let status = Status::from(e);
+                for p in &plan {
+                    let seq = self.running.remove(index_of(&self.running, p.serial));
+                    self.end(seq, Outcome::Failed(status.clone()));
+                }
+                return;
+            }
+        };
+        for (p, row) in plan.iter().zip(logits) {
+            let i = index_of(&self.running, p.serial);
+            let seq = &mut self.running[i];
+            let prompt_left = seq.prompt_len().saturating_sub(seq.computed);
+            self.counters.prefill_tokens += p.tokens.min(prompt_left) as u64;
+            seq.expert_bytes += bytes * p.tokens as u64 / total.max(1) as u64;
+            seq.advance(p.tokens, &mut self.pool);
+            let Some(row) = row else { continue };
+            if let Some(outcome) = seq.sample(&row, &self.tokenizer) {
+                let seq = self.running.remove(i);
+                self.end(seq, outcome);
+            }
+        }
+    }
+
+    /// Ends `seq`: frees its blocks, records its figures and sends its last event.
+    fn end(&mut self, mut seq: Sequence, outcome: Outcome) {
+        seq.release(&mut self.pool);
+        let prompt_tokens = seq.prompt_len() as u64;
+        let completion_tokens = seq.output().len() as u64;
+        let decode_time = seq
+            .first_token_at
+            .map_or(Duration::ZERO, |t| t.elapsed())
+            .as_secs_f64();
+        self.stats.record(
+            &seq.trace_id,
+            RequestStats {
+                prompt_tokens,
+                completion_tokens,
+                model_tokens: seq.model_tokens as u64,
+                expert_bytes: seq.expert_bytes,
+                decode_tokens_per_s: completion_tokens.saturating_sub(1) as f64
+                    / decode_time.max(1e-9),
+            },
+        );
+        let last = match outcome {
+            Outcome::Finished(reason) => {
+                let reason = match reason {
+                    FinishReason::Eos => StopReason::Eos,
+                    FinishReason::Length => StopReason::Length,
+                    FinishReason::Stop => StopReason::Stop,
+                    FinishReason::Cancelled => StopReason::Unspecified,
+                };
+                Ok(TokenEvent {
+                    event: Some(Event::Finished(Finished {
+                        reason: reason as i32,
+                        prompt_tokens: prompt_tokens as u32,
+                        completion_tokens: completion_tokens as u32,
+                    })),
+                })
+            }
+            Outcome::Failed(status) => {
+                if matches!(
+                    status.code(),
+                    tonic::Code::Cancelled | tonic::Code::DeadlineExceeded
+                ) {
+                    self.counters.cancelled += 1;
+                }
+                if status.code() == tonic::Code::Cancelled {
+                    tracing::info!(request_id = %seq.trace_id, "request cancelled");
+                } else {
+                    tracing::warn!(request_id = %seq.trace_id, error = %status.message(), "request failed");
+                }
+                Err(status)
+            }
+        };
+        let (entry, events) = seq.into_parts();
+        // The id is free again before the client hears the end.
+        drop(entry);
+        // The reader may be gone; nothing is left to tell it.
+        let _ = events.try_send(last);
+    }
+
+    fn publish(&mut self) {
+        self.counters.running = self.running.len();
+        self.counters.waiting = self.waiting.len();
+        self.counters.pool = self.pool.counters();
+        self.stats.set_engine(self.counters);
     }
 
     /// The prompt's input embeddings, image runs written over their tokens.
@@ -221,8 +588,8 @@ impl Worker {
             return model.embed(&request.input_ids).map_err(Error::from_model);
         }
         let mut pieces = Vec::with_capacity(request.image_runs.len());
-        for (i, (_, wire)) in request.image_runs.iter().enumerate() {
-            let t = tensor::decode(wire, model.device())
+        for (i, run) in request.image_runs.iter().enumerate() {
+            let t = tensor::decode(&run.embeddings, model.device())
                 .map_err(|e| Error::InvalidArgument(format!("image_runs[{i}].embeddings: {e}")))?;
             pieces.push(
                 t.to_dtype(model.dtype())
@@ -230,9 +597,32 @@ impl Worker {
             );
         }
         let images = Tensor::cat(&pieces, 0).map_err(|e| Error::Model(e.into()))?; // (image tokens, hidden)
-        let runs: Vec<_> = request.image_runs.iter().map(|(r, _)| r.clone()).collect();
+        let runs: Vec<_> = request.image_runs.iter().map(|r| r.range.clone()).collect();
         model
             .embed_with_images(&request.input_ids, &runs, Some(&images))
             .map_err(Error::from_model)
     }
+}
+
+/// What each prompt position is for prefix hashing: image tokens by their image's
+/// content hash (given, or the SHA-256 of the embeddings) and index in the run.
+fn token_keys(request: &Validated) -> Vec<TokenKey> {
+    let mut keys: Vec<TokenKey> = request
+        .input_ids
+        .iter()
+        .map(|&id| TokenKey::Text(id))
+        .collect();
+    for run in &request.image_runs {
+        let image = run.content_hash.unwrap_or_else(|| {
+            let digest = Sha256::digest(&run.embeddings.data);
+            digest.into()
+        });
+        for (index, pos) in run.range.clone().enumerate() {
+            keys[pos] = TokenKey::Image {
+                image,
+                index: index as u32,
+            };
+        }
+    }
+    keys
 }

@@ -45,6 +45,10 @@ pub enum Error {
     /// The request was cancelled (Cancel, the client went away, or shutdown).
     #[error("the request was cancelled")]
     Cancelled,
+    /// The request ran past its deadline (the client's gRPC deadline or
+    /// `--request-timeout-seconds`).
+    #[error("the request ran past its deadline")]
+    DeadlineExceeded,
     /// The engine thread is gone (shutting down).
     #[error("the scheduler is shutting down")]
     EngineStopped,
@@ -95,6 +99,7 @@ impl From<Error> for Status {
             Error::FingerprintMismatch { .. } => Status::failed_precondition(message),
             Error::QueueFull(_) => Status::resource_exhausted(message),
             Error::Cancelled => Status::cancelled(message),
+            Error::DeadlineExceeded => Status::deadline_exceeded(message),
             Error::Config(_)
             | Error::Load { .. }
             | Error::Worker { .. }

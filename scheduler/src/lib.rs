@@ -7,10 +7,11 @@
 //! - [`service`]: the gRPC service (`Submit`, `Cancel`)
 //! - [`request`]: up-front checks of a `SubmitRequest`
 //! - [`active`]: the queued and running requests by id (cancel, uniqueness)
-//! - [`engine`]: the model on its own thread, fed by a bounded job queue
+//! - [`engine`]: the model on its own thread: continuous batching over a paged KV cache
 //! - [`remote_experts`]: [`RemoteExperts`], an [`ExpertBackend`](tessera_model::experts::ExpertBackend)
 //!   that dispatches routes to expert-workers and retries a layer on newer routing tables
-//! - [`request_experts`]: [`RemoteExperts`] for one request (request id, cancellation)
+//! - [`sequence`]: one request inside the engine (tokens, sampler, KV blocks)
+//! - [`kv`]: the KV cache's block pool (allocation, prefix reuse, LRU eviction)
 //! - [`dispatch`]: splitting one layer's routes into one batch per worker
 //! - [`router`]: the task that keeps the routing table at the newest ready placement
 //! - [`stats`]: request totals and the expert-bytes-per-token figure
@@ -25,8 +26,8 @@ pub mod error;
 pub mod kv;
 pub mod remote_experts;
 pub mod request;
-pub mod request_experts;
 pub mod router;
+pub mod sequence;
 pub mod service;
 pub mod stats;
 
@@ -183,24 +184,27 @@ pub async fn run_with_stats(
         loaded.fingerprint.clone(),
         cfg.expert_wait(),
     ));
-    let limits = request::Limits {
-        vocab_size: language.vocab_size,
-        hidden_size: language.hidden_size,
-        max_positions: language.max_position_embeddings,
-        eos_token_id: language.eos_token_id,
-    };
+    let (vocab_size, hidden_size) = (language.vocab_size, language.hidden_size);
+    let (max_positions, eos_token_id) = (language.max_position_embeddings, language.eos_token_id);
     let engine = engine::Engine::start(
         loaded.model,
         loaded.tokenizer,
         experts,
         stats,
         cfg.max_queue,
+        cfg.engine.clone(),
     )?;
+    let limits = request::Limits {
+        vocab_size,
+        hidden_size,
+        max_positions,
+        eos_token_id,
+        cache_tokens: engine.cache_tokens(),
+    };
     service.set_ready(service::Ready {
         engine,
         fingerprint: loaded.fingerprint.clone(),
         limits,
-        prefill_chunk: Some(cfg.engine.prefill_chunk),
     });
     check_same_model(&discovery.members(), &loaded.fingerprint)?;
     health.serving::<Server>().await;

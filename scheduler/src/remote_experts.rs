@@ -19,9 +19,9 @@ use std::time::Duration;
 
 use candle_core::{DType, Tensor};
 use prost::Message;
-use tessera_model::experts::{ExpertBackend, ExpertRoute};
-use tessera_proto::internal::v1::ForwardRequest;
+use tessera_model::experts::{ExpertBackend, ExpertRoute, PendingExperts};
 use tessera_proto::internal::v1::expert_client::ExpertClient;
+use tessera_proto::internal::v1::{ForwardRequest, ForwardResponse};
 use tessera_proto::tensor;
 use tessera_runtime::placement::Placement;
 use tessera_runtime::telemetry::request_with_id;
@@ -63,6 +63,7 @@ pub struct RemoteExperts {
     wait: Duration,
     bytes_sent: AtomicU64,
     bytes_received: AtomicU64,
+    last_failure: std::sync::Mutex<Option<Error>>,
 }
 
 impl std::fmt::Debug for RemoteExperts {
@@ -108,6 +109,7 @@ impl RemoteExperts {
             wait,
             bytes_sent: AtomicU64::new(0),
             bytes_received: AtomicU64::new(0),
+            last_failure: std::sync::Mutex::new(None),
         }
     }
 
@@ -180,8 +182,20 @@ impl RemoteExperts {
         request_id: Option<&str>,
         cancel: Option<&CancellationToken>,
     ) -> Result<Tensor, Failure> {
-        let fatal = |e: candle_core::Error| Failure::Fatal(Error::Model(e.into()));
-        let (n_rows, hidden) = xs.dims2().map_err(fatal)?;
+        let calls = self.dispatch(table, layer, xs, routes, request_id)?;
+        self.collect(calls, layer, xs, cancel)
+    }
+
+    /// Sends one layer's `Forward` calls (one per worker) with `table`; they run on
+    /// the runtime while the caller goes on.
+    fn dispatch(
+        &self,
+        table: &RoutingTable,
+        layer: usize,
+        xs: &Tensor,
+        routes: &[ExpertRoute],
+        request_id: Option<&str>,
+    ) -> Result<InFlight, Failure> {
         let batches = plan(
             &table.placement,
             |w| table.clients.contains_key(w),
@@ -189,22 +203,39 @@ impl RemoteExperts {
             routes,
         )
         .map_err(|e| Failure::Retry(e.to_string()))?;
-
         let mut calls = Vec::with_capacity(batches.len());
-        for (worker, batch) in &batches {
-            let req = self.request(layer, xs, batch).map_err(Failure::Fatal)?;
+        for (worker, batch) in batches {
+            let req = self.request(layer, xs, &batch).map_err(Failure::Fatal)?;
             self.bytes_sent
                 .fetch_add(req.encoded_len() as u64, Ordering::Relaxed);
             let req = match request_id {
                 Some(id) => request_with_id(req, id),
                 None => tonic::Request::new(req),
             };
-            let mut client = table.clients[*worker].clone();
-            calls.push(
-                self.handle
-                    .spawn(async move { client.forward(req).await.map(|r| r.into_inner()) }),
-            );
+            let mut client = table.clients[worker].clone();
+            let call = self
+                .handle
+                .spawn(async move { client.forward(req).await.map(|r| r.into_inner()) });
+            calls.push((worker.to_string(), batch, call));
         }
+        Ok(InFlight { calls })
+    }
+
+    /// Waits for a layer's calls and adds up the workers' partial sums.
+    fn collect(
+        &self,
+        in_flight: InFlight,
+        layer: usize,
+        xs: &Tensor,
+        cancel: Option<&CancellationToken>,
+    ) -> Result<Tensor, Failure> {
+        let fatal = |e: candle_core::Error| Failure::Fatal(Error::Model(e.into()));
+        let (n_rows, hidden) = xs.dims2().map_err(fatal)?;
+        let (meta, calls): (Vec<_>, Vec<_>) = in_flight
+            .calls
+            .into_iter()
+            .map(|(worker, batch, call)| ((worker, batch), call))
+            .unzip();
         let aborts: Vec<_> = calls.iter().map(|c| c.abort_handle()).collect();
         let responses = self.handle.block_on(async {
             let all = async {
@@ -225,7 +256,7 @@ impl RemoteExperts {
         };
 
         let mut acc = Tensor::zeros((n_rows, hidden), DType::F32, xs.device()).map_err(fatal)?;
-        for ((worker, batch), response) in batches.iter().zip(responses) {
+        for ((worker, batch), response) in meta.iter().zip(responses) {
             let response = match response {
                 Ok(Ok(response)) => response,
                 Ok(Err(status)) => return Err(classify(layer, worker, status)),
@@ -244,6 +275,25 @@ impl RemoteExperts {
             acc = acc.index_add(&idx, &sums, 0).map_err(fatal)?;
         }
         acc.to_dtype(xs.dtype()).map_err(fatal)
+    }
+
+    /// Keeps `e` for [`RemoteExperts::take_failure`]; returns the model's view of it.
+    fn failed(&self, e: Error) -> tessera_model::Error {
+        let message = tessera_model::Error::Experts(e.to_string());
+        *self
+            .last_failure
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(e);
+        message
+    }
+
+    /// The scheduler error behind the last layer that failed through
+    /// [`ExpertBackend`], if any (taken: a second call returns `None`).
+    pub fn take_failure(&self) -> Option<Error> {
+        self.last_failure
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
     }
 
     /// The request for one worker's share of `xs`.
@@ -278,10 +328,40 @@ async fn cancelled(cancel: Option<&CancellationToken>) {
     }
 }
 
+/// One layer's `Forward` calls in flight: (worker, its batch, the call).
+struct InFlight {
+    calls: Vec<(
+        String,
+        WorkerBatch,
+        tokio::task::JoinHandle<Result<ForwardResponse, tonic::Status>>,
+    )>,
+}
+
 impl ExpertBackend for RemoteExperts {
     fn forward(&self, layer: usize, xs: &Tensor, routes: &[ExpertRoute]) -> ModelResult<Tensor> {
         self.forward_layer(layer, xs, routes, None, None)
-            .map_err(|e| tessera_model::Error::Experts(e.to_string()))
+            .map_err(|e| self.failed(e))
+    }
+
+    /// Sends the calls with the newest table and returns at once; waiting collects
+    /// them. A failure a newer table can fix falls back to [`RemoteExperts::forward_layer`]'s
+    /// wait-and-retry, so the answer is the same as [`ExpertBackend::forward`]'s.
+    fn start(&self, layer: usize, xs: &Tensor, routes: &[ExpertRoute]) -> PendingExperts<'_> {
+        let table = self.tables.borrow().clone();
+        let in_flight = match &table {
+            Some(table) if !routes.is_empty() => self.dispatch(table, layer, xs, routes, None),
+            _ => return PendingExperts::ready(self.forward(layer, xs, routes)),
+        };
+        let (xs, routes) = (xs.clone(), routes.to_vec());
+        PendingExperts::waiting(move || {
+            let retry = match in_flight.and_then(|calls| self.collect(calls, layer, &xs, None)) {
+                Ok(sums) => return Ok(sums),
+                Err(Failure::Fatal(e)) => return Err(self.failed(e)),
+                Err(Failure::Retry(reason)) => reason,
+            };
+            tracing::debug!(layer, %retry, "overlapped expert layer failed; retrying");
+            self.forward(layer, &xs, &routes)
+        })
     }
 }
 

@@ -3,6 +3,7 @@
 //! INVALID_ARGUMENT and a message naming the field, never its contents.
 
 use std::ops::Range;
+use std::time::Instant;
 
 use tessera_model::generate::GenerationParams;
 use tessera_model::sampling::SamplingParams;
@@ -17,28 +18,38 @@ pub struct Limits {
     pub hidden_size: usize,
     pub max_positions: usize,
     pub eos_token_id: u32,
+    /// Tokens the KV cache holds: a request needing more is refused.
+    pub cache_tokens: usize,
+}
+
+/// One image run of a validated request.
+#[derive(Debug, Clone)]
+pub struct ImageInput {
+    /// Prompt positions of its tokens.
+    pub range: Range<usize>,
+    /// Its `[len, hidden]` float embeddings, still on the wire (the engine decodes them).
+    pub embeddings: WireTensor,
+    /// The image's content hash, when the caller gave one.
+    pub content_hash: Option<[u8; 32]>,
 }
 
 /// A request that passed [`validate`]: ready for the engine.
 #[derive(Debug, Clone)]
 pub struct Validated {
     pub input_ids: Vec<u32>,
-    /// Image runs in prompt order, each with its `[len, hidden]` float embeddings
-    /// (still on the wire; the engine decodes them).
-    pub image_runs: Vec<(Range<usize>, WireTensor)>,
+    /// Image runs in prompt order.
+    pub image_runs: Vec<ImageInput>,
     pub params: GenerationParams,
+    /// When the request must be done by (the client's gRPC deadline).
+    pub deadline: Option<Instant>,
 }
 
 fn invalid(message: impl Into<String>) -> Error {
     Error::InvalidArgument(message.into())
 }
 
-/// Checks `req` against `limits`; `prefill_chunk` is the scheduler's setting.
-pub fn validate(
-    req: SubmitRequest,
-    limits: &Limits,
-    prefill_chunk: Option<usize>,
-) -> Result<Validated> {
+/// Checks `req` against `limits`.
+pub fn validate(req: SubmitRequest, limits: &Limits) -> Result<Validated> {
     let n = req.input_ids.len();
     if n == 0 {
         return Err(invalid("input_ids is empty"));
@@ -78,7 +89,20 @@ pub fn validate(
             .embeddings
             .ok_or_else(|| invalid(format!("image_runs[{i}] has no embeddings")))?;
         check_embeddings(i, &embeddings, len, limits.hidden_size)?;
-        image_runs.push((start..start + len, embeddings));
+        let content_hash = match run.content_hash.len() {
+            0 => None,
+            32 => Some(<[u8; 32]>::try_from(&run.content_hash[..]).expect("32 bytes")),
+            n => {
+                return Err(invalid(format!(
+                    "image_runs[{i}].content_hash has {n} bytes; it must be a 32-byte SHA-256 or empty"
+                )));
+            }
+        };
+        image_runs.push(ImageInput {
+            range: start..start + len,
+            embeddings,
+            content_hash,
+        });
     }
 
     let sampling = req.sampling.ok_or_else(|| invalid("sampling is not set"))?;
@@ -105,6 +129,13 @@ pub fn validate(
             limits.max_positions
         )));
     }
+    if n + max_tokens > limits.cache_tokens {
+        return Err(invalid(format!(
+            "the prompt ({n} tokens) plus max_tokens ({max_tokens}) needs more KV cache than \
+             this scheduler has ({} tokens); lower max_tokens or raise --kv-cache-bytes",
+            limits.cache_tokens
+        )));
+    }
     Ok(Validated {
         input_ids: req.input_ids,
         image_runs,
@@ -114,9 +145,10 @@ pub fn validate(
             eos_token_id: limits.eos_token_id,
             stop: stopping.stop,
             sampling,
-            prefill_chunk,
+            prefill_chunk: None,
             record_logits: false,
         },
+        deadline: None,
     })
 }
 
@@ -167,6 +199,7 @@ mod tests {
         hidden_size: 4,
         max_positions: 32,
         eos_token_id: 1,
+        cache_tokens: 30,
     };
 
     fn embeddings(len: usize) -> WireTensor {
@@ -182,6 +215,7 @@ mod tests {
             start,
             len,
             embeddings: Some(embeddings(len as usize)),
+            content_hash: Default::default(),
         }
     }
 
@@ -209,7 +243,7 @@ mod tests {
     fn error_of(f: impl FnOnce(&mut SubmitRequest)) -> String {
         let mut req = request();
         f(&mut req);
-        match validate(req, &LIMITS, None) {
+        match validate(req, &LIMITS) {
             Err(Error::InvalidArgument(message)) => message,
             other => panic!("expected InvalidArgument, got {other:?}"),
         }
@@ -217,13 +251,13 @@ mod tests {
 
     #[test]
     fn a_good_request_becomes_generation_params() {
-        let v = validate(request(), &LIMITS, Some(4)).unwrap();
+        let v = validate(request(), &LIMITS).unwrap();
         assert_eq!(v.image_runs.len(), 2);
-        assert_eq!(v.image_runs[1].0, 6..8);
+        assert_eq!(v.image_runs[1].range, 6..8);
+        assert_eq!(v.image_runs[1].content_hash, None);
         assert_eq!(v.params.max_new_tokens, 8);
         assert!(v.params.ignore_eos);
         assert_eq!(v.params.eos_token_id, 1);
-        assert_eq!(v.params.prefill_chunk, Some(4));
         assert_eq!(v.params.sampling.top_k, None);
     }
 
@@ -251,6 +285,10 @@ mod tests {
         assert!(error_of(none).contains("max_tokens must be at least 1"));
         let long = |r: &mut SubmitRequest| r.stopping.as_mut().unwrap().max_tokens = 23;
         assert!(error_of(long).contains("exceeds the model's 32 positions"));
+        let big = |r: &mut SubmitRequest| r.stopping.as_mut().unwrap().max_tokens = 21;
+        assert!(error_of(big).contains("raise --kv-cache-bytes"));
+        let hash = |r: &mut SubmitRequest| r.image_runs[0].content_hash = vec![1; 5].into();
+        assert!(error_of(hash).contains("32-byte SHA-256"));
         assert!(error_of(|r| r.sampling = None).contains("sampling is not set"));
     }
 }

@@ -16,13 +16,10 @@ use tokio_util::sync::DropGuard;
 use tonic::{Request, Response, Status};
 
 use crate::active::ActiveRequests;
-use crate::engine::{Engine, EventResult, Job};
+use crate::engine::{Engine, EventResult, Job, event_buffer};
 use crate::error::Error;
 use crate::request::{Limits, validate};
 use crate::stats::{Stats, StatsSnapshot};
-
-/// Events buffered per request between the engine and the gRPC stream.
-const EVENT_BUFFER: usize = 32;
 
 /// What the service needs once the model is loaded.
 #[derive(Debug)]
@@ -31,8 +28,6 @@ pub struct Ready {
     /// This scheduler's model fingerprint.
     pub fingerprint: String,
     pub limits: Limits,
-    /// `--prefill-chunk`.
-    pub prefill_chunk: Option<usize>,
 }
 
 #[derive(Debug)]
@@ -80,6 +75,7 @@ impl SchedulerService {
     fn submit_job(
         &self,
         metadata_id: Option<String>,
+        timeout: Option<std::time::Duration>,
         body: SubmitRequest,
     ) -> Result<EventStream, Error> {
         let ready = self.shared.ready.get().ok_or(Error::Loading)?;
@@ -97,10 +93,11 @@ impl SchedulerService {
         let trace_id = metadata_id.unwrap_or_else(|| key.clone());
         let span = tracing::info_span!("submit", request_id = %trace_id);
         let _enter = span.enter();
-        let request = validate(body, &ready.limits, ready.prefill_chunk)?;
+        let mut request = validate(body, &ready.limits)?;
+        request.deadline = timeout.map(|t| std::time::Instant::now() + t);
         let entry = self.shared.active.insert(&key)?;
         let cancel = entry.cancel_token().clone();
-        let (events, rx) = mpsc::channel(EVENT_BUFFER);
+        let (events, rx) = mpsc::channel(event_buffer(request.params.max_new_tokens));
         ready.engine.submit(Job {
             entry,
             trace_id,
@@ -144,7 +141,8 @@ impl Scheduler for SchedulerService {
         request: Request<SubmitRequest>,
     ) -> Result<Response<Self::SubmitStream>, Status> {
         let metadata_id = telemetry::request_id(request.metadata());
-        let stream = self.submit_job(metadata_id, request.into_inner())?;
+        let timeout = grpc_timeout(request.metadata());
+        let stream = self.submit_job(metadata_id, timeout, request.into_inner())?;
         Ok(Response::new(stream))
     }
 
@@ -156,5 +154,44 @@ impl Scheduler for SchedulerService {
         let found = self.shared.active.cancel(&id);
         tracing::info!(request_id = %id, found, "cancel");
         Ok(Response::new(CancelResponse { found }))
+    }
+}
+
+/// The client's deadline from the `grpc-timeout` header (e.g. `30S`, `500m`).
+fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<std::time::Duration> {
+    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok()?;
+    use std::time::Duration;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse_in_every_unit() {
+        let parse = |v: &str| {
+            let mut m = tonic::metadata::MetadataMap::new();
+            m.insert("grpc-timeout", v.parse().unwrap());
+            grpc_timeout(&m)
+        };
+        use std::time::Duration;
+        assert_eq!(parse("2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(parse("30S"), Some(Duration::from_secs(30)));
+        assert_eq!(parse("500m"), Some(Duration::from_millis(500)));
+        assert_eq!(parse("7n"), Some(Duration::from_nanos(7)));
+        assert_eq!(parse("5x"), None);
+        assert_eq!(parse("S"), None);
+        assert_eq!(grpc_timeout(&tonic::metadata::MetadataMap::new()), None);
     }
 }

@@ -5,6 +5,37 @@
 //! expert-workers, divided by tokens run through the model × MoE layers.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
+
+use crate::kv::PoolCounters;
+
+/// The engine's counters, published after every step.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EngineCounters {
+    /// Model steps run.
+    pub steps: u64,
+    /// Token positions run through the model, over every step.
+    pub batched_tokens: u64,
+    /// Largest number of sequences in one step.
+    pub max_step_sequences: usize,
+    /// Prompt positions computed by the model (a prefix-cache hit skips them).
+    pub prefill_tokens: u64,
+    /// Prompt positions taken from the prefix cache instead of computed.
+    pub prefix_reused_tokens: u64,
+    /// Times a running sequence gave up its blocks to make room.
+    pub preemptions: u64,
+    /// Sequences running / waiting after the last step.
+    pub running: usize,
+    pub waiting: usize,
+    /// Sequences that ended by cancellation or deadline.
+    pub cancelled: u64,
+    /// The KV block pool after the last step.
+    pub pool: PoolCounters,
+    /// Bytes of KV cache per token (every layer).
+    pub kv_bytes_per_token: usize,
+    /// Tokens per block.
+    pub kv_block_size: usize,
+}
 
 /// Totals over every finished request (shared between the engine and readers).
 #[derive(Debug, Default)]
@@ -17,6 +48,7 @@ pub struct Stats {
     moe_layers: AtomicU64,
     weight_tensors: AtomicU64,
     routed_expert_tensors: AtomicU64,
+    engine: Mutex<EngineCounters>,
 }
 
 /// A copy of [`Stats`] at one moment.
@@ -37,6 +69,8 @@ pub struct StatsSnapshot {
     /// Of those, routed-expert tensors (`….mlp.experts.…`): always 0, the routed
     /// experts live on expert-workers.
     pub routed_expert_tensors: u64,
+    /// The engine's counters after its last step.
+    pub engine: EngineCounters,
 }
 
 impl StatsSnapshot {
@@ -105,6 +139,11 @@ impl Stats {
         );
     }
 
+    /// Publishes the engine's counters.
+    pub fn set_engine(&self, counters: EngineCounters) {
+        *self.engine.lock().unwrap_or_else(PoisonError::into_inner) = counters;
+    }
+
     /// The totals now.
     pub fn snapshot(&self) -> StatsSnapshot {
         StatsSnapshot {
@@ -116,6 +155,7 @@ impl Stats {
             moe_layers: self.moe_layers.load(Ordering::Relaxed),
             weight_tensors: self.weight_tensors.load(Ordering::Relaxed),
             routed_expert_tensors: self.routed_expert_tensors.load(Ordering::Relaxed),
+            engine: *self.engine.lock().unwrap_or_else(PoisonError::into_inner),
         }
     }
 }

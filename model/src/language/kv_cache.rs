@@ -79,7 +79,7 @@ impl LayerCache {
         }
     }
 
-    fn buffers_mut(&mut self) -> [&mut Rows; 2] {
+    pub(crate) fn buffers_mut(&mut self) -> [&mut Rows; 2] {
         match self {
             Self::Mha { k, v } => [k, v],
             Self::Mla { c, k_pe } => [c, k_pe],
@@ -104,6 +104,19 @@ pub enum CacheLayout {
         kv_lora_rank: usize,
         rope_dim: usize,
     },
+}
+
+impl CacheLayout {
+    /// Values per token of the two cached rows: MHA [keys, values], MLA [c, k_pe].
+    pub fn widths(&self) -> [usize; 2] {
+        match *self {
+            Self::Mha { width } => [width, width],
+            Self::Mla {
+                kv_lora_rank,
+                rope_dim,
+            } => [kv_lora_rank, rope_dim],
+        }
+    }
 }
 
 impl KvCache {

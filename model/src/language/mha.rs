@@ -1,10 +1,14 @@
 //! Plain multi-head attention of DeepSeek-VL2-Tiny (`use_mla: false`), as transformers
 //! 4.38's `LlamaAttention` (reference-spec §4.2): rotate-half RoPE over the whole head.
+//!
+//! A step runs in three parts so a batch of sequences can share the projections:
+//! [`MhaAttention::project`] over every token of the batch, [`MhaAttention::attend`]
+//! per sequence against its cached keys and values, [`MhaAttention::output`] over the
+//! batch again.
 
 use candle_core::{Result, Tensor};
 
-use super::attention::{StepContext, attend};
-use super::kv_cache::Rows;
+use super::attention::attend;
 use crate::error;
 use crate::ops::linear;
 use crate::weights::Weights;
@@ -49,52 +53,48 @@ impl MhaAttention {
             .contiguous()
     }
 
-    pub fn forward(
-        &self,
-        x: &Tensor,
-        step: &StepContext,
-        k_cache: &mut Rows,
-        v_cache: &mut Rows,
-    ) -> Result<Tensor> {
+    /// `x` (tokens, hidden) with `cos`/`sin` (tokens, head_dim/2) of each token's
+    /// position → (queries (heads, tokens, head_dim), [keys, values] to cache, each
+    /// (tokens, heads·head_dim), keys post-RoPE).
+    pub fn project(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<(Tensor, [Tensor; 2])> {
         let t = x.dim(0)?;
-        let q = candle_nn::rotary_emb::rope(
-            &self.split_heads(&linear(x, &self.q_proj)?)?,
-            &step.cos,
-            &step.sin,
-        )?;
-        let k = candle_nn::rotary_emb::rope(
-            &self.split_heads(&linear(x, &self.k_proj)?)?,
-            &step.cos,
-            &step.sin,
-        )?;
+        let q =
+            candle_nn::rotary_emb::rope(&self.split_heads(&linear(x, &self.q_proj)?)?, cos, sin)?;
+        let k =
+            candle_nn::rotary_emb::rope(&self.split_heads(&linear(x, &self.k_proj)?)?, cos, sin)?;
         let v = linear(x, &self.v_proj)?;
-        // Cache post-RoPE keys and values as token rows: (tokens, heads·head_dim).
-        k_cache.append(
-            &k.squeeze(0)?
-                .transpose(0, 1)?
-                .reshape((t, self.heads * self.head_dim))?,
-        )?;
-        v_cache.append(&v)?;
-        let s = k_cache.view()?.dim(0)?;
-        // (s, heads·head_dim) → (heads, s, head_dim)
-        let keys = k_cache
-            .view()?
-            .reshape((s, self.heads, self.head_dim))?
-            .transpose(0, 1)?;
-        let values = v_cache
-            .view()?
-            .reshape((s, self.heads, self.head_dim))?
-            .transpose(0, 1)?;
-        let out = attend(
-            &q.squeeze(0)?,
-            &keys,
-            &values,
-            self.scale,
-            step.mask.as_ref(),
-        )?; // (heads, t, head_dim)
-        let out = out
+        // (1, heads, t, head_dim) → (t, heads·head_dim)
+        let k = k
+            .squeeze(0)?
             .transpose(0, 1)?
             .reshape((t, self.heads * self.head_dim))?;
-        linear(&out, &self.o_proj)
+        Ok((q.squeeze(0)?, [k, v]))
+    }
+
+    /// One sequence's queries (heads, t, head_dim) against its cached keys and values
+    /// (s, heads·head_dim) each → (t, heads·head_dim).
+    pub fn attend(
+        &self,
+        q: &Tensor,
+        keys: &Tensor,
+        values: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (t, s) = (q.dim(1)?, keys.dim(0)?);
+        // (s, heads·head_dim) → (heads, s, head_dim)
+        let keys = keys
+            .reshape((s, self.heads, self.head_dim))?
+            .transpose(0, 1)?;
+        let values = values
+            .reshape((s, self.heads, self.head_dim))?
+            .transpose(0, 1)?;
+        let out = attend(q, &keys, &values, self.scale, mask)?; // (heads, t, head_dim)
+        out.transpose(0, 1)?
+            .reshape((t, self.heads * self.head_dim))
+    }
+
+    /// (tokens, heads·head_dim) → (tokens, hidden).
+    pub fn output(&self, o: &Tensor) -> Result<Tensor> {
+        linear(o, &self.o_proj)
     }
 }

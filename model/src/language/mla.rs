@@ -5,11 +5,14 @@
 //! step only; a step with few tokens (decode) runs the absorbed form, scoring queries
 //! directly against the cached latents (`q_nope·W_UK` vs `c`, output `(p·c)·W_UVᵀ`), so
 //! per-head K/V are never materialised for the cache. RoPE rotates interleaved pairs.
+//!
+//! A step runs in three parts so a batch of sequences can share the projections:
+//! [`MlaAttention::project`] over every token of the batch, [`MlaAttention::attend`]
+//! per sequence against its cached latents, [`MlaAttention::output`] over the batch.
 
 use candle_core::{D, Result, Tensor};
 
-use super::attention::{StepContext, attend};
-use super::kv_cache::Rows;
+use super::attention::attend;
 use crate::config::AttentionConfig;
 use crate::error::{self, Error};
 use crate::ops::{linear, rms_norm, softmax_f32};
@@ -22,6 +25,25 @@ const LATENT_NORM_EPS: f64 = 1e-6;
 enum QueryProjection {
     Direct(Tensor),
     LowRank { a: Tensor, norm: Tensor, b: Tensor },
+}
+
+/// The queries of a step: the no-RoPE part and the rotated part, per head.
+#[derive(Debug, Clone)]
+pub struct MlaQueries {
+    /// (heads, tokens, qk_nope_head_dim)
+    pub nope: Tensor,
+    /// (heads, tokens, qk_rope_head_dim), post-RoPE
+    pub pe: Tensor,
+}
+
+impl MlaQueries {
+    /// Tokens `start..start + len` of the step.
+    pub fn narrow(&self, start: usize, len: usize) -> Result<Self> {
+        Ok(Self {
+            nope: self.nope.narrow(1, start, len)?,
+            pe: self.pe.narrow(1, start, len)?,
+        })
+    }
 }
 
 #[derive(Debug)]
@@ -104,13 +126,14 @@ impl MlaAttention {
         absorbed < expanded
     }
 
-    pub fn forward(
+    /// `x` (tokens, hidden) with `cos`/`sin` (tokens, rope/2) of each token's position →
+    /// (queries, [c (tokens, kv_lora_rank), k_pe (tokens, qk_rope_head_dim)] to cache).
+    pub fn project(
         &self,
         x: &Tensor,
-        step: &StepContext,
-        c_cache: &mut Rows,
-        k_pe_cache: &mut Rows,
-    ) -> Result<Tensor> {
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> Result<(MlaQueries, [Tensor; 2])> {
         let t = x.dim(0)?;
         let (h, dq) = (self.heads, self.nope + self.rope);
         let q = match &self.q {
@@ -120,12 +143,12 @@ impl MlaAttention {
             }
         };
         let q = q.reshape((t, h, dq))?.transpose(0, 1)?; // (heads, t, nope+rope)
-        let q_nope = q.narrow(D::Minus1, 0, self.nope)?.contiguous()?;
+        let nope = q.narrow(D::Minus1, 0, self.nope)?.contiguous()?;
         let q_pe = q
             .narrow(D::Minus1, self.nope, self.rope)?
             .contiguous()?
             .unsqueeze(0)?;
-        let q_pe = candle_nn::rotary_emb::rope_i(&q_pe, &step.cos, &step.sin)?.squeeze(0)?; // (heads, t, rope)
+        let pe = candle_nn::rotary_emb::rope_i(&q_pe, cos, sin)?.squeeze(0)?; // (heads, t, rope)
 
         let kv_a = linear(x, &self.kv_a_proj)?; // (t, rank+rope)
         let c = rms_norm(
@@ -137,21 +160,31 @@ impl MlaAttention {
             .narrow(1, self.rank, self.rope)?
             .contiguous()?
             .reshape((1, 1, t, self.rope))?;
-        let k_pe =
-            candle_nn::rotary_emb::rope_i(&k_pe, &step.cos, &step.sin)?.reshape((t, self.rope))?;
-        c_cache.append(&c)?;
-        k_pe_cache.append(&k_pe)?;
-        let c_all = c_cache.view()?; // (s, rank)
-        let k_pe_all = k_pe_cache.view()?; // (s, rope)
-        let s = c_all.dim(0)?;
+        let k_pe = candle_nn::rotary_emb::rope_i(&k_pe, cos, sin)?.reshape((t, self.rope))?;
+        Ok((MlaQueries { nope, pe }, [c, k_pe]))
+    }
 
+    /// One sequence's queries against its cached latents `c` (s, rank) and `k_pe`
+    /// (s, rope) → (t, heads·v_head_dim).
+    pub fn attend(
+        &self,
+        q: &MlaQueries,
+        c: &Tensor,
+        k_pe: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (t, s) = (q.nope.dim(1)?, c.dim(0)?);
         let out = if self.prefer_absorbed(t, s) {
-            self.absorbed(&q_nope, &q_pe, &c_all, &k_pe_all, step.mask.as_ref())?
+            self.absorbed(&q.nope, &q.pe, c, k_pe, mask)?
         } else {
-            self.expanded(&q_nope, &q_pe, &c_all, &k_pe_all, step.mask.as_ref())?
+            self.expanded(&q.nope, &q.pe, c, k_pe, mask)?
         }; // (heads, t, v)
-        let out = out.transpose(0, 1)?.reshape((t, h * self.v))?;
-        linear(&out, &self.o_proj)
+        out.transpose(0, 1)?.reshape((t, self.heads * self.v))
+    }
+
+    /// (tokens, heads·v_head_dim) → (tokens, hidden).
+    pub fn output(&self, o: &Tensor) -> Result<Tensor> {
+        linear(o, &self.o_proj)
     }
 
     /// Per-head K/V for this step only: (heads, t, v).
@@ -185,9 +218,12 @@ impl MlaAttention {
         mask: Option<&Tensor>,
     ) -> Result<Tensor> {
         let (h, t, s) = (self.heads, q_nope.dim(1)?, c.dim(0)?);
-        let q_c = q_nope.matmul(&self.w_uk)?; // (heads, t, rank)
+        let q_c = q_nope.contiguous()?.matmul(&self.w_uk)?; // (heads, t, rank)
         let scores_c = q_c.reshape((h * t, self.rank))?.matmul(&c.t()?)?; // (heads·t, s)
-        let scores_pe = q_pe.reshape((h * t, self.rope))?.matmul(&k_pe.t()?)?;
+        let scores_pe = q_pe
+            .contiguous()?
+            .reshape((h * t, self.rope))?
+            .matmul(&k_pe.t()?)?;
         let scores = ((scores_c + scores_pe)? * self.scale)?.reshape((h, t, s))?;
         let scores = match mask {
             Some(m) => scores.broadcast_add(m)?,

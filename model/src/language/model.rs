@@ -10,6 +10,7 @@ use super::mha::MhaAttention;
 use super::mla::MlaAttention;
 use super::mlp::Mlp;
 use super::moe::{MoeBlock, Routing};
+use super::paged::PagedKvCache;
 use super::rope::RotaryEmbedding;
 use crate::config::{AttentionConfig, LanguageConfig};
 use crate::error::{Error, Result};
@@ -18,17 +19,17 @@ use crate::ops::{linear, rms_norm};
 use crate::weights::LoadTarget;
 
 #[derive(Debug)]
-enum FeedForward {
+pub(super) enum FeedForward {
     Dense(Mlp),
     Moe(MoeBlock),
 }
 
 #[derive(Debug)]
-struct DecoderLayer {
-    input_layernorm: Tensor,
-    post_attention_layernorm: Tensor,
-    attention: Attention,
-    ffn: FeedForward,
+pub(super) struct DecoderLayer {
+    pub(super) input_layernorm: Tensor,
+    pub(super) post_attention_layernorm: Tensor,
+    pub(super) attention: Attention,
+    pub(super) ffn: FeedForward,
 }
 
 /// What a forward pass can record for inspection (golden tests, debugging).
@@ -44,14 +45,14 @@ pub struct ForwardTrace {
 /// The language model without its routed experts.
 #[derive(Debug)]
 pub struct LanguageModel {
-    cfg: LanguageConfig,
+    pub(super) cfg: LanguageConfig,
     embed_tokens: Tensor,
-    layers: Vec<DecoderLayer>,
-    norm: Tensor,
-    lm_head: Tensor,
-    rope: RotaryEmbedding,
-    dtype: DType,
-    device: Device,
+    pub(super) layers: Vec<DecoderLayer>,
+    pub(super) norm: Tensor,
+    pub(super) lm_head: Tensor,
+    pub(super) rope: RotaryEmbedding,
+    pub(super) dtype: DType,
+    pub(super) device: Device,
 }
 
 impl LanguageModel {
@@ -186,9 +187,9 @@ impl LanguageModel {
         Ok(Tensor::cat(&pieces, 0)?)
     }
 
-    /// An empty KV cache with room for `capacity` tokens before it grows.
-    pub fn new_cache(&self, capacity: usize) -> Result<KvCache> {
-        let layout = match &self.cfg.attention {
+    /// What each layer caches per token.
+    pub fn cache_layout(&self) -> CacheLayout {
+        match &self.cfg.attention {
             AttentionConfig::Mha { head_dim } => CacheLayout::Mha {
                 width: self.cfg.num_key_value_heads * head_dim,
             },
@@ -200,9 +201,30 @@ impl LanguageModel {
                 kv_lora_rank: *kv_lora_rank,
                 rope_dim: *qk_rope_head_dim,
             },
-        };
+        }
+    }
+
+    /// Bytes of KV cache one token takes across all layers in the compute dtype.
+    pub fn cache_bytes_per_token(&self) -> usize {
+        let [a, b] = self.cache_layout().widths();
+        self.cfg.num_hidden_layers * (a + b) * self.dtype.size_in_bytes()
+    }
+
+    /// Paged storage for `slots` cached tokens (shared by many sequences).
+    pub fn new_paged_cache(&self, slots: usize) -> Result<PagedKvCache> {
+        Ok(PagedKvCache::new(
+            self.cache_layout(),
+            self.cfg.num_hidden_layers,
+            slots,
+            self.dtype,
+            &self.device,
+        )?)
+    }
+
+    /// An empty KV cache with room for `capacity` tokens before it grows.
+    pub fn new_cache(&self, capacity: usize) -> Result<KvCache> {
         Ok(KvCache::new(
-            layout,
+            self.cache_layout(),
             self.cfg.num_hidden_layers,
             capacity,
             self.dtype,

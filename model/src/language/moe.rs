@@ -6,7 +6,7 @@ use candle_core::{DType, Result, Tensor};
 use super::mlp::Mlp;
 use crate::config::{MoeConfig, ScoringFunc, TopkMethod};
 use crate::error;
-use crate::experts::{ExpertBackend, ExpertRoute};
+use crate::experts::{ExpertBackend, ExpertRoute, PendingExperts};
 use crate::ops::{linear, sigmoid_in_place, softmax_in_place, top_k};
 use crate::weights::Weights;
 
@@ -182,5 +182,36 @@ impl MoeBlock {
             None => routed,
         };
         Ok((out, routing))
+    }
+
+    /// [`forward`](Self::forward) in two halves: routes `x`, starts the routed experts
+    /// and computes the shared experts while they run; [`MoePending::finish`] adds them.
+    pub fn start<'a>(
+        &self,
+        x: &Tensor,
+        experts: &'a dyn ExpertBackend,
+    ) -> error::Result<MoePending<'a>> {
+        let routing = self.gate.route(x)?;
+        let routed = experts.start(self.layer, x, &routing.routes());
+        let shared = self.shared.as_ref().map(|s| s.forward(x)).transpose()?;
+        Ok(MoePending { routed, shared })
+    }
+}
+
+/// A MoE layer whose routed experts are in flight.
+#[derive(Debug)]
+pub struct MoePending<'a> {
+    routed: PendingExperts<'a>,
+    shared: Option<Tensor>,
+}
+
+impl MoePending<'_> {
+    /// Waits for the routed experts: (tokens, hidden), shared experts added.
+    pub fn finish(self) -> error::Result<Tensor> {
+        let routed = self.routed.wait()?;
+        Ok(match self.shared {
+            Some(shared) => (routed + shared)?,
+            None => routed,
+        })
     }
 }

@@ -202,6 +202,7 @@ pub async fn case_request(fixture: &str, name: &str) -> (SubmitRequest, Vec<u32>
                 )
                 .unwrap(),
             ),
+            content_hash: Default::default(),
         });
         runs.collect()
     };

@@ -1,0 +1,263 @@
+//! One request inside the engine: its tokens (prompt, then output), its input
+//! embeddings, its sampler and its blocks of the paged KV cache.
+//!
+//! Positions `0..computed` are in the cache. A running sequence computes the
+//! positions after that, a prefill chunk at a time or one decoded token, until
+//! `computed` reaches every known token; the last position's logits pick the next
+//! token. Preemption forgets the cache (`computed = 0`) and keeps everything else,
+//! so the sequence recomputes its prompt and output later and goes on with the
+//! same sampler.
+
+use std::time::Instant;
+
+use candle_core::Tensor;
+use tessera_model::chat::ChatTokenizer;
+use tessera_model::generate::{FinishReason, GenerationParams, earliest_stop};
+use tessera_model::language::LanguageModel;
+use tessera_model::sampling::Sampler;
+use tessera_proto::internal::v1::TokenEvent;
+use tessera_proto::internal::v1::token_event::Event;
+use tokio::sync::mpsc;
+use tonic::Status;
+
+use crate::active::ActiveEntry;
+use crate::error::{Error, Result};
+use crate::kv::{BlockHash, BlockPool, BlockTable, TokenKey, block_hash};
+
+/// What a request's stream carries.
+pub type EventResult = std::result::Result<TokenEvent, Status>;
+
+/// How a sequence ended.
+#[derive(Debug)]
+pub enum Outcome {
+    Finished(FinishReason),
+    Failed(Status),
+}
+
+/// One request in the engine.
+pub struct Sequence {
+    /// Its place among the active requests (dropped when it ends).
+    pub entry: ActiveEntry,
+    pub trace_id: String,
+    pub events: mpsc::Sender<EventResult>,
+    /// Order of arrival (older first; the newest is preempted first).
+    pub serial: u64,
+    pub arrived: Instant,
+    pub deadline: Option<Instant>,
+    pub params: GenerationParams,
+    sampler: Sampler,
+    /// Prompt ids, then every generated id.
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    /// What each token is for prefix hashing (image tokens by image content).
+    keys: Vec<TokenKey>,
+    /// Input embeddings of the prompt (image rows in place): (prompt, hidden).
+    prompt_embeds: Tensor,
+    /// Positions in the KV cache.
+    pub computed: usize,
+    pub blocks: BlockTable,
+    /// Hashes of the full blocks registered so far (a prefix of `blocks`).
+    hashes: Vec<BlockHash>,
+    /// Prompt positions taken from the prefix cache (summed over admissions).
+    pub reused_tokens: usize,
+    /// Positions computed by the model (summed over admissions).
+    pub model_tokens: usize,
+    pub first_token_at: Option<Instant>,
+    /// Times it was preempted.
+    pub preemptions: u32,
+    /// Its share of the expert bytes of the steps it ran in.
+    pub expert_bytes: u64,
+    /// Output text so far (kept up to date only with stop strings).
+    text: String,
+}
+
+impl std::fmt::Debug for Sequence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sequence")
+            .field("id", &self.entry.id())
+            .field("serial", &self.serial)
+            .field("prompt", &self.prompt_len)
+            .field("output", &self.output().len())
+            .field("computed", &self.computed)
+            .field("blocks", &self.blocks.blocks.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Everything a sequence is made from.
+pub struct NewSequence {
+    pub entry: ActiveEntry,
+    pub trace_id: String,
+    pub events: mpsc::Sender<EventResult>,
+    pub serial: u64,
+    pub deadline: Option<Instant>,
+    pub params: GenerationParams,
+    pub prompt: Vec<u32>,
+    pub keys: Vec<TokenKey>,
+    pub prompt_embeds: Tensor,
+}
+
+impl Sequence {
+    pub fn new(n: NewSequence) -> Result<Self> {
+        let sampler = Sampler::new(n.params.sampling.clone()).map_err(Error::from_model)?;
+        Ok(Self {
+            entry: n.entry,
+            trace_id: n.trace_id,
+            events: n.events,
+            serial: n.serial,
+            arrived: Instant::now(),
+            deadline: n.deadline,
+            params: n.params,
+            sampler,
+            prompt_len: n.prompt.len(),
+            tokens: n.prompt,
+            keys: n.keys,
+            prompt_embeds: n.prompt_embeds,
+            computed: 0,
+            blocks: BlockTable::default(),
+            hashes: Vec::new(),
+            reused_tokens: 0,
+            model_tokens: 0,
+            first_token_at: None,
+            preemptions: 0,
+            expert_bytes: 0,
+            text: String::new(),
+        })
+    }
+
+    /// Its active-request entry and event channel, for the last event.
+    pub fn into_parts(self) -> (ActiveEntry, mpsc::Sender<EventResult>) {
+        (self.entry, self.events)
+    }
+
+    pub fn prompt_len(&self) -> usize {
+        self.prompt_len
+    }
+
+    /// Generated ids so far.
+    pub fn output(&self) -> &[u32] {
+        &self.tokens[self.prompt_len..]
+    }
+
+    /// Known tokens: prompt + output.
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// Positions still to compute before the next token can be sampled.
+    pub fn pending(&self) -> usize {
+        self.tokens.len() - self.computed
+    }
+
+    /// Whether it computes one decoded token next (rather than prompt positions).
+    pub fn is_decoding(&self) -> bool {
+        self.pending() == 1 && !self.output().is_empty()
+    }
+
+    /// Positions this sequence can ever need: prompt + max_tokens.
+    pub fn max_positions(&self) -> usize {
+        self.prompt_len + self.params.max_new_tokens
+    }
+
+    /// Input embeddings of positions `start..start + len`.
+    pub fn embeds(&self, model: &LanguageModel, start: usize, len: usize) -> Result<Tensor> {
+        let end = start + len;
+        let mut pieces = Vec::with_capacity(2);
+        if start < self.prompt_len {
+            let n = end.min(self.prompt_len) - start;
+            pieces.push(
+                self.prompt_embeds
+                    .narrow(0, start, n)
+                    .map_err(|e| Error::Model(e.into()))?,
+            );
+        }
+        if end > self.prompt_len {
+            let from = start.max(self.prompt_len);
+            pieces.push(
+                model
+                    .embed(&self.tokens[from..end])
+                    .map_err(Error::from_model)?
+                    .to_dtype(self.prompt_embeds.dtype())
+                    .map_err(|e| Error::Model(e.into()))?,
+            );
+        }
+        if pieces.len() == 1 {
+            return Ok(pieces.pop().expect("one piece"));
+        }
+        Tensor::cat(&pieces, 0).map_err(|e| Error::Model(e.into()))
+    }
+
+    /// Takes cached blocks for the longest known prefix (never the last position,
+    /// which must run to give logits). Returns the positions reused.
+    pub fn match_prefix(&mut self, pool: &mut BlockPool) -> usize {
+        debug_assert!(self.blocks.blocks.is_empty() && self.computed == 0);
+        let bs = pool.block_size();
+        let full = (self.tokens.len() - 1) / bs;
+        let mut hashes = Vec::with_capacity(full);
+        for i in 0..full {
+            hashes.push(block_hash(hashes.last(), &self.keys[i * bs..(i + 1) * bs]));
+        }
+        let matched = pool.match_prefix(&hashes);
+        hashes.truncate(matched.len());
+        self.computed = matched.len() * bs;
+        self.blocks.blocks = matched;
+        self.hashes = hashes;
+        self.reused_tokens += self.computed;
+        self.computed
+    }
+
+    /// Records `n` more positions computed and registers every block that filled.
+    pub fn advance(&mut self, n: usize, pool: &mut BlockPool) {
+        self.computed += n;
+        self.model_tokens += n;
+        let bs = pool.block_size();
+        while (self.hashes.len() + 1) * bs <= self.computed {
+            let i = self.hashes.len();
+            let hash = block_hash(self.hashes.last(), &self.keys[i * bs..(i + 1) * bs]);
+            pool.register(self.blocks.blocks[i], hash);
+            self.hashes.push(hash);
+        }
+    }
+
+    /// Frees every block and forgets the cache; the tokens stay.
+    pub fn release(&mut self, pool: &mut BlockPool) {
+        pool.release_all(&self.blocks.blocks);
+        self.blocks.blocks.clear();
+        self.hashes.clear();
+        self.computed = 0;
+    }
+
+    /// Picks the next token from `logits`, streams it, and says whether that ends
+    /// the sequence.
+    pub fn sample(&mut self, logits: &[f32], tokenizer: &ChatTokenizer) -> Option<Outcome> {
+        let next = self.sampler.sample(logits, &self.tokens);
+        self.tokens.push(next);
+        self.keys.push(TokenKey::Text(next));
+        self.first_token_at.get_or_insert_with(Instant::now);
+        let event = TokenEvent {
+            event: Some(Event::Tokens(tessera_proto::internal::v1::Tokens {
+                token_ids: vec![next],
+            })),
+        };
+        if self.events.try_send(Ok(event)).is_err() {
+            // The client went away (or stopped reading).
+            return Some(Outcome::Failed(Status::from(Error::Cancelled)));
+        }
+        if next == self.params.eos_token_id && !self.params.ignore_eos {
+            return Some(Outcome::Finished(FinishReason::Eos));
+        }
+        if !self.params.stop.is_empty() {
+            match tokenizer.decode(self.output(), false) {
+                Ok(text) => self.text = text,
+                Err(e) => return Some(Outcome::Failed(Status::from(Error::from_model(e)))),
+            }
+            if earliest_stop(&self.text, &self.params.stop).is_some() {
+                return Some(Outcome::Finished(FinishReason::Stop));
+            }
+        }
+        if self.output().len() >= self.params.max_new_tokens {
+            return Some(Outcome::Finished(FinishReason::Length));
+        }
+        None
+    }
+}
