@@ -328,13 +328,12 @@ async fn cancelled(cancel: Option<&CancellationToken>) {
     }
 }
 
+/// A `Forward` call running on the runtime.
+type Call = tokio::task::JoinHandle<Result<ForwardResponse, tonic::Status>>;
+
 /// One layer's `Forward` calls in flight: (worker, its batch, the call).
 struct InFlight {
-    calls: Vec<(
-        String,
-        WorkerBatch,
-        tokio::task::JoinHandle<Result<ForwardResponse, tonic::Status>>,
-    )>,
+    calls: Vec<(String, WorkerBatch, Call)>,
 }
 
 impl ExpertBackend for RemoteExperts {

@@ -1,10 +1,243 @@
-//! `tessera bench`: not written yet.
+//! `tessera bench`: a load generator for the public API, in the manner of vLLM's
+//! `benchmark_serving.py` and SGLang's `bench_serving`. It drives a running
+//! gateway (`--addr`) or a cluster it starts in this process (`--model`) with
+//! streamed generations and reports throughput and latency percentiles.
 
+mod load;
+mod report;
+mod workload;
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
 use clap::Args;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use tessera_proto::MAX_MESSAGE_BYTES;
+use tessera_proto::v1::tessera_client::TesseraClient;
+use tessera_runtime::CancellationToken;
+use tessera_scheduler::EngineConfig;
+use tonic::transport::Channel;
+
+use load::Pace;
+use report::Report;
+use workload::{DEFAULT_PROMPT, Spec, Workload};
+
+const DEFINITIONS: &str = "\
+Measures (milliseconds; percentiles by nearest rank over the successful requests):
+  TTFT        time to first token: request sent -> first streamed token
+  TPOT        time per output token after the first: (latency - TTFT) / (output tokens - 1)
+  latency     request sent -> end of its stream
+Output tokens are counted from the streamed token ids. Duration runs from the first
+measured request sent to the last one ended; tokens/s and requests/s are over it.
+Failed requests are counted, not measured; if every request fails, the command exits
+non-zero with the first error.";
 
 #[derive(Debug, Args)]
-pub struct BenchArgs {}
+#[command(group(clap::ArgGroup::new("target").required(true).args(["addr", "model"])))]
+#[command(after_help = DEFINITIONS)]
+pub struct BenchArgs {
+    /// A running gateway's gRPC address, e.g. http://127.0.0.1:50051.
+    #[arg(long)]
+    addr: Option<String>,
+    /// Start a cluster in this process from this snapshot folder (as `tessera up`
+    /// does), print its load time, then benchmark it.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Expert-workers of the in-process cluster (--model) [default: 2].
+    #[arg(long)]
+    expert_workers: Option<usize>,
+    /// Measured requests.
+    #[arg(long, default_value_t = 64)]
+    requests: usize,
+    /// Requests in flight at once: a new one is sent as soon as one ends.
+    #[arg(long, default_value_t = 8, conflicts_with = "request_rate")]
+    concurrency: usize,
+    /// Send requests at this average rate (requests/s) with Poisson arrivals
+    /// (exponential gaps), however many are in flight, instead of --concurrency.
+    #[arg(long)]
+    request_rate: Option<f64>,
+    /// Seed of the --request-rate arrival times.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Requests sent one at a time before the measured run, not measured.
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// The user message of every request.
+    #[arg(long, default_value = DEFAULT_PROMPT)]
+    prompt: String,
+    /// Make the prompt roughly this many tokens long by repeating the words of
+    /// --prompt (a common English word is about one token; the chat template and
+    /// images add their own).
+    #[arg(long)]
+    prompt_tokens: Option<usize>,
+    /// An image attached to every request (repeatable, in order). A prompt without
+    /// `<image>` tags gets one `<image>` line per image in front.
+    #[arg(long)]
+    image: Vec<PathBuf>,
+    /// Tokens every request generates: sent as max_tokens with ignore_eos, greedy.
+    #[arg(long, default_value_t = 128)]
+    output_tokens: u32,
+    /// Start each prompt with its request number, so that no two requests share a
+    /// cached prompt prefix beyond the chat template's first tokens.
+    #[arg(long)]
+    distinct_prompts: bool,
+    /// Give up on a request after this many seconds (it counts as failed).
+    #[arg(long, default_value_t = 600)]
+    timeout_seconds: u64,
+    /// Print one JSON object on stdout instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// How the in-process cluster's scheduler batches (--model).
+    #[command(flatten, next_help_heading = "Engine (with --model)")]
+    engine: EngineConfig,
+}
 
-pub fn run(_args: BenchArgs) -> anyhow::Result<()> {
-    anyhow::bail!("tessera bench is not available yet")
+impl BenchArgs {
+    /// How requests are released; rejects values no run can use.
+    fn pace(&self) -> anyhow::Result<Pace> {
+        if self.requests == 0 {
+            bail!("--requests must be at least 1");
+        }
+        match self.request_rate {
+            Some(r) if !(r.is_finite() && r > 0.0) => {
+                bail!("--request-rate must be a positive number of requests per second")
+            }
+            Some(per_s) => Ok(Pace::Rate {
+                per_s,
+                seed: self.seed,
+            }),
+            None if self.concurrency == 0 => bail!("--concurrency must be at least 1"),
+            None => Ok(Pace::Concurrency(self.concurrency)),
+        }
+    }
+}
+
+async fn connect(addr: &str, timeout: Duration) -> anyhow::Result<TesseraClient<Channel>> {
+    let addr = if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    };
+    let channel = tonic::transport::Endpoint::from_shared(addr.clone())
+        .with_context(|| format!("invalid --addr {addr}"))?
+        .connect_timeout(Duration::from_secs(10))
+        .timeout(timeout)
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach Tessera at {addr} (is `tessera up` running?)"))?;
+    Ok(TesseraClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES))
+}
+
+fn progress_bar(len: usize) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::with_draw_target(Some(len as u64), ProgressDrawTarget::stderr());
+    let style = ProgressStyle::with_template("{elapsed:>4} [{bar:40}] {pos}/{len} requests")
+        .expect("a valid template")
+        .progress_chars("=> ");
+    bar.set_style(style);
+    bar
+}
+
+/// Warms up, runs the measured requests and summarises them.
+async fn measure(
+    args: &BenchArgs,
+    client: &TesseraClient<Channel>,
+    workload: &Workload,
+    pace: Pace,
+    load_s: Option<f64>,
+) -> anyhow::Result<Report> {
+    for k in 0..args.warmup {
+        let req = workload.request(format!("bench-warmup-{k}"), args.requests + k);
+        if let Err(e) = load::one(client.clone(), req).await {
+            bail!("the warm-up request failed: {e}");
+        }
+    }
+    let requests = (0..args.requests)
+        .map(|n| workload.request(format!("bench-{n}"), n))
+        .collect();
+    let progress = progress_bar(args.requests);
+    let run = load::run(client, requests, pace, &progress).await;
+    progress.finish_and_clear();
+    let report = Report::new(&run, pace, args.image.len(), load_s);
+    if report.requests == 0 {
+        bail!(
+            "all {} requests failed; the first: {}",
+            report.failed,
+            report.errors.first().map_or("", String::as_str)
+        );
+    }
+    Ok(report)
+}
+
+async fn bench(args: BenchArgs) -> anyhow::Result<Report> {
+    let pace = args.pace()?;
+    let workload = Workload::new(&Spec {
+        prompt: &args.prompt,
+        prompt_tokens: args.prompt_tokens,
+        images: &args.image,
+        output_tokens: args.output_tokens,
+        distinct_prompts: args.distinct_prompts,
+    })?;
+    let timeout = Duration::from_secs(args.timeout_seconds);
+    if let Some(addr) = &args.addr {
+        if args.engine != EngineConfig::default() {
+            eprintln!(
+                "tessera bench: note: the engine flags configure the cluster of --model; \
+                 the gateway at --addr runs with its own"
+            );
+        }
+        if args.expert_workers.is_some() {
+            bail!("--expert-workers sizes the cluster of --model; it does not go with --addr");
+        }
+        let client = connect(addr, timeout).await?;
+        return measure(&args, &client, &workload, pace, None).await;
+    }
+    let model = args.model.clone().expect("clap requires --addr or --model");
+    let opts = super::up::Options {
+        model,
+        expert_workers: args.expert_workers.unwrap_or(2),
+        grpc: ([127, 0, 0, 1], 0).into(),
+        grace_seconds: 5,
+        ready_timeout: Duration::from_secs(1800),
+        engine: args.engine.clone(),
+    };
+    opts.validate()?;
+    eprintln!(
+        "tessera bench: loading {} into 1 scheduler, 1 vision-worker and {} expert-workers…",
+        opts.model.display(),
+        opts.expert_workers
+    );
+    let cluster = super::up::start(opts, CancellationToken::new()).await?;
+    let load_s = cluster.load_time.as_secs_f64();
+    eprintln!("tessera bench: cluster ready in {load_s:.1}s");
+    let report = match connect(&cluster.addr.to_string(), timeout).await {
+        Ok(client) => measure(&args, &client, &workload, pace, Some(load_s)).await,
+        Err(e) => Err(e),
+    };
+    let stopped = cluster.stop().await;
+    let report = report?;
+    stopped.context("the in-process cluster did not stop cleanly")?;
+    Ok(report)
+}
+
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let json = args.json;
+    let mut report = None;
+    super::block_on(async {
+        report = Some(bench(args).await?);
+        Ok(())
+    })?;
+    let report = report.expect("set on success");
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{}", report.table());
+    }
+    Ok(())
 }

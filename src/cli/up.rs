@@ -1,6 +1,7 @@
 //! `tessera up`: the whole cluster in one process — a gateway, a vision-worker, a
 //! scheduler and N expert-workers, each a real gRPC server on its own loopback
-//! port, found through an in-process discovery (no etcd needed).
+//! port, found through an in-process discovery (no etcd needed). [`start`] also
+//! serves `tessera bench --model`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -10,6 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, anyhow, bail};
 use clap::Args;
 use tessera_runtime::{CancellationToken, Discovery, MemoryDiscovery, Role};
+use tessera_scheduler::EngineConfig;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
@@ -31,6 +33,8 @@ pub struct UpArgs {
     /// models on CPU takes minutes).
     #[arg(long, default_value_t = 1800)]
     ready_timeout_seconds: u64,
+    #[command(flatten, next_help_heading = "Engine")]
+    engine: EngineConfig,
 }
 
 type Task = (&'static str, anyhow::Result<()>);
@@ -41,32 +45,119 @@ async fn loopback() -> anyhow::Result<TcpListener> {
         .context("cannot bind a loopback port")
 }
 
-pub async fn run(args: UpArgs) -> anyhow::Result<()> {
-    super::check_model_path(&args.model)?;
-    if args.expert_workers == 0 {
-        bail!("--expert-workers must be at least 1");
+/// What an in-process cluster runs: `tessera up`'s flags, also used by `tessera bench`.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub model: PathBuf,
+    pub expert_workers: usize,
+    /// Where the gateway listens (port 0 picks a free one).
+    pub grpc: SocketAddr,
+    pub grace_seconds: u64,
+    /// How long loading may take before `start` gives up.
+    pub ready_timeout: Duration,
+    pub engine: EngineConfig,
+}
+
+impl Options {
+    /// Rejects options no cluster can start with, before anything is loaded.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        super::check_model_path(&self.model)?;
+        if self.expert_workers == 0 {
+            bail!("--expert-workers must be at least 1");
+        }
+        self.engine.validate()?;
+        Ok(())
     }
+}
+
+impl From<&UpArgs> for Options {
+    fn from(args: &UpArgs) -> Self {
+        Self {
+            model: args.model.clone(),
+            expert_workers: args.expert_workers,
+            grpc: args.grpc,
+            grace_seconds: args.grace_seconds,
+            ready_timeout: Duration::from_secs(args.ready_timeout_seconds),
+            engine: args.engine.clone(),
+        }
+    }
+}
+
+/// A started cluster: its public address and its services.
+pub struct Running {
+    /// The gateway's address (the public gRPC API).
+    pub addr: SocketAddr,
+    /// Cancelling it stops every service.
+    pub shutdown: CancellationToken,
+    /// Start to ready.
+    pub load_time: Duration,
+    tasks: JoinSet<Task>,
+}
+
+impl Running {
+    /// Runs until `shutdown` is cancelled or a service ends; then stops and joins
+    /// them all.
+    pub async fn wait(self) -> anyhow::Result<()> {
+        wait(self.tasks, self.shutdown).await
+    }
+
+    /// Stops every service (draining within the grace period) and joins them.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.wait().await
+    }
+}
+
+pub async fn run(args: UpArgs) -> anyhow::Result<()> {
+    let opts = Options::from(&args);
+    opts.validate()?;
     let shutdown = tessera_runtime::shutdown::on_signals();
+    eprintln!(
+        "tessera up: loading {} into 1 scheduler, 1 vision-worker and {} expert-workers…",
+        opts.model.display(),
+        opts.expert_workers
+    );
+    let running = start(opts, shutdown.clone()).await?;
+    if !shutdown.is_cancelled() {
+        let addr = running.addr;
+        // Tests and scripts read this line for the address.
+        println!("tessera serving on {addr}");
+        eprintln!(
+            "tessera up: ready in {:.1}s; gRPC API at {addr} (tessera.v1.Tessera). Ctrl-C stops.",
+            running.load_time.as_secs_f64()
+        );
+    }
+    running.wait().await?;
+    eprintln!("tessera up: stopped");
+    Ok(())
+}
+
+/// Starts every service of a cluster on loopback ports and waits until it is
+/// ready (or `shutdown` is cancelled while loading: the caller checks). A service
+/// failing while loading, or loading past the timeout, stops them all.
+pub async fn start(opts: Options, shutdown: CancellationToken) -> anyhow::Result<Running> {
+    opts.validate()?;
     let discovery = Arc::new(MemoryDiscovery::new());
     let shared: Arc<dyn Discovery> = discovery.clone();
     let started = Instant::now();
     let mut tasks: JoinSet<Task> = JoinSet::new();
 
-    for i in 0..args.expert_workers {
-        let mut cfg = tessera_expert_worker::Config::new(&args.model);
+    for i in 0..opts.expert_workers {
+        let mut cfg = tessera_expert_worker::Config::new(&opts.model);
         cfg.id = Some(format!("expert-worker-{i}"));
-        cfg.grace_seconds = args.grace_seconds;
+        cfg.grace_seconds = opts.grace_seconds;
         let run =
             tessera_expert_worker::run(cfg, loopback().await?, shared.clone(), shutdown.clone());
         tasks.spawn(async move { ("expert-worker", run.await.map_err(anyhow::Error::from)) });
     }
-    let mut vision = tessera_vision_worker::Config::new(&args.model);
-    vision.grace_seconds = args.grace_seconds;
+    let mut vision = tessera_vision_worker::Config::new(&opts.model);
+    vision.grace_seconds = opts.grace_seconds;
     let run =
         tessera_vision_worker::run(vision, loopback().await?, shared.clone(), shutdown.clone());
     tasks.spawn(async move { ("vision-worker", run.await.map_err(anyhow::Error::from)) });
-    let mut scheduler = tessera_scheduler::Config::new(&args.model);
-    scheduler.grace_seconds = args.grace_seconds;
+    let mut scheduler = tessera_scheduler::Config::new(&opts.model);
+    scheduler.grace_seconds = opts.grace_seconds;
+    scheduler.engine = opts.engine.clone();
     let run = tessera_scheduler::run(
         scheduler,
         loopback().await?,
@@ -74,29 +165,27 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         shutdown.clone(),
     );
     tasks.spawn(async move { ("scheduler", run.await.map_err(anyhow::Error::from)) });
-    let public = TcpListener::bind(args.grpc).await.with_context(|| {
-        format!(
-            "cannot listen on {} (is the port in use? try --grpc 127.0.0.1:0)",
-            args.grpc
-        )
-    })?;
+    let public = match TcpListener::bind(opts.grpc).await {
+        Ok(public) => public,
+        Err(e) => {
+            shutdown.cancel();
+            return Err(anyhow::Error::from(e).context(format!(
+                "cannot listen on {} (is the port in use? try --grpc 127.0.0.1:0)",
+                opts.grpc
+            )));
+        }
+    };
     let addr = public.local_addr()?;
-    let mut gateway = tessera_gateway::Config::new(&args.model);
-    gateway.grace_seconds = args.grace_seconds;
+    let mut gateway = tessera_gateway::Config::new(&opts.model);
+    gateway.grace_seconds = opts.grace_seconds;
     let run = tessera_gateway::run(gateway, public, shared.clone(), shutdown.clone());
     tasks.spawn(async move { ("gateway", run.await.map_err(anyhow::Error::from)) });
 
-    eprintln!(
-        "tessera up: loading {} into 1 scheduler, 1 vision-worker and {} expert-workers…",
-        args.model.display(),
-        args.expert_workers
-    );
-    let deadline = Duration::from_secs(args.ready_timeout_seconds);
     tokio::select! {
-        ready = tokio::time::timeout(deadline, ready(&discovery, args.expert_workers)) => {
+        ready = tokio::time::timeout(opts.ready_timeout, ready(&discovery, opts.expert_workers)) => {
             if ready.is_err() {
                 shutdown.cancel();
-                bail!("the cluster was not ready after {}s", args.ready_timeout_seconds);
+                bail!("the cluster was not ready after {}s", opts.ready_timeout.as_secs());
             }
         }
         Some(joined) = tasks.join_next() => {
@@ -105,15 +194,12 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         }
         _ = shutdown.cancelled() => {}
     }
-    if !shutdown.is_cancelled() {
-        // Tests and scripts read this line for the address.
-        println!("tessera serving on {addr}");
-        eprintln!(
-            "tessera up: ready in {:.1}s; gRPC API at {addr} (tessera.v1.Tessera). Ctrl-C stops.",
-            started.elapsed().as_secs_f64()
-        );
-    }
-    wait(tasks, shutdown).await
+    Ok(Running {
+        addr,
+        shutdown,
+        load_time: started.elapsed(),
+        tasks,
+    })
 }
 
 /// Resolves once every member is registered and a placement over all
@@ -156,10 +242,7 @@ async fn wait(mut tasks: JoinSet<Task>, shutdown: CancellationToken) -> anyhow::
     }
     match first_error {
         Some(e) => Err(e),
-        None => {
-            eprintln!("tessera up: stopped");
-            Ok(())
-        }
+        None => Ok(()),
     }
 }
 

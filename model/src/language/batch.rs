@@ -37,7 +37,7 @@ pub struct BatchSegment<'a> {
 pub fn micro_batches(tokens: &[usize], parts: usize) -> Vec<Range<usize>> {
     let n = tokens.len();
     if parts < 2 || n < 2 {
-        return vec![0..n];
+        return std::iter::once(0..n).collect();
     }
     let total: usize = tokens.iter().sum();
     let mut best = (usize::MAX, 1);

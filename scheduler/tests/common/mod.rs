@@ -1,6 +1,8 @@
 //! The scheduler test harness: fixture cases, a scheduler with real
 //! expert-workers on loopback, request builders and stream readers.
 
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
