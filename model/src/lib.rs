@@ -13,7 +13,7 @@
 //! - [`pipeline`]: load a whole snapshot for in-process generation
 //! - [`processor`]: image bytes → RGB → 384×384 tiles → normalised tensor, bit-exact with the reference processor
 //! - [`vision`]: the SigLIP tower, the projector and the image-token assembly
-//! - [`ops`]: small tensor helpers
+//! - [`ops`]: small tensor helpers; [`gemv`]: the bandwidth-bound product for decode steps
 
 pub mod chat;
 pub mod config;
@@ -21,6 +21,7 @@ pub mod draw;
 pub mod error;
 pub mod experts;
 pub mod fingerprint;
+pub mod gemv;
 pub mod generate;
 pub mod grounding;
 pub mod image_tokens;

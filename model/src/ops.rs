@@ -3,7 +3,11 @@
 use candle_core::{D, DType, Result, Tensor};
 
 /// `x · wᵀ` for `x` of shape (rows, in) and `w` of shape (out, in): (rows, out).
+/// A few rows (decode) take the bandwidth-bound path of [`crate::gemv`].
 pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if let Some(out) = crate::gemv::small_rows(x, w)? {
+        return Ok(out);
+    }
     x.matmul(&w.t()?)
 }
 
