@@ -1,0 +1,44 @@
+//! Decode-step products at Tiny's widths: candle's blocked matrix multiply against
+//! [`tessera_model::gemv::small_rows`] for 1–32 rows (`cargo bench -p tessera-model
+//! --bench gemv`). Prints milliseconds per product; `small_rows` is used up to
+//! `gemv::MAX_ROWS` rows.
+
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use tessera_model::gemv;
+
+fn time(iters: usize, mut f: impl FnMut() -> candle_core::Result<()>) -> candle_core::Result<f64> {
+    f()?;
+    let start = Instant::now();
+    for _ in 0..iters {
+        f()?;
+    }
+    Ok(start.elapsed().as_secs_f64() * 1e3 / iters as f64)
+}
+
+fn main() -> candle_core::Result<()> {
+    let dev = Device::Cpu;
+    // lm_head, attention projection, expert up/gate and down at Tiny's widths.
+    for (n, k) in [
+        (129280usize, 1280usize),
+        (1280, 1280),
+        (896, 1280),
+        (1280, 896),
+    ] {
+        let w = Tensor::randn(0f32, 0.02, (n, k), &dev)?;
+        let iters = if n > 10_000 { 5 } else { 200 };
+        for m in [1usize, 2, 4, 8, 16, 32] {
+            let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
+            let blocked = time(iters, || x.matmul(&w.t()?).map(drop))?;
+            let line = format!("({m:>2} × {k}) · ({n} × {k})ᵀ  matmul {blocked:8.3} ms");
+            if m <= gemv::MAX_ROWS {
+                let small = time(iters, || gemv::small_rows(&x, &w).map(drop))?;
+                println!("{line}  small_rows {small:8.3} ms");
+            } else {
+                println!("{line}");
+            }
+        }
+    }
+    Ok(())
+}
