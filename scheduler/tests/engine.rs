@@ -73,14 +73,14 @@ async fn batch_invariance(fixture: &str, cases: &[&str]) {
                 "{fixture}: overlap {overlap}, chunk {chunk}: filler tokens changed with the configuration"
             ),
         }
-        let engine = cluster.stats.snapshot().engine;
+        // The counters are published after the step that streamed the last token.
+        let engine = wait_for_engine(&cluster, "every block released", |e| {
+            e.pool.used_blocks == 0 && e.running == 0
+        })
+        .await;
         assert!(
             engine.max_step_sequences >= 2,
             "requests were batched: {engine:?}"
-        );
-        assert_eq!(
-            engine.pool.used_blocks, 0,
-            "every block is released: {engine:?}"
         );
         cluster.stop().await;
     }
@@ -194,12 +194,14 @@ async fn a_tiny_cache_preempts_and_every_request_keeps_its_tokens() {
     for (i, (a, b)) in alone.iter().zip(&together).enumerate() {
         assert_eq!(a, b, "request {i}: tokens changed under preemption");
     }
-    let engine = cluster.stats.snapshot().engine;
+    let engine = wait_for_engine(&cluster, "every block released", |e| {
+        e.pool.used_blocks == 0 && e.running == 0
+    })
+    .await;
     assert!(
         engine.preemptions > 0,
         "the cache was too small for all at once: {engine:?}"
     );
-    assert_eq!(engine.pool.used_blocks, 0, "{engine:?}");
 
     // A request that could never fit is refused up front, and the next one runs.
     let too_big = request("too-big", text.clone(), Vec::new(), 24 * 16);
@@ -271,8 +273,11 @@ async fn cancelled_dropped_and_timed_out_streams_free_their_blocks() {
         .await
         .unwrap();
     first_token(&mut stream).await;
-    let running = cluster.stats.snapshot().engine;
-    assert!(running.pool.used_blocks > 0, "{running:?}");
+    // The counters are published after the step that streamed the token.
+    wait_for_engine(&cluster, "the running request's blocks", |e| {
+        e.pool.used_blocks > 0 && e.running == 1
+    })
+    .await;
     drop(stream);
     wait_for_engine(&cluster, "the dropped stream's blocks", |e| {
         e.pool.used_blocks == 0 && e.running == 0
