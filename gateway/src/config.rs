@@ -1,6 +1,7 @@
 //! The gateway's configuration: the service contract's flags plus the request
 //! limits, parsed once at start-up (`tessera gateway --help`).
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use tessera_model::processor::DEFAULT_MAX_PIXELS;
@@ -13,6 +14,8 @@ pub const DEFAULT_MAX_TOKENS: u32 = 512;
 pub const DEFAULT_MAX_IMAGES: usize = 16;
 /// Default for `--request-timeout-seconds`.
 pub const DEFAULT_REQUEST_TIMEOUT_SECONDS: u64 = 600;
+/// Default for `--http-max-body-bytes`: 64 MiB.
+pub const DEFAULT_HTTP_MAX_BODY_BYTES: usize = 64 << 20;
 
 /// What one gateway serves and how it limits requests.
 #[derive(Debug, Clone, clap::Args)]
@@ -47,6 +50,16 @@ pub struct Config {
         default_value_t = DEFAULT_REQUEST_TIMEOUT_SECONDS
     )]
     pub request_timeout_seconds: u64,
+    /// Also serve the OpenAI-compatible HTTP API on this address [default: no HTTP].
+    #[arg(long = "http", env = "TESSERA_HTTP")]
+    pub http: Option<SocketAddr>,
+    /// Refuse HTTP request bodies larger than this many bytes (413).
+    #[arg(
+        long,
+        env = "TESSERA_HTTP_MAX_BODY_BYTES",
+        default_value_t = DEFAULT_HTTP_MAX_BODY_BYTES
+    )]
+    pub http_max_body_bytes: usize,
 }
 
 impl Config {
@@ -61,6 +74,8 @@ impl Config {
             max_images: DEFAULT_MAX_IMAGES,
             max_image_pixels: DEFAULT_MAX_PIXELS,
             request_timeout_seconds: DEFAULT_REQUEST_TIMEOUT_SECONDS,
+            http: None,
+            http_max_body_bytes: DEFAULT_HTTP_MAX_BODY_BYTES,
         }
     }
 
@@ -70,6 +85,7 @@ impl Config {
             ("--default-max-tokens", u64::from(self.default_max_tokens)),
             ("--request-timeout-seconds", self.request_timeout_seconds),
             ("--max-image-pixels", self.max_image_pixels),
+            ("--http-max-body-bytes", self.http_max_body_bytes as u64),
         ];
         match positive.iter().find(|(_, v)| *v == 0) {
             Some((flag, _)) => Err(Error::Config(format!("{flag} must be at least 1"))),
@@ -127,6 +143,8 @@ mod tests {
         );
         let set = Cli::try_parse_from(["gateway", "--model", "/s", "--max-images", "2"]).unwrap();
         assert_eq!(set.config.max_images, 2);
+        assert_eq!(parsed.config.http, new.http);
+        assert_eq!(parsed.config.http_max_body_bytes, new.http_max_body_bytes);
         assert!(new.validate().is_ok());
         let zero = Config {
             request_timeout_seconds: 0,

@@ -24,6 +24,9 @@ pub enum Error {
     /// The server failed to serve.
     #[error("gRPC transport: {0}")]
     Transport(#[source] tonic::transport::Error),
+    /// The HTTP server failed to serve.
+    #[error("HTTP server: {0}")]
+    Http(#[source] std::io::Error),
     /// The listener's address could not be read.
     #[error("cannot read the listener's address: {0}")]
     Listener(#[source] std::io::Error),
@@ -111,6 +114,7 @@ impl From<Error> for tonic::Status {
             Error::Config(_)
             | Error::Load { .. }
             | Error::Transport(_)
+            | Error::Http(_)
             | Error::Listener(_)
             | Error::Register(_)
             | Error::BadAddress { .. }

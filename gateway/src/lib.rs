@@ -12,15 +12,20 @@
 //! - [`upstream`]: members from discovery, round-robin, cached channels
 //! - [`cluster`]: `ClusterStatus` from discovery and the placement
 //! - [`service`]: the gRPC service
+//! - [`openai`]: OpenAI's chat-completions shapes ⇄ the public request and answer
+//! - [`http`]: the OpenAI-compatible HTTP API over the same service
 //! - [`error`]: the crate's one error type and its gRPC status
-//! - [`run`]: serve on a listener, register in discovery, drain on shutdown
+//! - [`run`], [`run_with`]: serve on a listener (and HTTP), register in discovery,
+//!   drain on shutdown
 
 pub mod cluster;
 pub mod config;
 pub mod detokenize;
 pub mod error;
 pub mod generation;
+pub mod http;
 pub mod model_files;
+pub mod openai;
 pub mod planning;
 pub mod prepare;
 pub mod request;
@@ -36,6 +41,7 @@ use tessera_runtime::discovery::check_same_model;
 use tessera_runtime::shutdown::CancellationToken;
 use tessera_runtime::{Discovery, Member, Role, serving};
 use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
 use tonic::transport::server::TcpIncoming;
 
 pub use config::{Config, Limits};
@@ -50,16 +56,33 @@ pub fn server(service: TesseraService) -> TesseraServer<TesseraService> {
         .max_encoding_message_size(MAX_MESSAGE_BYTES)
 }
 
-/// Serves the gateway on `listener` until `shutdown`.
+/// Serves the gateway on `listener` until `shutdown`, and the OpenAI-compatible
+/// HTTP API on `cfg.http` when it is set (see [`run_with`]).
+pub async fn run(
+    cfg: Config,
+    listener: TcpListener,
+    discovery: Arc<dyn Discovery>,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let http_listener = match cfg.http {
+        Some(addr) => Some(TcpListener::bind(addr).await.map_err(Error::Listener)?),
+        None => None,
+    };
+    run_with(cfg, listener, http_listener, discovery, shutdown).await
+}
+
+/// Serves the gateway on `listener` until `shutdown`, and the HTTP API on
+/// `http_listener` when given (`cfg.http` is not read).
 ///
 /// The server answers at once (UNAVAILABLE and health NOT_SERVING while the model
 /// files load on a blocking thread); once loaded it reports SERVING and registers as
 /// [`Role::Gateway`] in `discovery`. On `shutdown` it reports NOT_SERVING,
-/// deregisters, stops accepting calls and drains in-flight ones for at most
-/// `cfg.grace_seconds`. Configuration and load errors are returned.
-pub async fn run(
+/// deregisters, stops accepting calls and drains in-flight ones (gRPC and HTTP) for
+/// at most `cfg.grace_seconds`. Configuration and load errors are returned.
+pub async fn run_with(
     cfg: Config,
     listener: TcpListener,
+    http_listener: Option<TcpListener>,
     discovery: Arc<dyn Discovery>,
     shutdown: CancellationToken,
 ) -> Result<()> {
@@ -84,6 +107,19 @@ pub async fn run(
                 stop_serving.clone().cancelled_owned(),
             ),
     );
+    let http = match http_listener {
+        Some(listener) => {
+            let address = listener.local_addr().map_err(Error::Listener)?;
+            let router = http::router(service.clone(), cfg.http_max_body_bytes);
+            tracing::info!(%address, "gateway HTTP API listening");
+            Some(tokio::spawn(http::serve(
+                listener,
+                router,
+                stop_serving.clone(),
+            )))
+        }
+        None => None,
+    };
     tracing::info!(%id, address = %local, model = %cfg.model.display(), "gateway loading");
 
     let dir = cfg.model.clone();
@@ -92,7 +128,7 @@ pub async fn run(
         loaded = loading => loaded.map_err(Error::Join).and_then(|r| r),
         () = shutdown.cancelled() => {
             stop_serving.cancel();
-            return finish(server, Duration::ZERO).await;
+            return finish(server, http, Duration::ZERO).await;
         }
     };
     let files = match files {
@@ -100,6 +136,9 @@ pub async fn run(
         Err(e) => {
             stop_serving.cancel();
             server.abort();
+            if let Some(http) = &http {
+                http.abort();
+            }
             return Err(e);
         }
     };
@@ -118,6 +157,9 @@ pub async fn run(
         ended = &mut server => {
             // The server stopped on its own: a transport failure.
             drop(registration);
+            if let Some(http) = &http {
+                http.abort();
+            }
             return ended.map_err(Error::Join)?.map_err(Error::Transport);
         }
     }
@@ -125,20 +167,34 @@ pub async fn run(
     health.not_serving::<TesseraServer<TesseraService>>().await;
     drop(registration);
     stop_serving.cancel();
-    finish(server, Duration::from_secs(cfg.grace_seconds)).await
+    finish(server, http, Duration::from_secs(cfg.grace_seconds)).await
 }
 
-/// Waits at most `grace` for the stopped server to drain its calls.
+/// Waits at most `grace` for the stopped servers to drain their calls.
 async fn finish(
-    mut server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    mut server: JoinHandle<Result<(), tonic::transport::Error>>,
+    http: Option<JoinHandle<std::io::Result<()>>>,
     grace: Duration,
 ) -> Result<()> {
-    match tokio::time::timeout(grace, &mut server).await {
+    let deadline = tokio::time::Instant::now() + grace;
+    let grpc = match tokio::time::timeout_at(deadline, &mut server).await {
         Ok(ended) => ended.map_err(Error::Join)?.map_err(Error::Transport),
         Err(_) => {
             tracing::warn!("in-flight calls did not finish within the grace period");
             server.abort();
             Ok(())
         }
-    }
+    };
+    let Some(mut http) = http else {
+        return grpc;
+    };
+    let http = match tokio::time::timeout_at(deadline, &mut http).await {
+        Ok(ended) => ended.map_err(Error::Join)?.map_err(Error::Http),
+        Err(_) => {
+            tracing::warn!("in-flight HTTP requests did not finish within the grace period");
+            http.abort();
+            Ok(())
+        }
+    };
+    grpc.and(http)
 }

@@ -5,6 +5,7 @@
 //! scheduler inside the call, so bad input and a missing member fail the call itself;
 //! a stream's tokens are then forwarded by a task that stops, and cancels the request
 //! on the scheduler, as soon as the client goes away or the request times out.
+//! The HTTP API (`crate::http`) calls the same `generate_call` and `stream_call`.
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -18,6 +19,7 @@ use tessera_runtime::Discovery;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
@@ -32,6 +34,9 @@ use crate::upstream::Upstream;
 
 /// Stream messages buffered for a slow client before the forwarding task waits.
 const STREAM_BUFFER: usize = 32;
+
+/// The messages of one streamed generation, as the forwarding task sends them.
+pub(crate) type Messages = mpsc::Receiver<Result<GenerateStreamResponse, Status>>;
 
 struct Inner {
     files: OnceLock<Arc<ModelFiles>>,
@@ -117,6 +122,52 @@ impl TesseraService {
         );
         Ok(response)
     }
+
+    /// One whole generation, as both front-ends call it: the request id from
+    /// `metadata` or the body, then check, plan, encode, submit and collect.
+    pub(crate) async fn generate_call(
+        &self,
+        metadata: &MetadataMap,
+        request: GenerateRequest,
+    ) -> Result<GenerateResponse, Status> {
+        let id = request_id(metadata, &request.request_id).map_err(failed)?;
+        let span = tracing::info_span!("generate", request_id = %id);
+        async { self.generate_whole(request, id).await.map_err(failed) }
+            .instrument(span)
+            .await
+    }
+
+    /// One streamed generation, as both front-ends call it: prepared and submitted
+    /// inside the call, then forwarded by a task to the returned receiver (dropping
+    /// it cancels the request). Returns the request id with the receiver.
+    pub(crate) async fn stream_call(
+        &self,
+        metadata: &MetadataMap,
+        request: GenerateRequest,
+    ) -> Result<(String, Messages), Status> {
+        let id = request_id(metadata, &request.request_id).map_err(failed)?;
+        let span = tracing::info_span!("generate_stream", request_id = %id);
+        let deadline = Instant::now() + self.inner.timeout;
+        let (answer, running) = self
+            .start(request, id.clone(), deadline)
+            .instrument(span.clone())
+            .await
+            .map_err(|e| span.in_scope(|| failed(e)))?;
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let timeout = self.timeout_error();
+        tokio::spawn(forward(answer, running, tx, deadline, timeout).instrument(span));
+        Ok((id, rx))
+    }
+
+    /// The served model's id (UNAVAILABLE while the model files load).
+    pub(crate) fn model_id(&self) -> Result<String, Status> {
+        Ok(self.files()?.model_id())
+    }
+
+    /// Whether the model files are loaded and generations are served.
+    pub(crate) fn is_loaded(&self) -> bool {
+        self.inner.files.get().is_some()
+    }
 }
 
 /// Logs a failed call and turns it into its status.
@@ -166,16 +217,10 @@ impl Tessera for TesseraService {
         &self,
         request: Request<GenerateRequest>,
     ) -> Result<Response<GenerateResponse>, Status> {
-        let id = request_id(request.metadata(), &request.get_ref().request_id).map_err(failed)?;
-        let span = tracing::info_span!("generate", request_id = %id);
-        async {
-            match self.generate_whole(request.into_inner(), id).await {
-                Ok(response) => Ok(Response::new(response)),
-                Err(e) => Err(failed(e)),
-            }
-        }
-        .instrument(span)
-        .await
+        let (metadata, _, request) = request.into_parts();
+        self.generate_call(&metadata, request)
+            .await
+            .map(Response::new)
     }
 
     type GenerateStreamStream = ReceiverStream<Result<GenerateStreamResponse, Status>>;
@@ -184,17 +229,8 @@ impl Tessera for TesseraService {
         &self,
         request: Request<GenerateRequest>,
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
-        let id = request_id(request.metadata(), &request.get_ref().request_id).map_err(failed)?;
-        let span = tracing::info_span!("generate_stream", request_id = %id);
-        let deadline = Instant::now() + self.inner.timeout;
-        let (answer, running) = self
-            .start(request.into_inner(), id, deadline)
-            .instrument(span.clone())
-            .await
-            .map_err(|e| span.in_scope(|| failed(e)))?;
-        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        let timeout = self.timeout_error();
-        tokio::spawn(forward(answer, running, tx, deadline, timeout).instrument(span));
+        let (metadata, _, request) = request.into_parts();
+        let (_, rx) = self.stream_call(&metadata, request).await?;
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 

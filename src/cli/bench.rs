@@ -203,6 +203,7 @@ async fn bench(args: BenchArgs) -> anyhow::Result<Report> {
         model,
         expert_workers: args.expert_workers.unwrap_or(2),
         grpc: ([127, 0, 0, 1], 0).into(),
+        http: None,
         grace_seconds: 5,
         ready_timeout: Duration::from_secs(1800),
         engine: args.engine.clone(),

@@ -26,6 +26,10 @@ pub struct UpArgs {
     /// Address of the public gRPC API (port 0 picks a free port; the address is printed).
     #[arg(long, env = "TESSERA_GRPC", default_value = "127.0.0.1:50051")]
     grpc: SocketAddr,
+    /// Also serve the OpenAI-compatible HTTP API on this address (port 0 picks a
+    /// free port; the address is printed) [default: no HTTP].
+    #[arg(long, env = "TESSERA_HTTP")]
+    http: Option<SocketAddr>,
     /// Seconds to drain in-flight requests on Ctrl-C / SIGTERM.
     #[arg(long, env = "TESSERA_GRACE_SECONDS", default_value_t = 25)]
     grace_seconds: u64,
@@ -52,6 +56,8 @@ pub struct Options {
     pub expert_workers: usize,
     /// Where the gateway listens (port 0 picks a free one).
     pub grpc: SocketAddr,
+    /// Where the gateway serves the OpenAI-compatible HTTP API, if anywhere.
+    pub http: Option<SocketAddr>,
     pub grace_seconds: u64,
     /// How long loading may take before `start` gives up.
     pub ready_timeout: Duration,
@@ -76,6 +82,7 @@ impl From<&UpArgs> for Options {
             model: args.model.clone(),
             expert_workers: args.expert_workers,
             grpc: args.grpc,
+            http: args.http,
             grace_seconds: args.grace_seconds,
             ready_timeout: Duration::from_secs(args.ready_timeout_seconds),
             engine: args.engine.clone(),
@@ -87,6 +94,8 @@ impl From<&UpArgs> for Options {
 pub struct Running {
     /// The gateway's address (the public gRPC API).
     pub addr: SocketAddr,
+    /// The gateway's HTTP address, when it serves HTTP.
+    pub http: Option<SocketAddr>,
     /// Cancelling it stops every service.
     pub shutdown: CancellationToken,
     /// Start to ready.
@@ -122,6 +131,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         let addr = running.addr;
         // Tests and scripts read this line for the address.
         println!("tessera serving on {addr}");
+        if let Some(http) = running.http {
+            println!("tessera http on {http}");
+        }
         eprintln!(
             "tessera up: ready in {:.1}s; gRPC API at {addr} (tessera.v1.Tessera). Ctrl-C stops.",
             running.load_time.as_secs_f64()
@@ -176,9 +188,31 @@ pub async fn start(opts: Options, shutdown: CancellationToken) -> anyhow::Result
         }
     };
     let addr = public.local_addr()?;
+    let http_listener = match opts.http {
+        Some(http) => match TcpListener::bind(http).await {
+            Ok(listener) => Some(listener),
+            Err(e) => {
+                shutdown.cancel();
+                return Err(anyhow::Error::from(e).context(format!(
+                    "cannot listen on {http} (is the port in use? try --http 127.0.0.1:0)"
+                )));
+            }
+        },
+        None => None,
+    };
+    let http = http_listener
+        .as_ref()
+        .map(TcpListener::local_addr)
+        .transpose()?;
     let mut gateway = tessera_gateway::Config::new(&opts.model);
     gateway.grace_seconds = opts.grace_seconds;
-    let run = tessera_gateway::run(gateway, public, shared.clone(), shutdown.clone());
+    let run = tessera_gateway::run_with(
+        gateway,
+        public,
+        http_listener,
+        shared.clone(),
+        shutdown.clone(),
+    );
     tasks.spawn(async move { ("gateway", run.await.map_err(anyhow::Error::from)) });
 
     tokio::select! {
@@ -196,6 +230,7 @@ pub async fn start(opts: Options, shutdown: CancellationToken) -> anyhow::Result
     }
     Ok(Running {
         addr,
+        http,
         shutdown,
         load_time: started.elapsed(),
         tasks,

@@ -51,6 +51,8 @@ pub fn ids(v: &serde_json::Value) -> Vec<u32> {
 /// A running gateway.
 pub struct Gateway {
     pub addr: SocketAddr,
+    /// The OpenAI-compatible HTTP API's address, when started with one.
+    pub http: Option<SocketAddr>,
     pub discovery: MemoryDiscovery,
     pub shutdown: CancellationToken,
     pub task: JoinHandle<tessera_gateway::Result<()>>,
@@ -59,12 +61,28 @@ pub struct Gateway {
 impl Gateway {
     /// A gateway for `cfg` on 127.0.0.1:0, returned once it registered in `discovery`.
     pub async fn start(cfg: Config, discovery: MemoryDiscovery) -> Self {
+        Self::launch(cfg, discovery, false).await
+    }
+
+    /// Like [`Gateway::start`], also serving the HTTP API on another 127.0.0.1:0.
+    pub async fn start_http(cfg: Config, discovery: MemoryDiscovery) -> Self {
+        Self::launch(cfg, discovery, true).await
+    }
+
+    async fn launch(cfg: Config, discovery: MemoryDiscovery, with_http: bool) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let http_listener = if with_http {
+            Some(TcpListener::bind("127.0.0.1:0").await.unwrap())
+        } else {
+            None
+        };
+        let http = http_listener.as_ref().map(|l| l.local_addr().unwrap());
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(tessera_gateway::run(
+        let task = tokio::spawn(tessera_gateway::run_with(
             cfg,
             listener,
+            http_listener,
             Arc::new(discovery.clone()) as Arc<dyn Discovery>,
             shutdown.clone(),
         ));
@@ -78,6 +96,7 @@ impl Gateway {
         .unwrap();
         Self {
             addr,
+            http,
             discovery,
             shutdown,
             task,

@@ -1,0 +1,420 @@
+//! OpenAI's chat-completions shapes: a request body → the public `GenerateRequest`,
+//! and a `GenerateResponse` or stream message → a completion, a chunk or an error.
+//!
+//! The conversion only re-spells the request; every check of its content is the
+//! gRPC path's (`request::check`, the image headers), so both front-ends accept and
+//! refuse the same requests.
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tessera_proto::v1::{
+    self, FinishReason, GenerateRequest, GenerateResponse, Grounding, SamplingParams,
+    StoppingParams, Usage, part,
+};
+use tonic::Code;
+
+/// The body of `POST /v1/chat/completions` (unknown fields are ignored).
+#[derive(Debug, Deserialize)]
+pub struct ChatRequest {
+    /// Must be the served model's id.
+    pub model: String,
+    messages: Vec<ChatMessage>,
+    max_tokens: Option<u32>,
+    max_completion_tokens: Option<u32>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    stop: Option<Stop>,
+    seed: Option<u64>,
+    /// Answer with server-sent events.
+    #[serde(default)]
+    pub stream: bool,
+    stream_options: Option<StreamOptions>,
+}
+
+#[derive(Debug, Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+struct ChatMessage {
+    role: String,
+    content: Content,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Content {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum ContentPart {
+    Text { text: String },
+    ImageUrl { image_url: ImageUrl },
+}
+
+#[derive(Debug, Deserialize)]
+struct ImageUrl {
+    url: String,
+}
+
+/// An error in OpenAI's shape, with its HTTP status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    /// The HTTP status code.
+    pub status: u16,
+    /// What went wrong; never the prompt or the pixels.
+    pub message: String,
+    /// OpenAI's error type, e.g. `invalid_request_error`.
+    pub kind: &'static str,
+    /// The request field at fault, if known.
+    pub param: Option<&'static str>,
+    /// A machine-readable code, e.g. `model_not_found`.
+    pub code: Option<&'static str>,
+}
+
+impl ApiError {
+    /// A 400 `invalid_request_error`.
+    pub fn invalid(message: impl Into<String>, param: Option<&'static str>) -> Self {
+        Self {
+            status: 400,
+            message: message.into(),
+            kind: "invalid_request_error",
+            param,
+            code: None,
+        }
+    }
+
+    /// The 404 of a request for another model than the served one.
+    pub fn model_not_found(asked: &str, served: &str) -> Self {
+        Self {
+            status: 404,
+            message: format!("the model {asked:?} does not exist; this server serves {served:?}"),
+            kind: "invalid_request_error",
+            param: Some("model"),
+            code: Some("model_not_found"),
+        }
+    }
+
+    /// A 413 for a body over `limit` bytes.
+    pub fn too_large(limit: usize) -> Self {
+        Self {
+            status: 413,
+            message: format!(
+                "the request body is larger than this server's limit of {limit} bytes"
+            ),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("request_too_large"),
+        }
+    }
+
+    /// The error of a gRPC status from the shared request path.
+    pub fn from_status(status: &tonic::Status) -> Self {
+        let (code, kind) = match status.code() {
+            Code::InvalidArgument => (400, "invalid_request_error"),
+            Code::ResourceExhausted => (429, "rate_limit_error"),
+            Code::Unavailable => (503, "service_unavailable"),
+            Code::DeadlineExceeded => (504, "timeout"),
+            _ => (500, "server_error"),
+        };
+        Self {
+            status: code,
+            message: status.message().to_owned(),
+            kind,
+            param: None,
+            code: None,
+        }
+    }
+
+    /// `{"error": {message, type, param, code}}`.
+    pub fn body(&self) -> Value {
+        json!({
+            "error": {
+                "message": self.message,
+                "type": self.kind,
+                "param": self.param,
+                "code": self.code,
+            }
+        })
+    }
+}
+
+impl ChatRequest {
+    /// Parses a request body; a malformed one is a 400 that says why.
+    pub fn parse(body: &[u8]) -> Result<Self, ApiError> {
+        serde_json::from_slice(body)
+            .map_err(|e| ApiError::invalid(format!("the request body is not valid: {e}"), None))
+    }
+
+    /// Whether a streamed answer ends with a usage chunk.
+    pub fn include_usage(&self) -> bool {
+        self.stream_options
+            .as_ref()
+            .is_some_and(|o| o.include_usage)
+    }
+
+    /// The public request these fields spell.
+    pub fn into_generate(self) -> Result<GenerateRequest, ApiError> {
+        let mut messages = Vec::with_capacity(self.messages.len());
+        for (i, m) in self.messages.into_iter().enumerate() {
+            let role = match m.role.as_str() {
+                "system" | "developer" => v1::Role::System,
+                "user" => v1::Role::User,
+                "assistant" => v1::Role::Assistant,
+                other => {
+                    return Err(ApiError::invalid(
+                        format!(
+                            "messages[{i}].role {other:?} is not supported: use system, user \
+                             or assistant"
+                        ),
+                        Some("messages"),
+                    ));
+                }
+            };
+            let parts = match m.content {
+                Content::Text(text) => vec![text_part(text)],
+                Content::Parts(parts) => parts
+                    .into_iter()
+                    .enumerate()
+                    .map(|(j, p)| match p {
+                        ContentPart::Text { text } => Ok(text_part(text)),
+                        ContentPart::ImageUrl { image_url } => image_part(i, j, &image_url.url),
+                    })
+                    .collect::<Result<_, _>>()?,
+            };
+            messages.push(v1::Message {
+                role: role.into(),
+                parts,
+            });
+        }
+        let stop = match self.stop {
+            None => Vec::new(),
+            Some(Stop::One(s)) => vec![s],
+            Some(Stop::Many(v)) => v,
+        };
+        Ok(GenerateRequest {
+            messages,
+            sampling: Some(SamplingParams {
+                temperature: self.temperature,
+                top_p: self.top_p,
+                seed: self.seed,
+                ..Default::default()
+            }),
+            stopping: Some(StoppingParams {
+                max_tokens: self.max_completion_tokens.or(self.max_tokens),
+                stop,
+                ignore_eos: false,
+            }),
+            ..Default::default()
+        })
+    }
+}
+
+fn text_part(text: String) -> v1::Part {
+    v1::Part {
+        kind: Some(part::Kind::Text(text)),
+    }
+}
+
+/// The image of a `data:` URI in message `i` part `j`.
+fn image_part(i: usize, j: usize, url: &str) -> Result<v1::Part, ApiError> {
+    let param = Some("messages");
+    let Some(rest) = url.strip_prefix("data:") else {
+        return Err(ApiError::invalid(
+            format!(
+                "messages[{i}].content[{j}]: remote image URLs are not enabled on this server; \
+                 send the image inline as a data:image/...;base64,... URI"
+            ),
+            param,
+        ));
+    };
+    let Some((header, data)) = rest.split_once(',') else {
+        return Err(ApiError::invalid(
+            format!("messages[{i}].content[{j}]: the data: URI has no comma before its data"),
+            param,
+        ));
+    };
+    let Some(mime) = header.strip_suffix(";base64") else {
+        return Err(ApiError::invalid(
+            format!("messages[{i}].content[{j}]: the data: URI must be base64 (…;base64,…)"),
+            param,
+        ));
+    };
+    let data = STANDARD.decode(data.trim()).map_err(|e| {
+        ApiError::invalid(
+            format!("messages[{i}].content[{j}]: the data: URI is not valid base64: {e}"),
+            param,
+        )
+    })?;
+    Ok(v1::Part {
+        kind: Some(part::Kind::Image(v1::Image {
+            data: data.into(),
+            mime_type: mime.to_owned(),
+        })),
+    })
+}
+
+/// OpenAI's `finish_reason` of a public one.
+pub fn finish_reason(reason: i32) -> &'static str {
+    match FinishReason::try_from(reason) {
+        Ok(FinishReason::Length) => "length",
+        Ok(FinishReason::Eos | FinishReason::Stop | FinishReason::Unspecified) | Err(_) => "stop",
+    }
+}
+
+/// OpenAI's `usage` of a public one (image tokens are part of the prompt).
+pub fn usage(usage: Option<&Usage>) -> Value {
+    let u = usage.cloned().unwrap_or_default();
+    json!({
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.prompt_tokens + u.completion_tokens,
+    })
+}
+
+/// The `groundings` extra field: the same boxes as the gRPC response's.
+pub fn groundings(groundings: &[Grounding]) -> Value {
+    groundings
+        .iter()
+        .map(|g| {
+            json!({
+                "label": g.label,
+                "boxes": g.boxes.iter().map(|b| json!({
+                    "x1": b.x1, "y1": b.y1, "x2": b.x2, "y2": b.y2,
+                })).collect::<Vec<_>>(),
+                "image_index": g.image_index,
+            })
+        })
+        .collect()
+}
+
+/// A `chat.completion` of a whole answer.
+pub fn completion(response: &GenerateResponse, model: &str, created: u64) -> Value {
+    json!({
+        "id": format!("chatcmpl-{}", response.request_id),
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [{
+            "index": 0,
+            "message": {
+                "role": "assistant",
+                "content": response.text,
+                "groundings": groundings(&response.groundings),
+            },
+            "finish_reason": finish_reason(response.finish_reason),
+        }],
+        "usage": usage(response.usage.as_ref()),
+    })
+}
+
+/// The fields every `chat.completion.chunk` of one answer shares.
+#[derive(Debug, Clone)]
+pub struct ChunkHeader {
+    /// `chatcmpl-<request id>`.
+    pub id: String,
+    /// The served model's id.
+    pub model: String,
+    /// Unix seconds of the request.
+    pub created: u64,
+}
+
+impl ChunkHeader {
+    /// A chunk with one choice of `delta` and `finish_reason`.
+    pub fn chunk(&self, delta: Value, finish_reason: Option<&str>) -> Value {
+        json!({
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+        })
+    }
+
+    /// The closing usage chunk (`stream_options.include_usage`): no choices.
+    pub fn usage_chunk(&self, u: Option<&Usage>) -> Value {
+        json!({
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": [],
+            "usage": usage(u),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_parts_become_public_parts() {
+        let body = br#"{"model":"m","messages":[
+            {"role":"system","content":"Be brief."},
+            {"role":"user","content":[
+                {"type":"text","text":"What is this?"},
+                {"type":"image_url","image_url":{"url":"data:image/png;base64,AAEC"}}]}],
+            "max_tokens":5,"max_completion_tokens":7,"stop":"x","seed":3,"temperature":0.5}"#;
+        let req = ChatRequest::parse(body).unwrap().into_generate().unwrap();
+        assert_eq!(req.messages.len(), 2);
+        assert_eq!(req.messages[1].parts.len(), 2);
+        let Some(part::Kind::Image(image)) = &req.messages[1].parts[1].kind else {
+            panic!("not an image");
+        };
+        assert_eq!(&image.data[..], &[0, 1, 2]);
+        assert_eq!(image.mime_type, "image/png");
+        let stopping = req.stopping.unwrap();
+        assert_eq!(stopping.max_tokens, Some(7));
+        assert_eq!(stopping.stop, ["x"]);
+        let sampling = req.sampling.unwrap();
+        assert_eq!((sampling.seed, sampling.temperature), (Some(3), Some(0.5)));
+    }
+
+    #[test]
+    fn remote_urls_bad_base64_and_unknown_roles_are_400s() {
+        let with = |content: &str| {
+            let body = format!(r#"{{"model":"m","messages":[{content}]}}"#);
+            ChatRequest::parse(body.as_bytes())
+                .unwrap()
+                .into_generate()
+                .unwrap_err()
+        };
+        let image = |url: &str| {
+            with(&format!(
+                r#"{{"role":"user","content":[{{"type":"image_url","image_url":{{"url":"{url}"}}}}]}}"#
+            ))
+        };
+        let remote = image("http://example.com/a.png");
+        assert_eq!(remote.status, 400);
+        assert!(remote.message.contains("remote image URLs are not enabled"));
+        assert_eq!(image("data:image/png;base64,@@@").status, 400);
+        assert_eq!(image("data:image/png,abc").status, 400);
+        assert_eq!(with(r#"{"role":"tool","content":"x"}"#).status, 400);
+        assert_eq!(ChatRequest::parse(b"{").unwrap_err().status, 400);
+    }
+
+    #[test]
+    fn status_codes_map_to_http_statuses() {
+        let of = |code| ApiError::from_status(&tonic::Status::new(code, "m")).status;
+        assert_eq!(of(Code::InvalidArgument), 400);
+        assert_eq!(of(Code::ResourceExhausted), 429);
+        assert_eq!(of(Code::Unavailable), 503);
+        assert_eq!(of(Code::DeadlineExceeded), 504);
+        assert_eq!(of(Code::Internal), 500);
+    }
+}

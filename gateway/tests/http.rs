@@ -1,0 +1,420 @@
+//! The OpenAI-compatible HTTP API between a fake vision-worker and a fake
+//! scheduler: the same answers as gRPC (whole and streamed), `/v1/models`,
+//! `/health`, and OpenAI-shaped errors after which the server keeps serving.
+
+#[allow(dead_code)] // each test binary uses a different subset of the helpers
+mod common;
+#[allow(dead_code)]
+mod fakes;
+
+use std::net::SocketAddr;
+
+use axum::body::Bytes;
+use axum::http::{Method, Request, header};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use common::*;
+use fakes::{FakeScheduler, FakeVision, SchedulerScript, VisionScript};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{Value, json};
+use tessera_gateway::Config;
+use tessera_model::chat::ChatTokenizer;
+use tessera_proto::internal::v1::StopReason;
+use tessera_runtime::{Discovery, Member, MemoryDiscovery, Registration, Role};
+use tonic::{Code, Status};
+
+const FIXTURE: &str = "tiny-mha-softmax";
+const ANSWER: &str = "Il fait très beau 中文 today.";
+/// The HTTP body limit of the tests' gateway.
+const MAX_BODY: usize = 16 << 10;
+
+struct Cluster {
+    gateway: Gateway,
+    http: SocketAddr,
+    vision: FakeVision,
+    client: Client<HttpConnector, Full<Bytes>>,
+    _members: Vec<Registration>,
+}
+
+/// A gateway with HTTP whose scheduler answers [`ANSWER`] in batches of 3 tokens.
+async fn cluster() -> Cluster {
+    let tok = ChatTokenizer::from_dir(&fixture(FIXTURE)).unwrap();
+    let ids = tok.encode(ANSWER).unwrap();
+    let batches = ids.chunks(3).map(<[u32]>::to_vec).collect();
+    cluster_with(SchedulerScript::Tokens(batches, StopReason::Length)).await
+}
+
+/// A gateway with HTTP whose scheduler follows `script`.
+async fn cluster_with(script: SchedulerScript) -> Cluster {
+    cluster_and_scheduler(script).await.0
+}
+
+/// [`cluster_with`], and its scheduler.
+async fn cluster_and_scheduler(script: SchedulerScript) -> (Cluster, FakeScheduler) {
+    let discovery = MemoryDiscovery::new();
+    let vision = FakeVision::new(&fixture(FIXTURE), VisionScript::Correct);
+    let scheduler = FakeScheduler::new(script);
+    let v = vision.clone().serve().await;
+    let s = scheduler.clone().serve().await;
+    let members = vec![
+        discovery
+            .register(Member::new(Role::VisionWorker, "vision-0", v.to_string()))
+            .unwrap(),
+        discovery
+            .register(Member::new(Role::Scheduler, "scheduler-0", s.to_string()))
+            .unwrap(),
+    ];
+    let mut cfg = Config::new(fixture(FIXTURE));
+    cfg.http_max_body_bytes = MAX_BODY;
+    let gateway = Gateway::start_http(cfg, discovery).await;
+    let cluster = Cluster {
+        http: gateway.http.unwrap(),
+        gateway,
+        vision,
+        client: Client::builder(TokioExecutor::new()).build_http(),
+        _members: members,
+    };
+    (cluster, scheduler)
+}
+
+impl Cluster {
+    /// Sends a request and returns its status, content type and whole body.
+    async fn call(&self, method: Method, path: &str, body: Vec<u8>) -> (u16, String, String) {
+        let request = Request::builder()
+            .method(method)
+            .uri(format!("http://{}{path}", self.http))
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap();
+        let response = tokio::time::timeout(DEADLINE, self.client.request(request))
+            .await
+            .expect("an answer in time")
+            .unwrap();
+        let status = response.status().as_u16();
+        let kind = response
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default();
+        let body = tokio::time::timeout(DEADLINE, response.into_body().collect())
+            .await
+            .expect("the whole body in time")
+            .unwrap()
+            .to_bytes();
+        (status, kind, String::from_utf8(body.to_vec()).unwrap())
+    }
+
+    async fn chat(&self, body: &Value) -> (u16, Value) {
+        self.chat_raw(body.to_string().into_bytes()).await
+    }
+
+    async fn chat_raw(&self, body: Vec<u8>) -> (u16, Value) {
+        let (status, _, body) = self.call(Method::POST, "/v1/chat/completions", body).await;
+        (status, serde_json::from_str(&body).unwrap())
+    }
+
+    /// A good request still gets the whole answer.
+    async fn still_serves(&self) {
+        let (status, body) = self.chat(&ask_body("Say something.")).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["choices"][0]["message"]["content"], ANSWER);
+    }
+}
+
+fn ask_body(question: &str) -> Value {
+    json!({
+        "model": FIXTURE,
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": question},
+        ],
+        "max_tokens": 64,
+        "seed": 7,
+    })
+}
+
+fn image_body(url: &str) -> Value {
+    json!({
+        "model": FIXTURE,
+        "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "What is in this image?"},
+            {"type": "image_url", "image_url": {"url": url}},
+        ]}],
+    })
+}
+
+/// Asserts an OpenAI-shaped error and returns its message.
+fn error_message(body: &Value, kind: &str) -> String {
+    let error = &body["error"];
+    assert_eq!(error["type"], kind, "{body}");
+    assert!(
+        error.get("param").is_some() && error.get("code").is_some(),
+        "{body}"
+    );
+    error["message"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completion_is_the_grpc_answer() {
+    let cluster = cluster().await;
+    let (status, body) = cluster.chat(&ask_body("Say something.")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["object"], "chat.completion");
+    assert!(body["id"].as_str().unwrap().starts_with("chatcmpl-"));
+    assert!(body["created"].as_u64().unwrap() > 0);
+    assert_eq!(body["model"], FIXTURE);
+    let choice = &body["choices"][0];
+    assert_eq!(choice["message"]["role"], "assistant");
+    assert_eq!(choice["finish_reason"], "length");
+    assert_eq!(choice["message"]["groundings"], json!([]));
+
+    let grpc = cluster
+        .gateway
+        .client()
+        .await
+        .generate(with_max_tokens(
+            tessera_proto::v1::GenerateRequest {
+                messages: vec![
+                    message(tessera_proto::v1::Role::System, vec![text("Be brief.")]),
+                    message(tessera_proto::v1::Role::User, vec![text("Say something.")]),
+                ],
+                ..Default::default()
+            },
+            64,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let usage = grpc.usage.unwrap();
+    assert_eq!(choice["message"]["content"], grpc.text.as_str());
+    assert_eq!(grpc.text, ANSWER);
+    assert_eq!(body["usage"]["prompt_tokens"], usage.prompt_tokens);
+    assert_eq!(body["usage"]["completion_tokens"], usage.completion_tokens);
+    assert_eq!(
+        body["usage"]["total_tokens"],
+        usage.prompt_tokens + usage.completion_tokens
+    );
+
+    // An x-request-id header names the completion, as the gRPC metadata does.
+    let request = Request::builder()
+        .method(Method::POST)
+        .uri(format!("http://{}/v1/chat/completions", cluster.http))
+        .header("x-request-id", "http-1")
+        .body(Full::new(Bytes::from(ask_body("Hi.").to_string())))
+        .unwrap();
+    let response = cluster.client.request(request).await.unwrap();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let body: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(body["id"], "chatcmpl-http-1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_is_chunks_of_the_same_text_then_done() {
+    let cluster = cluster().await;
+    let mut body = ask_body("Say something.");
+    body["stream"] = json!(true);
+    body["stream_options"] = json!({"include_usage": true});
+    let (status, kind, events) = cluster
+        .call(
+            Method::POST,
+            "/v1/chat/completions",
+            body.to_string().into_bytes(),
+        )
+        .await;
+    assert_eq!(status, 200, "{events}");
+    assert_eq!(kind, "text/event-stream");
+    let data: Vec<&str> = events
+        .split("\n\n")
+        .filter(|e| !e.is_empty())
+        .map(|e| e.strip_prefix("data: ").expect("a data event"))
+        .collect();
+    assert_eq!(data.last(), Some(&"[DONE]"));
+    let chunks: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    assert!(
+        chunks
+            .iter()
+            .all(|c| c["object"] == "chat.completion.chunk")
+    );
+    let id = &chunks[0]["id"];
+    assert!(chunks.iter().all(|c| &c["id"] == id));
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(text, ANSWER);
+    let with_choices: Vec<&Value> = chunks
+        .iter()
+        .filter(|c| !c["choices"].as_array().unwrap().is_empty())
+        .collect();
+    let (last, before) = with_choices.split_last().unwrap();
+    assert_eq!(last["choices"][0]["finish_reason"], "length");
+    assert!(
+        before
+            .iter()
+            .all(|c| c["choices"][0]["finish_reason"].is_null())
+    );
+    let usage = &chunks.last().unwrap()["usage"];
+    let (_, whole) = cluster.chat(&ask_body("Say something.")).await;
+    assert_eq!(usage, &whole["usage"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_health_and_images() {
+    let cluster = cluster().await;
+    let (status, _, body) = cluster.call(Method::GET, "/v1/models", Vec::new()).await;
+    assert_eq!(status, 200);
+    let models: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        models,
+        json!({"object": "list", "data": [
+            {"id": FIXTURE, "object": "model", "created": 0, "owned_by": "tessera"}
+        ]})
+    );
+    let (status, _, body) = cluster.call(Method::GET, "/health", Vec::new()).await;
+    assert_eq!((status, body.as_str()), (200, "ok"));
+
+    let png = STANDARD.encode(png(64, 48));
+    let (status, body) = cluster
+        .chat(&image_body(&format!("data:image/png;base64,{png}")))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["choices"][0]["message"]["content"], ANSWER);
+    assert_eq!(cluster.vision.calls.lock().unwrap().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_are_openai_errors_and_the_server_keeps_serving() {
+    let cluster = cluster().await;
+
+    let (status, body) = cluster.chat_raw(b"{\"model\": ".to_vec()).await;
+    assert_eq!(status, 400);
+    error_message(&body, "invalid_request_error");
+    cluster.still_serves().await;
+
+    let mut other = ask_body("Hi.");
+    other["model"] = json!("gpt-4o");
+    let (status, body) = cluster.chat(&other).await;
+    assert_eq!(status, 404);
+    error_message(&body, "invalid_request_error");
+    assert_eq!(body["error"]["code"], "model_not_found");
+    cluster.still_serves().await;
+
+    let not_png = STANDARD.encode(b"this is not an image");
+    let (status, body) = cluster
+        .chat(&image_body(&format!("data:image/png;base64,{not_png}")))
+        .await;
+    assert_eq!(status, 400, "{body}");
+    let message = error_message(&body, "invalid_request_error");
+    assert!(message.contains("image"), "{message}");
+    let (status, body) = cluster
+        .chat(&image_body(&format!("data:text/plain;base64,{not_png}")))
+        .await;
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = cluster
+        .chat(&image_body("data:image/png;base64,not base64!"))
+        .await;
+    assert_eq!(status, 400, "{body}");
+    cluster.still_serves().await;
+
+    let (status, body) = cluster
+        .chat(&image_body("http://example.com/cat.png"))
+        .await;
+    assert_eq!(status, 400);
+    let message = error_message(&body, "invalid_request_error");
+    assert!(
+        message.contains("remote image URLs are not enabled"),
+        "{message}"
+    );
+    cluster.still_serves().await;
+
+    let mut zero = ask_body("Hi.");
+    zero["max_tokens"] = json!(0);
+    let (status, body) = cluster.chat(&zero).await;
+    assert_eq!(status, 400, "{body}");
+    error_message(&body, "invalid_request_error");
+
+    let mut big = ask_body(&"x".repeat(2 * MAX_BODY));
+    big["stream"] = json!(true);
+    let (status, body) = cluster.chat(&big).await;
+    assert_eq!(status, 413);
+    error_message(&body, "invalid_request_error");
+    cluster.still_serves().await;
+    assert!(cluster.vision.calls.lock().unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_statuses_become_http_statuses() {
+    for (code, status, kind) in [
+        (Code::ResourceExhausted, 429, "rate_limit_error"),
+        (Code::Unavailable, 503, "service_unavailable"),
+        (Code::Internal, 500, "server_error"),
+    ] {
+        let cluster = cluster_with(SchedulerScript::Fail(Status::new(code, "busy"))).await;
+        let (got, body) = cluster.chat(&ask_body("Hi.")).await;
+        assert_eq!(got, status, "{body}");
+        assert_eq!(error_message(&body, kind), "scheduler: busy");
+        let mut streamed = ask_body("Hi.");
+        streamed["stream"] = json!(true);
+        let (got, _) = cluster.chat(&streamed).await;
+        assert_eq!(got, status);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_leaving_a_stream_cancels_the_request() {
+    let tok = ChatTokenizer::from_dir(&fixture(FIXTURE)).unwrap();
+    let first = tok.encode("Il fait").unwrap();
+    let (cluster, scheduler) = cluster_and_scheduler(SchedulerScript::Hang(first)).await;
+    let mut body = ask_body("Say something.");
+    body["stream"] = json!(true);
+    let request = Request::builder()
+        .method(Method::POST)
+        .uri(format!("http://{}/v1/chat/completions", cluster.http))
+        .header("x-request-id", "leaving-1")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap();
+    let response = cluster.client.request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let mut seen = String::new();
+    while !seen.contains("\"content\":\"Il") {
+        let frame = tokio::time::timeout(DEADLINE, body.frame())
+            .await
+            .expect("a chunk in time")
+            .unwrap()
+            .unwrap();
+        if let Ok(data) = frame.into_data() {
+            seen.push_str(std::str::from_utf8(&data).unwrap());
+        }
+    }
+    drop(body);
+    let mut cancelled = scheduler.cancelled.subscribe();
+    tokio::time::timeout(
+        DEADLINE,
+        cancelled.wait_for(|ids| ids.iter().any(|id| id == "leaving-1")),
+    )
+    .await
+    .expect("the request is cancelled on the scheduler")
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_stops_the_http_server_too() {
+    let cluster = cluster().await;
+    cluster.still_serves().await;
+    cluster.gateway.shutdown.cancel();
+    let Cluster { gateway, http, .. } = cluster;
+    tokio::time::timeout(DEADLINE, gateway.task)
+        .await
+        .expect("the gateway stops in time")
+        .unwrap()
+        .unwrap();
+    assert!(tokio::net::TcpStream::connect(http).await.is_err());
+}
