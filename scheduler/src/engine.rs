@@ -408,7 +408,6 @@ impl Worker {
             }
             let mut seq = self.waiting.pop_front().expect("front exists");
             let reused = seq.match_prefix(&mut self.pool);
-            seq.reused_tokens += reused;
             self.counters.prefix_reused_tokens += reused as u64;
             let n = seq.pending().min(chunk).min(budget);
             for _ in 0..seq.blocks.blocks_needed(seq.computed + n, bs) {
@@ -519,6 +518,13 @@ impl Worker {
     /// Ends `seq`: frees its blocks, records its figures and sends its last event.
     fn end(&mut self, mut seq: Sequence, outcome: Outcome) {
         seq.release(&mut self.pool);
+        tracing::debug!(
+            request_id = %seq.trace_id,
+            reused_tokens = seq.reused_tokens,
+            model_tokens = seq.model_tokens,
+            preemptions = seq.preemptions,
+            "request cache use"
+        );
         let prompt_tokens = seq.prompt_len() as u64;
         let completion_tokens = seq.output().len() as u64;
         let decode_time = seq
