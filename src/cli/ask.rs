@@ -158,7 +158,7 @@ fn conversation(args: &AskArgs) -> anyhow::Result<(Vec<Message>, Vec<PathBuf>)> 
 }
 
 /// A message as API parts: text pieces with the images where their tags stand.
-fn to_parts(
+pub(super) fn to_parts(
     content: &str,
     images: &mut impl Iterator<Item = (Vec<u8>, String)>,
 ) -> anyhow::Result<Vec<v1::Part>> {
@@ -185,7 +185,7 @@ fn to_parts(
     Ok(parts)
 }
 
-fn mime_of(path: &Path) -> String {
+pub(super) fn mime_of(path: &Path) -> String {
     let ext = path
         .extension()
         .and_then(|e| e.to_str())

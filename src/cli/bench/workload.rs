@@ -1,9 +1,11 @@
 //! What each benchmark request asks: the prompt, its images and how many tokens
 //! to generate, built once and stamped with each request's id.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Context, bail};
+
+use crate::cli::ask::{mime_of, to_parts};
 use tessera_proto::v1::{self, GenerateRequest, part};
 
 /// The prompt sent when `--prompt` is not given.
@@ -42,41 +44,6 @@ fn synthesize(prompt: &str, words: usize) -> anyhow::Result<String> {
     Ok(text.collect::<Vec<_>>().join(" "))
 }
 
-fn mime_of(path: &Path) -> &'static str {
-    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
-    match ext.to_ascii_lowercase().as_str() {
-        "png" => "image/png",
-        "jpg" | "jpeg" => "image/jpeg",
-        "webp" => "image/webp",
-        "gif" => "image/gif",
-        "bmp" => "image/bmp",
-        // Empty lets the server detect the format from the bytes.
-        _ => "",
-    }
-}
-
-/// `text` as API parts: text pieces with the images where their `<image>` tags stand.
-fn to_parts(text: &str, images: Vec<v1::Image>) -> Vec<v1::Part> {
-    let mut images = images.into_iter();
-    let mut parts = Vec::new();
-    let mut pieces = text.split("<image>").peekable();
-    while let Some(piece) = pieces.next() {
-        if !piece.is_empty() {
-            parts.push(v1::Part {
-                kind: Some(part::Kind::Text(piece.to_string())),
-            });
-        }
-        if pieces.peek().is_some()
-            && let Some(image) = images.next()
-        {
-            parts.push(v1::Part {
-                kind: Some(part::Kind::Image(image)),
-            });
-        }
-    }
-    parts
-}
-
 impl Workload {
     /// Reads the images and lays out the message. A prompt without `<image>` tags
     /// gets one `<image>` line per image in front, as `tessera ask` does.
@@ -106,14 +73,11 @@ impl Workload {
             .map(|path| {
                 let data = std::fs::read(path)
                     .with_context(|| format!("cannot read --image {}", path.display()))?;
-                Ok(v1::Image {
-                    data: data.into(),
-                    mime_type: mime_of(path).to_string(),
-                })
+                Ok((data, mime_of(path)))
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
         Ok(Self {
-            parts: to_parts(&text, images),
+            parts: to_parts(&text, &mut images.into_iter())?,
             output_tokens: spec.output_tokens,
             distinct_prompts: spec.distinct_prompts,
         })
