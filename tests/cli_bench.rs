@@ -1,19 +1,16 @@
 //! `tessera bench` end to end through the real binary: against a running
 //! `tessera up`, against a cluster it starts itself, and with bad flags.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc;
-use std::time::Duration;
+use std::process::{Command, Output};
 
 use serde_json::Value;
 
 #[allow(dead_code)]
 mod common;
+#[path = "common/up.rs"]
+mod up_process;
 
 use common::fixture_dir;
-
-const DEADLINE: Duration = Duration::from_secs(120);
 
 fn tessera() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_tessera"));
@@ -30,39 +27,9 @@ fn model() -> String {
         .to_string()
 }
 
-/// A `tessera up` process, killed if the test ends without stopping it.
-struct Up(Child);
-
-impl Drop for Up {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// `tessera up` on a free port; returns the process and the printed address.
-fn up(model: &str, workers: &str) -> (Up, String) {
-    let mut child = tessera()
-        .args(["up", "--model", model, "--expert-workers", workers])
-        .args(["--grpc", "127.0.0.1:0", "--grace-seconds", "5"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("run tessera up");
-    let stdout = child.stdout.take().unwrap();
-    let up = Up(child);
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(addr) = line.strip_prefix("tessera serving on ") {
-                let _ = tx.send(addr.to_string());
-            }
-        }
-    });
-    let addr = rx
-        .recv_timeout(DEADLINE)
-        .expect("tessera up prints its address before the deadline");
-    (up, addr)
+fn up(model: &str, workers: &str) -> (up_process::Up, String) {
+    up_process::start(tessera(), model, workers)
 }
 
 /// The one JSON object a successful `--json` run prints on stdout.

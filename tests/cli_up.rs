@@ -2,15 +2,15 @@
 //! cluster in one process, `ask` answers through its public API exactly as
 //! `generate` does offline, and SIGTERM stops the cluster cleanly.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::Duration;
 
 use serde_json::Value;
 
 #[allow(dead_code)]
 mod common;
+#[path = "common/up.rs"]
+mod up_process;
 
 use common::fixture_dir;
 
@@ -22,39 +22,9 @@ fn tessera() -> Command {
     c
 }
 
-/// A `tessera up` process, killed if the test ends without stopping it.
-struct Up(Child);
-
-impl Drop for Up {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// `tessera up` on a free port; returns the process and the printed address.
-fn up(model: &str, workers: &str) -> (Up, String) {
-    let child = tessera()
-        .args(["up", "--model", model, "--expert-workers", workers])
-        .args(["--grpc", "127.0.0.1:0", "--grace-seconds", "5"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("run tessera up");
-    let mut child = child;
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(addr) = line.strip_prefix("tessera serving on ") {
-                let _ = tx.send(addr.to_string());
-            }
-        }
-    });
-    let addr = rx
-        .recv_timeout(DEADLINE)
-        .expect("tessera up prints its address before the deadline");
-    (Up(child), addr)
+fn up(model: &str, workers: &str) -> (up_process::Up, String) {
+    up_process::start(tessera(), model, workers)
 }
 
 fn json_of(out: std::process::Output, what: &str) -> Value {
