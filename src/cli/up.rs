@@ -129,11 +129,12 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let running = start(opts, shutdown.clone()).await?;
     if !shutdown.is_cancelled() {
         let addr = running.addr;
-        // Tests and scripts read this line for the address.
-        println!("tessera serving on {addr}");
+        // Tests and scripts read these lines for the addresses; `serving` comes last,
+        // once everything is listening.
         if let Some(http) = running.http {
             println!("tessera http on {http}");
         }
+        println!("tessera serving on {addr}");
         eprintln!(
             "tessera up: ready in {:.1}s; gRPC API at {addr} (tessera.v1.Tessera). Ctrl-C stops.",
             running.load_time.as_secs_f64()

@@ -21,10 +21,29 @@ impl Drop for Up {
 
 /// Runs `tessera` (a command for the binary) as `up` on a free port with `workers`
 /// expert-workers; returns the process and the address it prints.
-pub fn start(mut tessera: Command, model: &str, workers: &str) -> (Up, String) {
+pub fn start(tessera: Command, model: &str, workers: &str) -> (Up, String) {
+    let (up, addrs) = start_with(tessera, model, workers, &[]);
+    (up, addrs.grpc)
+}
+
+/// The addresses a `tessera up` printed.
+#[allow(dead_code)] // each test binary uses its own subset
+pub struct Addrs {
+    /// The public gRPC API (`tessera serving on ADDR`).
+    pub grpc: String,
+    /// The HTTP API (`tessera http on ADDR`), when `--http` was given.
+    pub http: Option<String>,
+}
+
+/// [`start`] with `extra` arguments after the usual ones (e.g. `--http 127.0.0.1:0`).
+/// Waits for the gRPC address, and for the HTTP address when `extra` has `--http`.
+#[allow(dead_code)] // each test binary uses its own subset
+pub fn start_with(mut tessera: Command, model: &str, workers: &str, extra: &[&str]) -> (Up, Addrs) {
+    let wants_http = extra.contains(&"--http");
     let mut child = tessera
         .args(["up", "--model", model, "--expert-workers", workers])
         .args(["--grpc", "127.0.0.1:0", "--grace-seconds", "5"])
+        .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -33,14 +52,24 @@ pub fn start(mut tessera: Command, model: &str, workers: &str) -> (Up, String) {
     let up = Up(child);
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
+        let mut http = None;
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(addr) = line.strip_prefix("tessera http on ") {
+                http = Some(addr.to_string());
+            }
             if let Some(addr) = line.strip_prefix("tessera serving on ") {
-                let _ = tx.send(addr.to_string());
+                let _ = tx.send((addr.to_string(), http.take()));
             }
         }
     });
-    let addr = rx
+    let (grpc, http) = rx
         .recv_timeout(DEADLINE)
         .expect("tessera up prints its address before the deadline");
-    (up, addr)
+    if wants_http {
+        assert!(
+            http.is_some(),
+            "tessera up --http printed no `tessera http on ADDR` line"
+        );
+    }
+    (up, Addrs { grpc, http })
 }
