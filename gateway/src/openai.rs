@@ -114,7 +114,8 @@ impl ApiError {
         Self {
             status: 413,
             message: format!(
-                "the request body is larger than this server's limit of {limit} bytes"
+                "the request body is larger than this server's limit of {limit} bytes \
+                 (the gateway's --http-max-body-bytes); send smaller or fewer images"
             ),
             kind: "invalid_request_error",
             param: None,

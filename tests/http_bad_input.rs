@@ -1,0 +1,177 @@
+//! Bad input to the OpenAI-compatible HTTP API of a real `tessera up`: each gets an
+//! OpenAI-shaped error with a 4xx status, and the server goes on answering. The body
+//! limit is the default one (64 MiB), met by a 200 MB upload.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+#[allow(dead_code)]
+mod common;
+#[path = "common/up.rs"]
+mod up_process;
+
+use common::fixture_dir;
+
+const MODEL_NAME: &str = "tiny-mha-softmax";
+const IO_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// One HTTP/1.1 exchange on a fresh connection: the status and the JSON body.
+fn post(addr: &str, path: &str, body: &[u8]) -> (u16, Value) {
+    let mut stream = TcpStream::connect(addr).expect("connect to the HTTP API");
+    stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    // The server may answer (and close) before it has read a body it refuses, so
+    // the body goes from another thread and its write errors are expected then.
+    let mut writer = stream.try_clone().unwrap();
+    let body = body.to_vec();
+    let sending = std::thread::spawn(move || {
+        for chunk in body.chunks(1 << 20) {
+            if writer.write_all(chunk).is_err() {
+                return;
+            }
+        }
+    });
+    let mut raw = Vec::new();
+    // A reset after the answer arrived still leaves the answer in `raw`.
+    let _ = stream.read_to_end(&mut raw);
+    let _ = stream.shutdown(Shutdown::Both);
+    sending.join().unwrap();
+    parse_response(&raw)
+}
+
+fn parse_response(raw: &[u8]) -> (u16, Value) {
+    let text = String::from_utf8_lossy(raw);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("an HTTP response, got {text:?}"));
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("a status line, got {head:?}"));
+    let chunked = head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked");
+    let body = if chunked {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
+    let json = serde_json::from_str(&body)
+        .unwrap_or_else(|e| panic!("a JSON body ({e}), got status {status} and {body:?}"));
+    (status, json)
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    loop {
+        let (size, rest) = body.split_once("\r\n").expect("a chunk size line");
+        let size = usize::from_str_radix(size.trim(), 16).expect("a hex chunk size");
+        if size == 0 {
+            return out;
+        }
+        out.push_str(&rest[..size]);
+        body = &rest[size + 2..];
+    }
+}
+
+/// Asserts an OpenAI-shaped error with `status` and returns its message.
+fn expect_error(got: (u16, Value), status: u16) -> String {
+    let (code, body) = got;
+    assert_eq!(code, status, "{body}");
+    let error = &body["error"];
+    assert_eq!(error["type"], "invalid_request_error", "{body}");
+    assert!(
+        error.get("param").is_some() && error.get("code").is_some(),
+        "{body}"
+    );
+    error["message"].as_str().expect("a message").to_owned()
+}
+
+fn chat(question: &str) -> Value {
+    json!({
+        "model": MODEL_NAME,
+        "messages": [{"role": "user", "content": question}],
+        "max_tokens": 4,
+        "temperature": 0,
+    })
+}
+
+/// A small good request still gets its answer.
+fn still_serves(addr: &str) {
+    let (status, body) = post(
+        addr,
+        "/v1/chat/completions",
+        chat("Hello.").to_string().as_bytes(),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["usage"]["completion_tokens"], 4, "{body}");
+}
+
+#[test]
+fn bad_http_input_gets_openai_errors_and_the_server_keeps_serving() {
+    let dir = fixture_dir(MODEL_NAME);
+    let mut tessera = Command::new(env!("CARGO_BIN_EXE_tessera"));
+    tessera
+        .env_remove("TESSERA_MODEL")
+        .env_remove("TESSERA_HTTP");
+    let (_up, addrs) = up_process::start_with(
+        tessera,
+        dir.to_str().unwrap(),
+        "2",
+        &["--http", "127.0.0.1:0"],
+    );
+    let http = addrs.http.expect("an HTTP address");
+    let path = "/v1/chat/completions";
+    still_serves(&http);
+
+    // Malformed JSON.
+    let message = expect_error(post(&http, path, b"{\"model\": \"tiny"), 400);
+    assert!(!message.is_empty());
+    still_serves(&http);
+
+    // A data: URI that is not an image.
+    let not_an_image = json!({
+        "model": MODEL_NAME,
+        "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "What is this?"},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,aGVsbG8gd29ybGQ="}},
+        ]}],
+    });
+    let message = expect_error(post(&http, path, not_an_image.to_string().as_bytes()), 400);
+    assert!(message.contains("image"), "{message}");
+    still_serves(&http);
+
+    // A 200 MB body against the default 64 MiB limit.
+    let mut huge = chat("").to_string().into_bytes();
+    let filler = format!(r#","padding":"{}"}}"#, "x".repeat(200 * 1000 * 1000));
+    huge.pop();
+    huge.extend_from_slice(filler.as_bytes());
+    let message = expect_error(post(&http, path, &huge), 413);
+    assert!(message.contains("--http-max-body-bytes"), "{message}");
+    drop(huge);
+    still_serves(&http);
+
+    // A model this server does not serve.
+    let mut other = chat("Hello.");
+    other["model"] = json!("gpt-4o");
+    let message = expect_error(post(&http, path, other.to_string().as_bytes()), 404);
+    assert!(message.contains(MODEL_NAME), "{message}");
+    still_serves(&http);
+
+    // max_tokens beyond the model's context.
+    let mut long = chat("Hello.");
+    long["max_tokens"] = json!(10_000_000);
+    let message = expect_error(post(&http, path, long.to_string().as_bytes()), 400);
+    assert!(message.contains("max_tokens"), "{message}");
+    still_serves(&http);
+}
