@@ -173,19 +173,33 @@ fn bad_input_fails_with_a_clear_message() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("/nonexistent/model") && err.contains("not found"),
+        err.contains("/nonexistent/model") && err.contains("no such model folder"),
         "{err}"
     );
 
-    let out = tessera(&[
-        "generate",
-        "--model",
-        "deepseek-ai/deepseek-vl2-tiny",
-        "--prompt",
-        "hi",
-    ]);
+    // A Hub id while the Hub cannot be reached (a closed loopback port).
+    let hf_home = tempfile::tempdir().unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let out = Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args(["generate", "--model", "deepseek-ai/deepseek-vl2-tiny"])
+        .args(["--prompt", "hi"])
+        .env_remove("TESSERA_MODEL")
+        .env_remove("HF_HUB_CACHE")
+        .env_remove("HF_HUB_OFFLINE")
+        .env("HF_HOME", hf_home.path())
+        .env("HF_ENDPOINT", &endpoint)
+        .output()
+        .unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--model DIR"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "could not download deepseek-ai/deepseek-vl2-tiny from {endpoint}"
+        )) && err.contains("--model PATH"),
+        "{err}"
+    );
 
     let out = tessera(&[
         "generate",

@@ -128,7 +128,7 @@ fn up_with_a_missing_model_fails_with_a_clear_message() {
         .args([
             "up",
             "--model",
-            "deepseek-ai/deepseek-vl2-tiny",
+            "/no/such/snapshot",
             "--grpc",
             "127.0.0.1:0",
         ])
@@ -136,7 +136,27 @@ fn up_with_a_missing_model_fails_with_a_clear_message() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("--model DIR"), "{err}");
+    assert!(err.contains("no such model folder"), "{err}");
+    assert!(err.contains("--model PATH"), "{err}");
+
+    // A Hub id while the Hub cannot be reached (a closed loopback port).
+    let hf_home = tempfile::tempdir().unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let out = tessera()
+        .args(["up", "--model", "deepseek-ai/deepseek-vl2-tiny"])
+        .args(["--grpc", "127.0.0.1:0"])
+        .env_remove("HF_HUB_CACHE")
+        .env_remove("HF_HUB_OFFLINE")
+        .env("HF_HOME", hf_home.path())
+        .env("HF_ENDPOINT", &endpoint)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("This machine may be offline"), "{err}");
+    assert!(err.contains("--model PATH"), "{err}");
 }
 
 #[test]

@@ -30,6 +30,9 @@ pub enum Error {
     /// The listener's address could not be read.
     #[error("cannot use the listener: {0}")]
     Bind(#[source] std::io::Error),
+    /// The metrics endpoint could not listen (the message names the address).
+    #[error("metrics endpoint: {0}")]
+    Metrics(std::io::Error),
     /// Registration in discovery failed.
     #[error("cannot register in discovery: {0}")]
     Discovery(#[source] tessera_runtime::Error),
@@ -50,6 +53,7 @@ impl From<Error> for tonic::Status {
             | Error::Compute(_)
             | Error::Join(_)
             | Error::Bind(_)
+            | Error::Metrics(_)
             | Error::Discovery(_) => Self::internal(message),
         }
     }

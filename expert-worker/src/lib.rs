@@ -17,12 +17,14 @@ pub mod error;
 pub mod follow;
 pub mod service;
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tessera_proto::MAX_MESSAGE_BYTES;
 use tessera_proto::internal::v1::expert_server::ExpertServer;
+use tessera_runtime::metrics::Endpoint;
 use tessera_runtime::placer::{self, ExpertLayout};
 use tessera_runtime::serving;
 use tessera_runtime::{CancellationToken, Discovery, Member, Role};
@@ -36,7 +38,8 @@ pub use service::ExpertService;
 /// it comes from the placement published in discovery.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Config {
-    /// Snapshot folder (config.json, *.safetensors).
+    /// Snapshot folder (config.json, *.safetensors), or a Hub id such as
+    /// deepseek-ai/deepseek-vl2-tiny (downloaded at start-up).
     #[arg(long, env = "TESSERA_MODEL")]
     pub model: PathBuf,
     /// This member's id in discovery [default: "expert-worker-<advertised address>"].
@@ -48,6 +51,10 @@ pub struct Config {
     /// Seconds to drain in-flight requests after a shutdown signal.
     #[arg(long, env = "TESSERA_GRACE_SECONDS", default_value_t = 25)]
     pub grace_seconds: u64,
+    /// Serve Prometheus metrics (`GET /metrics`) and `GET /health` on this address
+    /// [default: none].
+    #[arg(long, env = "TESSERA_METRICS")]
+    pub metrics: Option<SocketAddr>,
 }
 
 impl Config {
@@ -58,6 +65,7 @@ impl Config {
             id: None,
             advertise: None,
             grace_seconds: 25,
+            metrics: None,
         }
     }
 }
@@ -67,7 +75,8 @@ type Server = ExpertServer<ExpertService>;
 
 /// Serves `Expert` on `listener`, registered in `discovery` and following its
 /// placement, until `shutdown`; then reports NOT_SERVING, deregisters and drains
-/// in-flight calls for at most `grace_seconds`.
+/// in-flight calls for at most `grace_seconds`. With `cfg.metrics` it also serves
+/// `GET /metrics` and `GET /health` there.
 pub async fn run(
     cfg: Config,
     listener: TcpListener,
@@ -81,8 +90,17 @@ pub async fn run(
         .clone()
         .unwrap_or_else(|| format!("expert-worker-{advertise}"));
     let (health, health_server) = serving::health::<Server>().await;
+    let _metrics = match cfg.metrics {
+        Some(addr) => {
+            let health = health.clone();
+            let ready = move || health.is_serving();
+            Some(Endpoint::start(addr, ready).await.map_err(Error::Metrics)?)
+        }
+        None => None,
+    };
     let model = cfg.model.clone();
-    let service = tokio::task::spawn_blocking(move || ExpertService::open(&model))
+    let worker = id.clone();
+    let service = tokio::task::spawn_blocking(move || ExpertService::open(&model, &worker))
         .await
         .map_err(Error::Join)??;
 

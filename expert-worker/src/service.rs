@@ -2,11 +2,13 @@
 //!
 //! `Forward` validates the request on the async runtime (cheap checks only), then
 //! decodes, computes and encodes on a blocking thread: no tensor work runs on
-//! the runtime's workers.
+//! the runtime's workers. Calls, tokens, compute time and the experts held are the
+//! worker's Prometheus metrics (`tessera_expert_worker_*`, label `worker`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, PoisonError, RwLock};
+use std::time::Instant;
 
 use candle_core::{DType, Device};
 use tessera_model::config::ModelConfig;
@@ -18,6 +20,7 @@ use tessera_proto::internal::v1::{
     LoadResponse, UnloadRequest, UnloadResponse,
 };
 use tessera_proto::tensor;
+use tessera_runtime::metrics::ExpertWorkerMetrics;
 use tonic::{Request, Response, Status};
 
 use crate::error::{Error, Result};
@@ -50,6 +53,7 @@ pub struct ExpertService {
     shard: Arc<RwLock<Arc<Shard>>>,
     /// Serialises loads and unloads (forwards never wait on it).
     changing: Arc<tokio::sync::Mutex<()>>,
+    metrics: ExpertWorkerMetrics,
 }
 
 impl std::fmt::Debug for ExpertService {
@@ -64,8 +68,9 @@ impl std::fmt::Debug for ExpertService {
 }
 
 impl ExpertService {
-    /// Reads the snapshot's config and fingerprint; holds no experts yet. Blocking.
-    pub fn open(dir: &Path) -> Result<Self> {
+    /// Reads the snapshot's config and fingerprint; holds no experts yet. Its
+    /// metrics carry the member id `worker`. Blocking.
+    pub fn open(dir: &Path, worker: &str) -> Result<Self> {
         let config = ModelConfig::from_dir(dir).map_err(Error::Load)?;
         let fingerprint = tessera_model::fingerprint(dir).map_err(Error::Load)?;
         Ok(Self {
@@ -76,6 +81,7 @@ impl ExpertService {
             }),
             shard: Arc::default(),
             changing: Arc::default(),
+            metrics: ExpertWorkerMetrics::new(worker),
         })
     }
 
@@ -149,6 +155,12 @@ impl ExpertService {
             bytes = shard.experts.bytes(),
             "expert placement applied"
         );
+        let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        let m = &self.metrics;
+        m.held_experts.set(gauge(shard.held.len()));
+        m.held_bytes.set(gauge(shard.experts.bytes()));
+        m.placement_version
+            .set(i64::try_from(shard.placement_version).unwrap_or(i64::MAX));
         self.replace(shard);
         Ok(())
     }
@@ -321,22 +333,50 @@ fn routes(
     Ok(routes)
 }
 
-#[tonic::async_trait]
-impl Expert for ExpertService {
-    async fn forward(
-        &self,
-        request: Request<ForwardRequest>,
-    ) -> Result<Response<ForwardResponse>, Status> {
-        let req = request.into_inner();
+impl ExpertService {
+    /// One `Forward`: checked here, computed on a blocking thread.
+    async fn forward_call(&self, req: ForwardRequest) -> Result<ForwardResponse> {
         let shard = self.current();
         let routes = routes(&req, &self.model.fingerprint, &shard.held)?;
+        let tokens = req
+            .rows
+            .as_ref()
+            .and_then(|rows| rows.shape.first().copied())
+            .unwrap_or(0);
+        let n_routes = routes.len() as u64;
         let hidden = self.model.config.language.hidden_size;
         let response = tokio::task::spawn_blocking(move || {
             ExpertService::forward_blocking(&shard, hidden, &req, &routes)
         })
         .await
         .map_err(Error::Join)??;
-        Ok(Response::new(response))
+        self.metrics.tokens.inc_by(tokens);
+        self.metrics.routes.inc_by(n_routes);
+        Ok(response)
+    }
+}
+
+#[tonic::async_trait]
+impl Expert for ExpertService {
+    async fn forward(
+        &self,
+        request: Request<ForwardRequest>,
+    ) -> Result<Response<ForwardResponse>, Status> {
+        let started = Instant::now();
+        let answer = self.forward_call(request.into_inner()).await;
+        match answer {
+            Ok(response) => {
+                let seconds = started.elapsed().as_secs_f64();
+                self.metrics.forward_seconds.observe(seconds);
+                self.metrics.answered(tonic::Code::Ok);
+                Ok(Response::new(response))
+            }
+            Err(e) => {
+                let status = Status::from(e);
+                self.metrics.answered(status.code());
+                Err(status)
+            }
+        }
     }
 
     async fn load(&self, request: Request<LoadRequest>) -> Result<Response<LoadResponse>, Status> {

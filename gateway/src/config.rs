@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use tessera_model::processor::DEFAULT_MAX_PIXELS;
 
 use crate::error::{Error, Result};
+use crate::remote_image::RemoteImageConfig;
 
 /// Default for `--default-max-tokens`.
 pub const DEFAULT_MAX_TOKENS: u32 = 512;
@@ -20,7 +21,8 @@ pub const DEFAULT_HTTP_MAX_BODY_BYTES: usize = 64 << 20;
 /// What one gateway serves and how it limits requests.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Config {
-    /// Snapshot folder (config.json, tokenizer.json, *.safetensors).
+    /// Snapshot folder (config.json, tokenizer.json, *.safetensors), or a Hub id such
+    /// as deepseek-ai/deepseek-vl2-tiny (downloaded at start-up).
     #[arg(long, env = "TESSERA_MODEL")]
     pub model: PathBuf,
     /// This member's id in discovery [default: "gateway-<advertised address>"].
@@ -60,6 +62,13 @@ pub struct Config {
         default_value_t = DEFAULT_HTTP_MAX_BODY_BYTES
     )]
     pub http_max_body_bytes: usize,
+    /// Whether and how OpenAI `image_url` parts with http(s) URLs are fetched.
+    #[command(flatten)]
+    pub remote_images: RemoteImageConfig,
+    /// Serve Prometheus metrics (`GET /metrics`) and `GET /health` on this address
+    /// [default: none; the HTTP API serves `/metrics` too].
+    #[arg(long, env = "TESSERA_METRICS")]
+    pub metrics: Option<SocketAddr>,
 }
 
 impl Config {
@@ -76,6 +85,8 @@ impl Config {
             request_timeout_seconds: DEFAULT_REQUEST_TIMEOUT_SECONDS,
             http: None,
             http_max_body_bytes: DEFAULT_HTTP_MAX_BODY_BYTES,
+            remote_images: RemoteImageConfig::default(),
+            metrics: None,
         }
     }
 
@@ -86,6 +97,14 @@ impl Config {
             ("--request-timeout-seconds", self.request_timeout_seconds),
             ("--max-image-pixels", self.max_image_pixels),
             ("--http-max-body-bytes", self.http_max_body_bytes as u64),
+            (
+                "--remote-image-timeout-seconds",
+                self.remote_images.remote_image_timeout_seconds,
+            ),
+            (
+                "--remote-image-max-bytes",
+                self.remote_images.remote_image_max_bytes as u64,
+            ),
         ];
         match positive.iter().find(|(_, v)| *v == 0) {
             Some((flag, _)) => Err(Error::Config(format!("{flag} must be at least 1"))),
@@ -145,6 +164,23 @@ mod tests {
         assert_eq!(set.config.max_images, 2);
         assert_eq!(parsed.config.http, new.http);
         assert_eq!(parsed.config.http_max_body_bytes, new.http_max_body_bytes);
+        assert_eq!(parsed.config.remote_images, new.remote_images);
+        assert!(!new.remote_images.allow_remote_images);
+        let remote = Cli::try_parse_from([
+            "gateway",
+            "--model",
+            "/s",
+            "--allow-remote-images",
+            "--remote-image-max-bytes",
+            "1024",
+        ])
+        .unwrap();
+        assert!(remote.config.remote_images.allow_remote_images);
+        assert_eq!(remote.config.remote_images.remote_image_max_bytes, 1024);
+        assert_eq!(parsed.config.metrics, new.metrics);
+        let metrics =
+            Cli::try_parse_from(["gateway", "--model", "/s", "--metrics", "0.0.0.0:9090"]).unwrap();
+        assert_eq!(metrics.config.metrics, Some(([0, 0, 0, 0], 9090).into()));
         assert!(new.validate().is_ok());
         let zero = Config {
             request_timeout_seconds: 0,

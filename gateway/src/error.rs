@@ -27,6 +27,9 @@ pub enum Error {
     /// The HTTP server failed to serve.
     #[error("HTTP server: {0}")]
     Http(#[source] std::io::Error),
+    /// The metrics endpoint could not listen (the message names the address).
+    #[error("metrics endpoint: {0}")]
+    Metrics(std::io::Error),
     /// The listener's address could not be read.
     #[error("cannot read the listener's address: {0}")]
     Listener(#[source] std::io::Error),
@@ -116,6 +119,7 @@ impl From<Error> for tonic::Status {
             | Error::Transport(_)
             | Error::Http(_)
             | Error::Listener(_)
+            | Error::Metrics(_)
             | Error::Register(_)
             | Error::BadAddress { .. }
             | Error::Protocol { .. }

@@ -4,6 +4,7 @@
 //! on the scheduler (the stream is reset and `Scheduler.Cancel` is sent).
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use tessera_model::grounding::parse_groundings;
 use tessera_proto::internal::v1::{StopReason, TokenEvent, token_event};
@@ -112,11 +113,28 @@ impl Running {
     }
 }
 
+/// When an answer's tokens arrived from the scheduler (for the gateway's metrics).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TokenTimes {
+    /// The first token's arrival; `None` before any.
+    pub first: Option<Instant>,
+    /// The last token's arrival so far.
+    pub last: Option<Instant>,
+}
+
+impl TokenTimes {
+    fn arrived(&mut self, now: Instant) {
+        self.first.get_or_insert(now);
+        self.last = Some(now);
+    }
+}
+
 /// Builds the public answer of one request from its events.
 pub struct Answer {
     files: Arc<ModelFiles>,
     prepared: Prepared,
     text: IncrementalText,
+    times: TokenTimes,
 }
 
 impl Answer {
@@ -131,7 +149,13 @@ impl Answer {
             files,
             prepared,
             text,
+            times: TokenTimes::default(),
         }
+    }
+
+    /// When its tokens arrived so far.
+    pub fn token_times(&self) -> TokenTimes {
+        self.times
     }
 
     /// The request's id.
@@ -164,6 +188,9 @@ impl Answer {
         loop {
             match running.next().await? {
                 Event::Tokens(ids) => {
+                    if !ids.is_empty() {
+                        self.times.arrived(Instant::now());
+                    }
                     let Some(sink) = sink else {
                         self.text.push_ids(&ids);
                         continue;

@@ -1,5 +1,6 @@
 //! The OpenAI-compatible HTTP API: `POST /v1/chat/completions` (whole or as
-//! server-sent events), `GET /v1/models` and `GET /health`.
+//! server-sent events), `GET /v1/models`, `GET /health` and `GET /metrics` (the
+//! process's Prometheus metrics, `tessera_runtime::metrics`).
 //!
 //! A completion is the gRPC `Generate`/`GenerateStream` call of the same
 //! [`TesseraService`]: the body becomes a public `GenerateRequest` and goes through
@@ -24,7 +25,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataMap;
 
 use crate::openai::{self, ApiError, ChatRequest, ChunkHeader};
-use crate::service::{Messages, TesseraService};
+use crate::remote_image::RemoteImages;
+use crate::service::{Api, Messages, TesseraService};
 
 /// Server-sent events buffered for a slow client.
 const EVENT_BUFFER: usize = 32;
@@ -33,18 +35,23 @@ const EVENT_BUFFER: usize = 32;
 struct AppState {
     service: TesseraService,
     max_body_bytes: usize,
+    remote: RemoteImages,
 }
 
-/// The HTTP API over `service`, refusing bodies over `max_body_bytes`.
-pub fn router(service: TesseraService, max_body_bytes: usize) -> Router {
+/// The HTTP API over `service`, refusing bodies over `max_body_bytes` and fetching
+/// remote image URLs through `remote`.
+pub fn router(service: TesseraService, max_body_bytes: usize, remote: RemoteImages) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
         .route("/health", get(health))
+        .merge(crate::playground::router())
+        .merge(tessera_runtime::metrics::router())
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(AppState {
             service,
             max_body_bytes,
+            remote,
         })
 }
 
@@ -135,13 +142,13 @@ async fn complete(
     }
     let stream = chat.stream;
     let include_usage = chat.include_usage();
-    let request = chat.into_generate()?;
+    let request = chat.into_generate(&state.remote).await?;
     let metadata = MetadataMap::from_headers(headers);
     let created = unix_seconds();
     if !stream {
         let response = state
             .service
-            .generate_call(&metadata, request)
+            .generate_call(Api::Http, &metadata, request)
             .await
             .map_err(|s| ApiError::from_status(&s))?;
         return Ok(json_response(
@@ -151,7 +158,7 @@ async fn complete(
     }
     let (id, messages) = state
         .service
-        .stream_call(&metadata, request)
+        .stream_call(Api::Http, &metadata, request)
         .await
         .map_err(|s| ApiError::from_status(&s))?;
     let chunks = ChunkHeader {

@@ -14,6 +14,8 @@
 //! - [`service`]: the gRPC service
 //! - [`openai`]: OpenAI's chat-completions shapes ⇄ the public request and answer
 //! - [`http`]: the OpenAI-compatible HTTP API over the same service
+//! - [`remote_image`]: fetching `http(s)` image URLs of the HTTP API, when allowed
+//! - [`playground`]: the web playground the HTTP API serves at `/`
 //! - [`error`]: the crate's one error type and its gRPC status
 //! - [`run`], [`run_with`]: serve on a listener (and HTTP), register in discovery,
 //!   drain on shutdown
@@ -27,7 +29,9 @@ pub mod http;
 pub mod model_files;
 pub mod openai;
 pub mod planning;
+pub mod playground;
 pub mod prepare;
+pub mod remote_image;
 pub mod request;
 pub mod service;
 pub mod upstream;
@@ -38,6 +42,7 @@ use std::time::Duration;
 use tessera_proto::MAX_MESSAGE_BYTES;
 use tessera_proto::v1::tessera_server::TesseraServer;
 use tessera_runtime::discovery::check_same_model;
+use tessera_runtime::metrics::Endpoint;
 use tessera_runtime::shutdown::CancellationToken;
 use tessera_runtime::{Discovery, Member, Role, serving};
 use tokio::net::TcpListener;
@@ -47,6 +52,7 @@ use tonic::transport::server::TcpIncoming;
 pub use config::{Config, Limits};
 pub use error::{Error, Result};
 pub use model_files::ModelFiles;
+pub use remote_image::{RemoteImageConfig, RemoteImages};
 pub use service::TesseraService;
 
 /// The generated server around [`TesseraService`], with the raised message limits.
@@ -78,7 +84,8 @@ pub async fn run(
 /// files load on a blocking thread); once loaded it reports SERVING and registers as
 /// [`Role::Gateway`] in `discovery`. On `shutdown` it reports NOT_SERVING,
 /// deregisters, stops accepting calls and drains in-flight ones (gRPC and HTTP) for
-/// at most `cfg.grace_seconds`. Configuration and load errors are returned.
+/// at most `cfg.grace_seconds`. With `cfg.metrics` it also serves `GET /metrics` and
+/// `GET /health` there until it returns. Configuration and load errors are returned.
 pub async fn run_with(
     cfg: Config,
     listener: TcpListener,
@@ -87,6 +94,7 @@ pub async fn run_with(
     shutdown: CancellationToken,
 ) -> Result<()> {
     cfg.validate()?;
+    let remote = RemoteImages::new(&cfg.remote_images, cfg.max_images)?;
     let local = listener.local_addr().map_err(Error::Listener)?;
     let advertise = cfg.advertise.clone().unwrap_or_else(|| local.to_string());
     let id = cfg
@@ -95,6 +103,14 @@ pub async fn run_with(
         .unwrap_or_else(|| format!("{}-{advertise}", Role::Gateway));
     let service = TesseraService::new(&cfg, discovery.clone());
     let (health, health_server) = serving::health::<TesseraServer<TesseraService>>().await;
+    let _metrics = match cfg.metrics {
+        Some(addr) => {
+            let health = health.clone();
+            let ready = move || health.is_serving();
+            Some(Endpoint::start(addr, ready).await.map_err(Error::Metrics)?)
+        }
+        None => None,
+    };
 
     let stop_serving = CancellationToken::new();
     let mut server = tokio::spawn(
@@ -110,7 +126,7 @@ pub async fn run_with(
     let http = match http_listener {
         Some(listener) => {
             let address = listener.local_addr().map_err(Error::Listener)?;
-            let router = http::router(service.clone(), cfg.http_max_body_bytes);
+            let router = http::router(service.clone(), cfg.http_max_body_bytes, remote);
             tracing::info!(%address, "gateway HTTP API listening");
             Some(tokio::spawn(http::serve(
                 listener,

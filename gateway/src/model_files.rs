@@ -40,8 +40,12 @@ impl ModelFiles {
         })
     }
 
-    /// The model's name: the snapshot folder's name.
+    /// The model's name: the Hub id of a snapshot in the Hub cache, else the snapshot
+    /// folder's name.
     pub fn model_id(&self) -> String {
+        if let Some(id) = tessera_runtime::hub::hub_id_of(&self.dir) {
+            return id;
+        }
         let named = |p: &Path| p.file_name().map(|n| n.to_string_lossy().into_owned());
         named(&self.dir)
             .or_else(|| self.dir.canonicalize().ok().as_deref().and_then(named))

@@ -3,7 +3,8 @@
 //!
 //! The conversion only re-spells the request; every check of its content is the
 //! gRPC path's (`request::check`, the image headers), so both front-ends accept and
-//! refuse the same requests.
+//! refuse the same requests. Images given by `http(s)` URL are fetched first, when
+//! the server allows it ([`RemoteImages`]), and then checked like inline ones.
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
@@ -14,6 +15,8 @@ use tessera_proto::v1::{
     StoppingParams, Usage, part,
 };
 use tonic::Code;
+
+use crate::remote_image::RemoteImages;
 
 /// The body of `POST /v1/chat/completions` (unknown fields are ignored).
 #[derive(Debug, Deserialize)]
@@ -168,9 +171,12 @@ impl ChatRequest {
             .is_some_and(|o| o.include_usage)
     }
 
-    /// The public request these fields spell.
-    pub fn into_generate(self) -> Result<GenerateRequest, ApiError> {
+    /// The public request these fields spell, with `remote` fetching (or refusing)
+    /// the images given by http(s) URL.
+    pub async fn into_generate(self, remote: &RemoteImages) -> Result<GenerateRequest, ApiError> {
         let mut messages = Vec::with_capacity(self.messages.len());
+        // (message, part, URL) of each image to fetch; its part is filled in below.
+        let mut pending = Vec::new();
         for (i, m) in self.messages.into_iter().enumerate() {
             let role = match m.role.as_str() {
                 "system" | "developer" => v1::Role::System,
@@ -188,19 +194,40 @@ impl ChatRequest {
             };
             let parts = match m.content {
                 Content::Text(text) => vec![text_part(text)],
-                Content::Parts(parts) => parts
-                    .into_iter()
-                    .enumerate()
-                    .map(|(j, p)| match p {
-                        ContentPart::Text { text } => Ok(text_part(text)),
-                        ContentPart::ImageUrl { image_url } => image_part(i, j, &image_url.url),
-                    })
-                    .collect::<Result<_, _>>()?,
+                Content::Parts(parts) => {
+                    let mut out = Vec::with_capacity(parts.len());
+                    for (j, p) in parts.into_iter().enumerate() {
+                        out.push(match p {
+                            ContentPart::Text { text } => text_part(text),
+                            ContentPart::ImageUrl { image_url } if is_remote(&image_url.url) => {
+                                pending.push((i, j, image_url.url));
+                                v1::Part { kind: None }
+                            }
+                            ContentPart::ImageUrl { image_url } => {
+                                image_part(i, j, &image_url.url)?
+                            }
+                        });
+                    }
+                    out
+                }
             };
             messages.push(v1::Message {
                 role: role.into(),
                 parts,
             });
+        }
+        if !pending.is_empty() {
+            let urls = pending.iter().map(|(_, _, url)| url.clone()).collect();
+            let images = remote.fetch_all(urls).await.map_err(|(k, reason)| {
+                let (i, j, _) = pending[k];
+                ApiError::invalid(
+                    format!("messages[{i}].content[{j}]: {reason}"),
+                    Some("messages"),
+                )
+            })?;
+            for ((i, j, _), image) in pending.into_iter().zip(images) {
+                messages[i].parts[j].kind = Some(part::Kind::Image(image));
+            }
         }
         let stop = match self.stop {
             None => Vec::new(),
@@ -231,14 +258,20 @@ fn text_part(text: String) -> v1::Part {
     }
 }
 
+/// Whether an image URL is fetched ([`RemoteImages`]) rather than inline.
+fn is_remote(url: &str) -> bool {
+    let scheme = url.split_once(':').map_or("", |(scheme, _)| scheme);
+    scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("https")
+}
+
 /// The image of a `data:` URI in message `i` part `j`.
 fn image_part(i: usize, j: usize, url: &str) -> Result<v1::Part, ApiError> {
     let param = Some("messages");
     let Some(rest) = url.strip_prefix("data:") else {
         return Err(ApiError::invalid(
             format!(
-                "messages[{i}].content[{j}]: remote image URLs are not enabled on this server; \
-                 send the image inline as a data:image/...;base64,... URI"
+                "messages[{i}].content[{j}]: an image URL must be a data:image/...;base64,... \
+                 URI or an http(s) URL"
             ),
             param,
         ));
@@ -363,6 +396,15 @@ impl ChunkHeader {
 mod tests {
     use super::*;
 
+    /// A body as a public request, without remote images.
+    fn convert(body: &[u8]) -> Result<GenerateRequest, ApiError> {
+        let request = ChatRequest::parse(body).unwrap();
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(request.into_generate(&RemoteImages::disabled()))
+    }
+
     #[test]
     fn content_parts_become_public_parts() {
         let body = br#"{"model":"m","messages":[
@@ -371,7 +413,7 @@ mod tests {
                 {"type":"text","text":"What is this?"},
                 {"type":"image_url","image_url":{"url":"data:image/png;base64,AAEC"}}]}],
             "max_tokens":5,"max_completion_tokens":7,"stop":"x","seed":3,"temperature":0.5}"#;
-        let req = ChatRequest::parse(body).unwrap().into_generate().unwrap();
+        let req = convert(body).unwrap();
         assert_eq!(req.messages.len(), 2);
         assert_eq!(req.messages[1].parts.len(), 2);
         let Some(part::Kind::Image(image)) = &req.messages[1].parts[1].kind else {
@@ -390,10 +432,7 @@ mod tests {
     fn remote_urls_bad_base64_and_unknown_roles_are_400s() {
         let with = |content: &str| {
             let body = format!(r#"{{"model":"m","messages":[{content}]}}"#);
-            ChatRequest::parse(body.as_bytes())
-                .unwrap()
-                .into_generate()
-                .unwrap_err()
+            convert(body.as_bytes()).unwrap_err()
         };
         let image = |url: &str| {
             with(&format!(
@@ -403,6 +442,10 @@ mod tests {
         let remote = image("http://example.com/a.png");
         assert_eq!(remote.status, 400);
         assert!(remote.message.contains("remote image URLs are not enabled"));
+        assert!(remote.message.contains("--allow-remote-images"));
+        assert!(remote.message.starts_with("messages[0].content[0]: "));
+        let other = image("ftp://example.com/a.png");
+        assert!(other.message.contains("data:image"), "{}", other.message);
         assert_eq!(image("data:image/png;base64,@@@").status, 400);
         assert_eq!(image("data:image/png,abc").status, 400);
         assert_eq!(with(r#"{"role":"tool","content":"x"}"#).status, 400);

@@ -5,7 +5,10 @@
 //! scheduler inside the call, so bad input and a missing member fail the call itself;
 //! a stream's tokens are then forwarded by a task that stops, and cancels the request
 //! on the scheduler, as soon as the client goes away or the request times out.
-//! The HTTP API (`crate::http`) calls the same `generate_call` and `stream_call`.
+//! The HTTP API (`crate::http`) calls the same `generate_call` and `stream_call`,
+//! which also count every generation in the process's metrics
+//! (`tessera_runtime::metrics::Gateway`): its outcome, time to first token, time
+//! per output token, duration and tokens.
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -13,9 +16,10 @@ use std::time::Duration;
 use tessera_proto::v1::tessera_server::Tessera;
 use tessera_proto::v1::{
     ClusterStatusRequest, ClusterStatusResponse, GenerateRequest, GenerateResponse,
-    GenerateStreamResponse, ModelInfoRequest, ModelInfoResponse,
+    GenerateStreamResponse, ModelInfoRequest, ModelInfoResponse, Usage,
 };
 use tessera_runtime::Discovery;
+use tessera_runtime::metrics::{self, Gateway};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
@@ -26,7 +30,7 @@ use tracing::Instrument;
 use crate::cluster::cluster_status;
 use crate::config::{Config, Limits};
 use crate::error::{Error, Result};
-use crate::generation::{Answer, Running};
+use crate::generation::{Answer, Running, TokenTimes};
 use crate::model_files::ModelFiles;
 use crate::prepare::prepare;
 use crate::request::request_id;
@@ -37,6 +41,85 @@ const STREAM_BUFFER: usize = 32;
 
 /// The messages of one streamed generation, as the forwarding task sends them.
 pub(crate) type Messages = mpsc::Receiver<Result<GenerateStreamResponse, Status>>;
+
+/// The front-end a generation came through: the `api` label of
+/// `tessera_requests_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Api {
+    /// The public gRPC API (`tessera.v1.Tessera`).
+    Grpc,
+    /// The OpenAI-compatible HTTP API.
+    Http,
+}
+
+impl Api {
+    fn label(self) -> &'static str {
+        match self {
+            Api::Grpc => "grpc",
+            Api::Http => "http",
+        }
+    }
+}
+
+/// One generation in the metrics: in flight from its arrival until it is
+/// counted with its outcome (`cancelled` if dropped first: the client went away).
+struct Call {
+    api: Api,
+    arrived: Instant,
+    counted: bool,
+}
+
+impl Call {
+    fn start(api: Api) -> Self {
+        Gateway::get().in_flight.inc();
+        Self {
+            api,
+            arrived: Instant::now(),
+            counted: false,
+        }
+    }
+
+    fn count(&mut self, code: tonic::Code) {
+        self.counted = true;
+        Gateway::get().finished(self.api.label(), metrics::outcome(code));
+    }
+
+    /// Counts a failure with `status`'s code.
+    fn failed(mut self, status: &Status) {
+        self.count(status.code());
+    }
+
+    /// Counts a success with its usage and its tokens' arrival times.
+    fn succeeded(mut self, usage: Option<&Usage>, times: TokenTimes) {
+        self.count(tonic::Code::Ok);
+        let m = Gateway::get();
+        let completion = usage.map_or(0, |u| u.completion_tokens);
+        if let Some(usage) = usage {
+            m.prompt_tokens.inc_by(u64::from(usage.prompt_tokens));
+            m.completion_tokens.inc_by(u64::from(completion));
+        }
+        let arrived = self.arrived.into_std();
+        if let (Some(first), Some(last)) = (times.first, times.last) {
+            let to_first = first.saturating_duration_since(arrived);
+            m.time_to_first_token.observe(to_first.as_secs_f64());
+            if completion >= 2 {
+                let decoding = last.saturating_duration_since(first).as_secs_f64();
+                let between = decoding / f64::from(completion - 1);
+                m.time_per_output_token.observe(between);
+            }
+        }
+        m.request_duration.observe(arrived.elapsed().as_secs_f64());
+    }
+}
+
+impl Drop for Call {
+    fn drop(&mut self) {
+        if !self.counted {
+            self.count(tonic::Code::Cancelled);
+        }
+        Gateway::get().in_flight.dec();
+    }
+}
 
 struct Inner {
     files: OnceLock<Arc<ModelFiles>>,
@@ -63,6 +146,8 @@ impl std::fmt::Debug for TesseraService {
 impl TesseraService {
     /// A service with `cfg`'s limits, calling the members of `discovery`.
     pub fn new(cfg: &Config, discovery: Arc<dyn Discovery>) -> Self {
+        // The families appear on `/metrics` from the start, at zero.
+        Gateway::get();
         Self {
             inner: Arc::new(Inner {
                 files: OnceLock::new(),
@@ -109,7 +194,7 @@ impl TesseraService {
         &self,
         request: GenerateRequest,
         id: String,
-    ) -> Result<GenerateResponse> {
+    ) -> Result<(GenerateResponse, TokenTimes)> {
         let deadline = Instant::now() + self.inner.timeout;
         let (mut answer, mut running) = self.start(request, id, deadline).await?;
         let response = tokio::time::timeout_at(deadline, answer.collect(&mut running))
@@ -120,42 +205,82 @@ impl TesseraService {
             completion_tokens = response.token_ids.len(),
             "generated"
         );
-        Ok(response)
+        Ok((response, answer.token_times()))
     }
 
-    /// One whole generation, as both front-ends call it: the request id from
-    /// `metadata` or the body, then check, plan, encode, submit and collect.
+    /// One whole generation, as both front-ends call it (`api` names which, for the
+    /// metrics): the request id from `metadata` or the body, then check, plan,
+    /// encode, submit and collect.
     pub(crate) async fn generate_call(
         &self,
+        api: Api,
         metadata: &MetadataMap,
         request: GenerateRequest,
     ) -> Result<GenerateResponse, Status> {
-        let id = request_id(metadata, &request.request_id).map_err(failed)?;
-        let span = tracing::info_span!("generate", request_id = %id);
-        async { self.generate_whole(request, id).await.map_err(failed) }
-            .instrument(span)
-            .await
+        let call = Call::start(api);
+        let result = match request_id(metadata, &request.request_id) {
+            Ok(id) => {
+                let span = tracing::info_span!("generate", request_id = %id);
+                async { self.generate_whole(request, id).await.map_err(failed) }
+                    .instrument(span)
+                    .await
+            }
+            Err(e) => Err(failed(e)),
+        };
+        match result {
+            Ok((response, times)) => {
+                call.succeeded(response.usage.as_ref(), times);
+                Ok(response)
+            }
+            Err(status) => {
+                call.failed(&status);
+                Err(status)
+            }
+        }
     }
 
-    /// One streamed generation, as both front-ends call it: prepared and submitted
-    /// inside the call, then forwarded by a task to the returned receiver (dropping
-    /// it cancels the request). Returns the request id with the receiver.
+    /// One streamed generation, as both front-ends call it (`api` names which, for
+    /// the metrics): prepared and submitted inside the call, then forwarded by a
+    /// task to the returned receiver (dropping it cancels the request). Returns the
+    /// request id with the receiver.
     pub(crate) async fn stream_call(
         &self,
+        api: Api,
         metadata: &MetadataMap,
         request: GenerateRequest,
     ) -> Result<(String, Messages), Status> {
-        let id = request_id(metadata, &request.request_id).map_err(failed)?;
+        let call = Call::start(api);
+        let id = match request_id(metadata, &request.request_id) {
+            Ok(id) => id,
+            Err(e) => {
+                let status = failed(e);
+                call.failed(&status);
+                return Err(status);
+            }
+        };
         let span = tracing::info_span!("generate_stream", request_id = %id);
         let deadline = Instant::now() + self.inner.timeout;
-        let (answer, running) = self
+        let started = self
             .start(request, id.clone(), deadline)
             .instrument(span.clone())
-            .await
-            .map_err(|e| span.in_scope(|| failed(e)))?;
+            .await;
+        let (answer, running) = match started {
+            Ok(started) => started,
+            Err(e) => {
+                let status = span.in_scope(|| failed(e));
+                call.failed(&status);
+                return Err(status);
+            }
+        };
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        let timeout = self.timeout_error();
-        tokio::spawn(forward(answer, running, tx, deadline, timeout).instrument(span));
+        let stream = Stream {
+            answer,
+            running,
+            deadline,
+            timeout: self.timeout_error(),
+            call,
+        };
+        tokio::spawn(forward(stream, tx).instrument(span));
         Ok((id, rx))
     }
 
@@ -179,15 +304,25 @@ fn failed(e: Error) -> Status {
     e.into()
 }
 
-/// Forwards a running stream to the client until its end, the client leaving, or
-/// the deadline.
-async fn forward(
-    mut answer: Answer,
-    mut running: Running,
-    tx: mpsc::Sender<Result<GenerateStreamResponse, Status>>,
+/// A submitted stream, as its forwarding task owns it.
+struct Stream {
+    answer: Answer,
+    running: Running,
     deadline: Instant,
     timeout: Error,
-) {
+    call: Call,
+}
+
+/// Forwards a running stream to the client until its end, the client leaving, or
+/// the deadline.
+async fn forward(stream: Stream, tx: mpsc::Sender<Result<GenerateStreamResponse, Status>>) {
+    let Stream {
+        mut answer,
+        mut running,
+        deadline,
+        timeout,
+        call,
+    } = stream;
     let result = tokio::select! {
         r = answer.stream(&mut running, &tx) => r,
         () = tx.closed() => Err(Error::ClientGone),
@@ -200,11 +335,17 @@ async fn forward(
                 completion_tokens = finished.usage.as_ref().map_or(0, |u| u.completion_tokens),
                 "streamed"
             );
+            call.succeeded(finished.usage.as_ref(), answer.token_times());
             let _ = tx.send(Ok(answer.closing(finished))).await;
         }
-        Err(Error::ClientGone) => tracing::info!("the client went away"),
+        Err(Error::ClientGone) => {
+            tracing::info!("the client went away");
+            // Dropping `call` counts it as cancelled.
+        }
         Err(e) => {
-            let _ = tx.send(Err(failed(e))).await;
+            let status = failed(e);
+            call.failed(&status);
+            let _ = tx.send(Err(status)).await;
         }
     }
     // Dropping an unfinished `running` cancels it on the scheduler.
@@ -218,7 +359,7 @@ impl Tessera for TesseraService {
         request: Request<GenerateRequest>,
     ) -> Result<Response<GenerateResponse>, Status> {
         let (metadata, _, request) = request.into_parts();
-        self.generate_call(&metadata, request)
+        self.generate_call(Api::Grpc, &metadata, request)
             .await
             .map(Response::new)
     }
@@ -230,7 +371,7 @@ impl Tessera for TesseraService {
         request: Request<GenerateRequest>,
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
         let (metadata, _, request) = request.into_parts();
-        let (_, rx) = self.stream_call(&metadata, request).await?;
+        let (_, rx) = self.stream_call(Api::Grpc, &metadata, request).await?;
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 

@@ -54,6 +54,11 @@ async fn cluster_with(script: SchedulerScript) -> Cluster {
 
 /// [`cluster_with`], and its scheduler.
 async fn cluster_and_scheduler(script: SchedulerScript) -> (Cluster, FakeScheduler) {
+    cluster_with_limit(script, MAX_BODY).await
+}
+
+/// [`cluster_and_scheduler`] refusing HTTP bodies over `max_body` bytes.
+async fn cluster_with_limit(script: SchedulerScript, max_body: usize) -> (Cluster, FakeScheduler) {
     let discovery = MemoryDiscovery::new();
     let vision = FakeVision::new(&fixture(FIXTURE), VisionScript::Correct);
     let scheduler = FakeScheduler::new(script);
@@ -68,7 +73,7 @@ async fn cluster_and_scheduler(script: SchedulerScript) -> (Cluster, FakeSchedul
             .unwrap(),
     ];
     let mut cfg = Config::new(fixture(FIXTURE));
-    cfg.http_max_body_bytes = MAX_BODY;
+    cfg.http_max_body_bytes = max_body;
     let gateway = Gateway::start_http(cfg, discovery).await;
     let cluster = Cluster {
         http: gateway.http.unwrap(),
@@ -417,4 +422,165 @@ async fn shutdown_stops_the_http_server_too() {
         .unwrap()
         .unwrap();
     assert!(tokio::net::TcpStream::connect(http).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_playground_is_served_at_the_root() {
+    let cluster = cluster().await;
+    let mut tags = Vec::new();
+    for (path, kind, needle) in [
+        (
+            "/",
+            "text/html; charset=utf-8",
+            r#"<script src="/playground.js""#,
+        ),
+        (
+            "/playground.js",
+            "text/javascript; charset=utf-8",
+            "/v1/chat/completions",
+        ),
+        ("/playground.css", "text/css; charset=utf-8", ".box"),
+    ] {
+        let request = Request::builder()
+            .uri(format!("http://{}{path}", cluster.http))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let response = cluster.client.request(request).await.unwrap();
+        assert_eq!(response.status(), 200, "{path}");
+        let headers = response.headers().clone();
+        assert_eq!(headers[header::CONTENT_TYPE], kind, "{path}");
+        assert_eq!(headers[header::CACHE_CONTROL], "no-cache", "{path}");
+        let csp = headers[header::CONTENT_SECURITY_POLICY].to_str().unwrap();
+        assert!(csp.contains("connect-src 'self'"), "{csp}");
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert!(String::from_utf8_lossy(&body).contains(needle), "{path}");
+
+        // A browser that has the file revalidates and gets a 304 without a body.
+        let etag = headers[header::ETAG].clone();
+        let request = Request::builder()
+            .uri(format!("http://{}{path}", cluster.http))
+            .header(header::IF_NONE_MATCH, etag.clone())
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let response = cluster.client.request(request).await.unwrap();
+        assert_eq!(response.status(), 304, "{path}");
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert!(body.is_empty());
+        tags.push(etag);
+    }
+    tags.dedup();
+    assert_eq!(tags.len(), 3, "each file has its own entity tag");
+    let (status, _, _) = cluster.call(Method::GET, "/nothing-here", Vec::new()).await;
+    assert_eq!(status, 404);
+}
+
+/// An answer with grounding markup for the 640×480 fixture image: the red rectangle,
+/// the blue circle, and two boxes for the shapes at the bottom.
+const GROUNDED_ANSWER: &str = "<|ref|>The red rectangle<|/ref|><|det|>[[62, 125, 409, \
+    458]]<|/det|> is left of <|ref|>the blue circle<|/ref|><|det|>[[515, 187, 827, \
+    604]]<|/det|>; below them are <|ref|>a triangle and text<|/ref|><|det|>[[156, 583, \
+    531, 899], [593, 687, 971, 911]]<|/det|>.";
+/// The whole response the playground's browser test renders, recorded from this
+/// gateway; `TESSERA_RECORD=1` writes it anew.
+const RECORDED: &str = "../tests/fixtures/playground/grounding_response.json";
+
+fn grounded_request() -> Value {
+    let png = STANDARD.encode(fixture_image(FIXTURE, "img_640x480.png"));
+    json!({
+        "model": FIXTURE,
+        "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": format!("data:image/png;base64,{png}")}},
+            {"type": "text", "text": "\n<|grounding|>Where are the shapes?"},
+        ]}],
+        "max_tokens": 64,
+    })
+}
+
+impl Cluster {
+    /// POSTs a completion named `id` (its `x-request-id`); the status and the body.
+    async fn chat_named(&self, body: &Value, id: &str) -> (u16, String) {
+        let request = Request::builder()
+            .method(Method::POST)
+            .uri(format!("http://{}/v1/chat/completions", self.http))
+            .header(header::CONTENT_TYPE, "application/json")
+            .header("x-request-id", id)
+            .body(Full::new(Bytes::from(body.to_string())))
+            .unwrap();
+        let response = tokio::time::timeout(DEADLINE, self.client.request(request))
+            .await
+            .expect("an answer in time")
+            .unwrap();
+        let status = response.status().as_u16();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8(body.to_vec()).unwrap())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_recorded_grounding_response_is_what_the_gateway_answers() {
+    let tok = ChatTokenizer::from_dir(&fixture(FIXTURE)).unwrap();
+    let mut ids = tok.encode(GROUNDED_ANSWER).unwrap();
+    ids.push(tok.special().eos);
+    let batches = ids.chunks(4).map(<[u32]>::to_vec).collect();
+    let script = SchedulerScript::Tokens(batches, StopReason::Eos);
+    let (cluster, _) = cluster_with_limit(script, 4 << 20).await;
+    let (status, text) = cluster
+        .chat_named(&grounded_request(), "playground-grounding")
+        .await;
+    assert_eq!(status, 200, "{text}");
+    let mut answer: Value = serde_json::from_str(&text).unwrap();
+    let message = &answer["choices"][0]["message"];
+    assert_eq!(message["content"], GROUNDED_ANSWER);
+    // Boxes in pixels of the 640×480 image: int(v / 999 · size).
+    assert_eq!(
+        message["groundings"][0],
+        json!({"label": "The red rectangle", "image_index": 0,
+               "boxes": [{"x1": 39, "y1": 60, "x2": 262, "y2": 220}]})
+    );
+    assert_eq!(
+        message["groundings"][2]["boxes"].as_array().unwrap().len(),
+        2
+    );
+
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(RECORDED);
+    answer["created"] = json!(0);
+    if std::env::var_os("TESSERA_RECORD").is_some() {
+        let pretty = serde_json::to_string_pretty(&answer).unwrap();
+        std::fs::write(&path, pretty + "\n").unwrap();
+    }
+    let recorded: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap())
+        .expect("the recorded response is JSON");
+    assert_eq!(
+        answer, recorded,
+        "the gateway's answer differs from {RECORDED}; if the change is intended, \
+         record it anew with TESSERA_RECORD=1"
+    );
+
+    // A stream carries the same groundings in the delta of its finishing chunk.
+    let mut streamed = grounded_request();
+    streamed["stream"] = json!(true);
+    let (status, events) = cluster.chat_named(&streamed, "playground-stream").await;
+    assert_eq!(status, 200, "{events}");
+    let chunks: Vec<Value> = events
+        .split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(text, GROUNDED_ANSWER);
+    let last = chunks.last().unwrap();
+    assert_eq!(last["choices"][0]["finish_reason"], "stop");
+    assert_eq!(
+        last["choices"][0]["delta"]["groundings"],
+        recorded["choices"][0]["message"]["groundings"]
+    );
+    assert!(
+        chunks[..chunks.len() - 1]
+            .iter()
+            .all(|c| c["choices"][0]["delta"].get("groundings").is_none())
+    );
 }

@@ -12,10 +12,15 @@
 //! - [`shutdown`]: the root cancellation token, cancelled by SIGTERM/SIGINT.
 //! - [`serving`]: gRPC health (NOT_SERVING until ready) and reflection.
 //! - [`telemetry`]: `tracing` set-up and request-id propagation in gRPC metadata.
+//! - [`metrics`]: the process-wide Prometheus registry of `tessera_*` families and
+//!   the HTTP endpoint serving `GET /metrics` and `GET /health`.
+//! - [`hub`]: `--model` as a Hugging Face Hub id, downloaded into the Hub cache.
 //! - [`error`]: the crate's one error type.
 
 pub mod discovery;
 pub mod error;
+pub mod hub;
+pub mod metrics;
 pub mod placement;
 pub mod placer;
 pub mod serving;

@@ -2,6 +2,9 @@
 //! health service (`grpc.health.v1.Health`, NOT_SERVING until the service has
 //! loaded its weights) and server reflection (`grpcurl`, Postman, `grpc_cli`).
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use tonic::server::NamedService;
 use tonic_health::ServingStatus;
 use tonic_health::pb::health_server::{Health, HealthServer};
@@ -11,11 +14,15 @@ use tonic_health::server::HealthReporter;
 #[derive(Clone)]
 pub struct HealthHandle {
     reporter: HealthReporter,
+    /// What the whole server reports, for `GET /health` (see `crate::metrics`).
+    serving: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for HealthHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HealthHandle").finish_non_exhaustive()
+        f.debug_struct("HealthHandle")
+            .field("serving", &self.is_serving())
+            .finish_non_exhaustive()
     }
 }
 
@@ -26,14 +33,21 @@ impl HealthHandle {
         self.reporter
             .set_service_status("", ServingStatus::Serving)
             .await;
+        self.serving.store(true, Ordering::Relaxed);
     }
 
     /// Reports `S` (and the whole server) as not serving.
     pub async fn not_serving<S: NamedService>(&self) {
+        self.serving.store(false, Ordering::Relaxed);
         self.reporter.set_not_serving::<S>().await;
         self.reporter
             .set_service_status("", ServingStatus::NotServing)
             .await;
+    }
+
+    /// Whether the server last reported SERVING.
+    pub fn is_serving(&self) -> bool {
+        self.serving.load(Ordering::Relaxed)
     }
 }
 
@@ -41,7 +55,10 @@ impl HealthHandle {
 /// until [`HealthHandle::serving`] is called.
 pub async fn health<S: NamedService>() -> (HealthHandle, HealthServer<impl Health>) {
     let (reporter, server) = tonic_health::server::health_reporter();
-    let handle = HealthHandle { reporter };
+    let handle = HealthHandle {
+        reporter,
+        serving: Arc::default(),
+    };
     handle.not_serving::<S>().await;
     (handle, server)
 }

@@ -1,6 +1,7 @@
 //! The scheduler's configuration: the service contract's flags plus its own,
 //! parsed once at start-up (`tessera scheduler --help`).
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -30,7 +31,8 @@ impl Precision {
 /// What one scheduler serves and how.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Config {
-    /// Snapshot folder (config.json, tokenizer.json, *.safetensors).
+    /// Snapshot folder (config.json, tokenizer.json, *.safetensors), or a Hub id such as
+    /// deepseek-ai/deepseek-vl2-tiny (downloaded at start-up).
     #[arg(long, env = "TESSERA_MODEL")]
     pub model: PathBuf,
     /// This member's id in discovery [default: "scheduler-<advertised address>"].
@@ -52,6 +54,10 @@ pub struct Config {
     /// placement) before its request fails with UNAVAILABLE.
     #[arg(long, env = "TESSERA_EXPERT_WAIT_SECONDS", default_value_t = 30)]
     pub expert_wait_seconds: u64,
+    /// Serve Prometheus metrics (`GET /metrics`) and `GET /health` on this address
+    /// [default: none].
+    #[arg(long, env = "TESSERA_METRICS")]
+    pub metrics: Option<SocketAddr>,
     /// How the engine batches, caches and overlaps.
     #[command(flatten)]
     pub engine: EngineConfig,
@@ -137,6 +143,7 @@ impl Config {
             dtype: Precision::F32,
             max_queue: 64,
             expert_wait_seconds: 30,
+            metrics: None,
             engine: EngineConfig::default(),
         }
     }
@@ -181,6 +188,7 @@ mod tests {
         assert_eq!(cli.config.grace_seconds, new.grace_seconds);
         assert_eq!(cli.config.dtype, Precision::F32);
         assert_eq!(cli.config.engine, new.engine);
+        assert_eq!(cli.config.metrics, new.metrics);
         let cli = Cli::parse_from([
             "t",
             "--model",
@@ -189,7 +197,10 @@ mod tests {
             "bf16",
             "--prefill-chunk",
             "0",
+            "--metrics",
+            "127.0.0.1:9091",
         ]);
+        assert_eq!(cli.config.metrics, Some(([127, 0, 0, 1], 9091).into()));
         assert_eq!(cli.config.dtype.dtype(), DType::BF16);
         assert!(cli.config.validate().is_err());
     }

@@ -508,6 +508,7 @@ impl Worker {
             seq.expert_bytes += bytes * p.tokens as u64 / total.max(1) as u64;
             seq.advance(p.tokens, &mut self.pool);
             let Some(row) = row else { continue };
+            self.counters.generated_tokens += 1;
             if let Some(outcome) = seq.sample(&row, &self.tokenizer) {
                 let seq = self.running.remove(i);
                 self.end(seq, outcome);

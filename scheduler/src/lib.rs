@@ -14,7 +14,8 @@
 //! - [`kv`]: the KV cache's block pool (allocation, prefix reuse, LRU eviction)
 //! - [`dispatch`]: splitting one layer's routes into one batch per worker
 //! - [`router`]: the task that keeps the routing table at the newest ready placement
-//! - [`stats`]: request totals and the expert-bytes-per-token figure
+//! - [`stats`]: request totals and the expert-bytes-per-token figure, exported as
+//!   the scheduler's Prometheus metrics
 //! - [`error`]: the crate's one error type and its gRPC codes
 //! - [`run`]: the service lifecycle (load, register, serve, drain)
 
@@ -41,6 +42,7 @@ use tessera_proto::MAX_MESSAGE_BYTES;
 use tessera_proto::internal::v1::scheduler_server::SchedulerServer;
 use tessera_runtime::discovery::check_same_model;
 use tessera_runtime::discovery::{Discovery, Member, Role};
+use tessera_runtime::metrics::{Endpoint, ExpertDispatch};
 use tessera_runtime::placer::{self, ExpertLayout};
 use tessera_runtime::serving;
 use tokio::net::TcpListener;
@@ -94,6 +96,7 @@ fn load(cfg: &Config) -> Result<Loaded> {
 /// Serves the scheduler on `listener` until `shutdown` (see the service contract
 /// in the crate docs of `tessera-runtime`): health NOT_SERVING while loading,
 /// SERVING and registered once loaded, then drain for at most `grace_seconds`.
+/// With `cfg.metrics` it also serves `GET /metrics` and `GET /health` there.
 pub async fn run(
     cfg: Config,
     listener: TcpListener,
@@ -120,8 +123,23 @@ pub async fn run_with_stats(
         .unwrap_or_else(|| format!("scheduler-{advertise}"));
 
     type Server = SchedulerServer<SchedulerService>;
+    stats.export_as(&id);
+    // The dispatch families appear on `/metrics` from the start.
+    ExpertDispatch::get();
     let service = SchedulerService::new(stats.clone());
     let (health, health_service) = serving::health::<Server>().await;
+    let _metrics = match cfg.metrics {
+        Some(addr) => {
+            let health = health.clone();
+            let ready = move || health.is_serving();
+            Some(
+                Endpoint::start(addr, ready)
+                    .await
+                    .map_err(Error::Listener)?,
+            )
+        }
+        None => None,
+    };
     let stop_accepting = CancellationToken::new();
     let mut server = tokio::spawn(
         tonic::transport::Server::builder()

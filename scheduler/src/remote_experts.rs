@@ -8,6 +8,10 @@
 //! expert outputs are pure, so a retry never changes the answer. After the
 //! configured wait it fails with [`Error::ExpertsUnavailable`].
 //!
+//! Every layer counts its tokens per routed expert, and every call its bytes and
+//! latency per worker, in the process's metrics
+//! ([`ExpertDispatch`](tessera_runtime::metrics::ExpertDispatch)).
+//!
 //! The model calls [`ExpertBackend::forward`] synchronously from its own thread;
 //! the calls run on a tokio runtime through its [`Handle`]. Never call it from
 //! inside that runtime (it blocks on the handle).
@@ -15,7 +19,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use candle_core::{DType, Tensor};
 use prost::Message;
@@ -23,6 +27,7 @@ use tessera_model::experts::{ExpertBackend, ExpertRoute, PendingExperts};
 use tessera_proto::internal::v1::expert_client::ExpertClient;
 use tessera_proto::internal::v1::{ForwardRequest, ForwardResponse};
 use tessera_proto::tensor;
+use tessera_runtime::metrics::ExpertDispatch;
 use tessera_runtime::placement::Placement;
 use tessera_runtime::telemetry::request_with_id;
 use tokio::runtime::Handle;
@@ -134,6 +139,19 @@ impl RemoteExperts {
         request_id: Option<&str>,
         cancel: Option<&CancellationToken>,
     ) -> Result<Tensor, Error> {
+        count_routes(layer, routes);
+        self.run_layer(layer, xs, routes, request_id, cancel)
+    }
+
+    /// [`forward_layer`](Self::forward_layer) without counting the routes.
+    fn run_layer(
+        &self,
+        layer: usize,
+        xs: &Tensor,
+        routes: &[ExpertRoute],
+        request_id: Option<&str>,
+        cancel: Option<&CancellationToken>,
+    ) -> Result<Tensor, Error> {
         if routes.is_empty() {
             return xs.zeros_like().map_err(|e| Error::Model(e.into()));
         }
@@ -203,19 +221,31 @@ impl RemoteExperts {
             routes,
         )
         .map_err(|e| Failure::Retry(e.to_string()))?;
+        let metrics = ExpertDispatch::get();
         let mut calls = Vec::with_capacity(batches.len());
         for (worker, batch) in batches {
             let req = self.request(layer, xs, &batch).map_err(Failure::Fatal)?;
-            self.bytes_sent
-                .fetch_add(req.encoded_len() as u64, Ordering::Relaxed);
+            let bytes = req.encoded_len();
+            self.bytes_sent.fetch_add(bytes as u64, Ordering::Relaxed);
+            metrics.sent(worker, bytes);
             let req = match request_id {
                 Some(id) => request_with_id(req, id),
                 None => tonic::Request::new(req),
             };
             let mut client = table.clients[worker].clone();
-            let call = self
-                .handle
-                .spawn(async move { client.forward(req).await.map(|r| r.into_inner()) });
+            let name = worker.to_string();
+            let call = self.handle.spawn(async move {
+                let sent = Instant::now();
+                let answer = client.forward(req).await.map(|r| r.into_inner());
+                match &answer {
+                    Ok(response) => {
+                        let seconds = sent.elapsed().as_secs_f64();
+                        metrics.received(&name, response.encoded_len(), seconds);
+                    }
+                    Err(_) => metrics.failed(&name),
+                }
+                answer
+            });
             calls.push((worker.to_string(), batch, call));
         }
         Ok(InFlight { calls })
@@ -320,6 +350,19 @@ impl RemoteExperts {
     }
 }
 
+/// Adds one layer's routes to the tokens routed per expert.
+fn count_routes(layer: usize, routes: &[ExpertRoute]) {
+    let mut per_expert: BTreeMap<u32, u64> = BTreeMap::new();
+    for r in routes {
+        *per_expert.entry(r.expert).or_default() += 1;
+    }
+    let metrics = ExpertDispatch::get();
+    let layer = u32::try_from(layer).unwrap_or(u32::MAX);
+    for (expert, tokens) in per_expert {
+        metrics.routed(layer, expert, tokens);
+    }
+}
+
 /// Resolves when `cancel` fires; never without one.
 async fn cancelled(cancel: Option<&CancellationToken>) {
     match cancel {
@@ -351,6 +394,7 @@ impl ExpertBackend for RemoteExperts {
             Some(table) if !routes.is_empty() => self.dispatch(table, layer, xs, routes, None),
             _ => return PendingExperts::ready(self.forward(layer, xs, routes)),
         };
+        count_routes(layer, routes);
         let (xs, routes) = (xs.clone(), routes.to_vec());
         PendingExperts::waiting(move || {
             let retry = match in_flight.and_then(|calls| self.collect(calls, layer, &xs, None)) {
@@ -359,7 +403,8 @@ impl ExpertBackend for RemoteExperts {
                 Err(Failure::Retry(reason)) => reason,
             };
             tracing::debug!(layer, %retry, "overlapped expert layer failed; retrying");
-            self.forward(layer, &xs, &routes)
+            self.run_layer(layer, &xs, &routes, None, None)
+                .map_err(|e| self.failed(e))
         })
     }
 }

@@ -1,11 +1,16 @@
-//! Running totals of the scheduler, and the one log line per request.
+//! Running totals of the scheduler, and the one log line per request. Once
+//! [`Stats::export_as`] names the scheduler, the same figures are its Prometheus
+//! metrics (`tessera_scheduler_*`, `tessera_kv_*`, `tessera_prefix_cache_*`),
+//! updated where they are published.
 //!
 //! The figure that matters for expert dispatch is
 //! `expert_bytes_per_token_per_layer`: bytes sent to and received from
 //! expert-workers, divided by tokens run through the model × MoE layers.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Mutex, OnceLock, PoisonError};
+
+use tessera_runtime::metrics::SchedulerMetrics;
 
 use crate::kv::PoolCounters;
 
@@ -22,6 +27,8 @@ pub struct EngineCounters {
     pub prefill_tokens: u64,
     /// Prompt positions taken from the prefix cache instead of computed.
     pub prefix_reused_tokens: u64,
+    /// Tokens sampled.
+    pub generated_tokens: u64,
     /// Times a running sequence gave up its blocks to make room.
     pub preemptions: u64,
     /// Sequences running / waiting after the last step.
@@ -49,6 +56,7 @@ pub struct Stats {
     weight_tensors: AtomicU64,
     routed_expert_tensors: AtomicU64,
     engine: Mutex<EngineCounters>,
+    metrics: OnceLock<SchedulerMetrics>,
 }
 
 /// A copy of [`Stats`] at one moment.
@@ -99,6 +107,16 @@ fn per_token_per_layer(bytes: u64, tokens: u64, layers: u64) -> f64 {
 }
 
 impl Stats {
+    /// Also reports these figures as the Prometheus metrics of the scheduler whose
+    /// member id is `scheduler` (the first call counts).
+    pub fn export_as(&self, scheduler: &str) {
+        let metrics = self
+            .metrics
+            .get_or_init(|| SchedulerMetrics::new(scheduler));
+        let engine = self.engine.lock().unwrap_or_else(PoisonError::into_inner);
+        export(metrics, &EngineCounters::default(), &engine);
+    }
+
     /// Records the model's number of MoE layers (once loaded).
     pub fn set_moe_layers(&self, n: usize) {
         self.moe_layers.store(n as u64, Ordering::Relaxed);
@@ -124,6 +142,9 @@ impl Stats {
             .fetch_add(r.model_tokens, Ordering::Relaxed);
         self.expert_bytes
             .fetch_add(r.expert_bytes, Ordering::Relaxed);
+        if let Some(m) = self.metrics.get() {
+            m.requests.inc();
+        }
         let layers = self.moe_layers.load(Ordering::Relaxed);
         tracing::info!(
             request_id,
@@ -141,7 +162,11 @@ impl Stats {
 
     /// Publishes the engine's counters.
     pub fn set_engine(&self, counters: EngineCounters) {
-        *self.engine.lock().unwrap_or_else(PoisonError::into_inner) = counters;
+        let mut engine = self.engine.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(m) = self.metrics.get() {
+            export(m, &engine, &counters);
+        }
+        *engine = counters;
     }
 
     /// The totals now.
@@ -160,8 +185,37 @@ impl Stats {
     }
 }
 
+/// Sets the gauges to `now` and adds what the counters gained since `before`.
+fn export(m: &SchedulerMetrics, before: &EngineCounters, now: &EngineCounters) {
+    let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+    m.waiting.set(gauge(now.waiting));
+    m.running.set(gauge(now.running));
+    m.kv_blocks_used.set(gauge(now.pool.used_blocks));
+    m.kv_blocks_cached.set(gauge(now.pool.cached_blocks));
+    m.kv_blocks_free.set(gauge(now.pool.free_blocks));
+    let gained = |now: u64, before: u64| now.saturating_sub(before);
+    m.steps.inc_by(gained(now.steps, before.steps));
+    m.batched_tokens
+        .inc_by(gained(now.batched_tokens, before.batched_tokens));
+    m.prefill_tokens
+        .inc_by(gained(now.prefill_tokens, before.prefill_tokens));
+    m.prefix_cache_hit_tokens.inc_by(gained(
+        now.prefix_reused_tokens,
+        before.prefix_reused_tokens,
+    ));
+    m.generated_tokens
+        .inc_by(gained(now.generated_tokens, before.generated_tokens));
+    m.preemptions
+        .inc_by(gained(now.preemptions, before.preemptions));
+    m.kv_evictions
+        .inc_by(gained(now.pool.evictions, before.pool.evictions));
+    m.cancelled.inc_by(gained(now.cancelled, before.cancelled));
+}
+
 #[cfg(test)]
 mod tests {
+    use tessera_runtime::metrics::{Scrape, render};
+
     use super::*;
 
     #[test]
@@ -185,5 +239,41 @@ mod tests {
             (1, 7, 4)
         );
         assert_eq!(s.expert_bytes_per_token_per_layer(), 200.0);
+    }
+
+    #[test]
+    fn published_counters_become_the_schedulers_metrics() {
+        let stats = Stats::default();
+        let early = EngineCounters {
+            steps: 2,
+            ..Default::default()
+        };
+        stats.set_engine(early);
+        stats.export_as("stats-test-scheduler");
+        let mut counters = EngineCounters {
+            steps: 5,
+            prefill_tokens: 30,
+            prefix_reused_tokens: 16,
+            generated_tokens: 4,
+            waiting: 3,
+            running: 2,
+            ..Default::default()
+        };
+        counters.pool.used_blocks = 7;
+        counters.pool.free_blocks = 9;
+        stats.set_engine(counters);
+        stats.record("r", RequestStats::default());
+        let s = Scrape::parse(&render()).unwrap();
+        let get = |name| s.sum(name, &[("scheduler", "stats-test-scheduler")]);
+        // Steps run before the export count too: counters are totals.
+        assert_eq!(get("tessera_scheduler_steps_total"), 5.0);
+        assert_eq!(get("tessera_scheduler_prefill_tokens_total"), 30.0);
+        assert_eq!(get("tessera_prefix_cache_hit_tokens_total"), 16.0);
+        assert_eq!(get("tessera_scheduler_generated_tokens_total"), 4.0);
+        assert_eq!(get("tessera_scheduler_waiting_sequences"), 3.0);
+        assert_eq!(get("tessera_scheduler_running_sequences"), 2.0);
+        assert_eq!(get("tessera_kv_blocks_used"), 7.0);
+        assert_eq!(get("tessera_kv_blocks_free"), 9.0);
+        assert_eq!(get("tessera_scheduler_requests_total"), 1.0);
     }
 }

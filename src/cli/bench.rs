@@ -41,10 +41,12 @@ pub struct BenchArgs {
     /// A running gateway's gRPC address, e.g. http://127.0.0.1:50051.
     #[arg(long)]
     addr: Option<String>,
-    /// Start a cluster in this process from this snapshot folder (as `tessera up`
-    /// does), print its load time, then benchmark it.
+    /// Start a cluster in this process from this snapshot folder or Hub id (as
+    /// `tessera up` does), print its load time, then benchmark it.
     #[arg(long)]
     model: Option<PathBuf>,
+    #[command(flatten)]
+    hub: super::model_source::HubArgs,
     /// Expert-workers of the in-process cluster (--model) [default: 2].
     #[arg(long)]
     expert_workers: Option<usize>,
@@ -199,7 +201,7 @@ async fn bench(args: BenchArgs) -> anyhow::Result<Report> {
         return measure(&args, &client, &workload, pace, None).await;
     }
     let model = args.model.clone().expect("clap requires --addr or --model");
-    let opts = super::up::Options {
+    let mut opts = super::up::Options {
         model,
         expert_workers: args.expert_workers.unwrap_or(2),
         grpc: ([127, 0, 0, 1], 0).into(),
@@ -207,8 +209,10 @@ async fn bench(args: BenchArgs) -> anyhow::Result<Report> {
         grace_seconds: 5,
         ready_timeout: Duration::from_secs(1800),
         engine: args.engine.clone(),
+        remote_images: Default::default(),
     };
-    opts.validate()?;
+    opts.validate_flags()?;
+    opts.model = args.hub.resolve(&opts.model).await?;
     eprintln!(
         "tessera bench: loading {} into 1 scheduler, 1 vision-worker and {} expert-workers…",
         opts.model.display(),

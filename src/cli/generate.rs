@@ -36,9 +36,12 @@ impl From<DTypeArg> for DType {
 #[derive(Debug, Args)]
 #[command(group(clap::ArgGroup::new("input").required(true).args(["prompt", "conversation"])))]
 pub struct GenerateArgs {
-    /// Snapshot folder of a DeepSeek-VL2 checkpoint (config.json, tokenizer.json, *.safetensors).
+    /// Snapshot folder of a DeepSeek-VL2 checkpoint (config.json, tokenizer.json,
+    /// *.safetensors), or a Hub id such as deepseek-ai/deepseek-vl2-tiny (downloaded).
     #[arg(long, env = "TESSERA_MODEL")]
     model: PathBuf,
+    #[command(flatten)]
+    hub: super::model_source::HubArgs,
     /// A single user message.
     #[arg(long)]
     prompt: Option<String>,
@@ -194,14 +197,12 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         bail!("--chunk-size must be at least 1");
     }
 
-    if !args.model.exists() {
-        super::check_model_path(&args.model)?;
-    }
+    let model = args.hub.resolve_blocking(&args.model)?;
 
     let device = Device::Cpu;
     let loading = Instant::now();
-    let pipeline = Pipeline::load(&args.model, args.dtype.into(), &device)
-        .with_context(|| format!("cannot load the model from {}", args.model.display()))?;
+    let pipeline = Pipeline::load(&model, args.dtype.into(), &device)
+        .with_context(|| format!("cannot load the model from {}", model.display()))?;
     let load_s = loading.elapsed().as_secs_f64();
 
     let prepared = pipeline.prepare(&messages, &images)?;

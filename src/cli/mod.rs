@@ -1,6 +1,7 @@
 //! Command-line interface: one subcommand per module.
 //!
-//! - `generate`: offline, in this process (no network, no services)
+//! - `generate`: in this process, no services (the network only to download a
+//!   Hub id `--model`)
 //! - `up`: the whole cluster in one process
 //! - `gateway`, `vision-worker`, `scheduler`, `expert-worker`: one role each
 //! - `ask`: a client of the public API
@@ -10,12 +11,12 @@ mod bench;
 mod discovery;
 mod generate;
 mod init_random;
+mod model_source;
 mod roles;
 mod up;
 
 use std::path::Path;
 
-use anyhow::bail;
 use clap::{Parser, Subcommand};
 
 /// Tessera serves the DeepSeek-VL2 vision-language models.
@@ -28,7 +29,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Generate a reply offline, in this process (no network, no services).
+    /// Generate a reply in this process (no services; the network only to download
+    /// a Hub id --model).
     Generate(generate::GenerateArgs),
     /// Run the whole cluster in one process: gateway, vision-worker, scheduler and
     /// expert-workers on loopback ports, no etcd needed.
@@ -80,18 +82,14 @@ fn block_on<F: Future<Output = anyhow::Result<()>>>(future: F) -> anyhow::Result
         .block_on(future)
 }
 
-/// A clear error for a model path that is not a local folder (a Hub id, a typo).
+/// A clear error for a model path that is not a local folder (a Hub id is resolved
+/// to one by [`model_source::HubArgs`] first).
 pub fn check_model_path(model: &Path) -> anyhow::Result<()> {
     if model.is_dir() {
         return Ok(());
     }
-    let name = model.display().to_string();
-    let looks_like_hub_id = name.split('/').count() == 2 && !name.starts_with(['.', '/']);
-    if looks_like_hub_id {
-        bail!(
-            "`{name}` is not a local folder: download the snapshot (e.g. with \
-             `huggingface-cli download {name} --local-dir DIR`) and pass --model DIR"
-        );
+    Err(tessera_runtime::hub::HubError::NoSuchFolder {
+        path: model.to_path_buf(),
     }
-    bail!("model folder {name} not found: pass --model PATH to a local snapshot folder")
+    .into())
 }

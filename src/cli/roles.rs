@@ -11,12 +11,15 @@ use tessera_runtime::{CancellationToken, Discovery};
 use tokio::net::TcpListener;
 
 use super::discovery::DiscoveryArgs;
+use super::model_source::HubArgs;
 
 /// `tessera gateway`: the public API.
 #[derive(Debug, Args)]
 pub struct GatewayArgs {
     #[command(flatten)]
     config: tessera_gateway::Config,
+    #[command(flatten)]
+    hub: HubArgs,
     /// Address to serve gRPC on.
     #[arg(long, env = "TESSERA_GRPC", default_value = "0.0.0.0:50051")]
     grpc: SocketAddr,
@@ -29,6 +32,8 @@ pub struct GatewayArgs {
 pub struct VisionWorkerArgs {
     #[command(flatten)]
     config: tessera_vision_worker::Config,
+    #[command(flatten)]
+    hub: HubArgs,
     /// Address to serve gRPC on.
     #[arg(long, env = "TESSERA_GRPC", default_value = "0.0.0.0:50053")]
     grpc: SocketAddr,
@@ -41,6 +46,8 @@ pub struct VisionWorkerArgs {
 pub struct SchedulerArgs {
     #[command(flatten)]
     config: tessera_scheduler::Config,
+    #[command(flatten)]
+    hub: HubArgs,
     /// Address to serve gRPC on.
     #[arg(long, env = "TESSERA_GRPC", default_value = "0.0.0.0:50052")]
     grpc: SocketAddr,
@@ -53,6 +60,8 @@ pub struct SchedulerArgs {
 pub struct ExpertWorkerArgs {
     #[command(flatten)]
     config: tessera_expert_worker::Config,
+    #[command(flatten)]
+    hub: HubArgs,
     /// Address to serve gRPC on.
     #[arg(long, env = "TESSERA_GRPC", default_value = "0.0.0.0:50054")]
     grpc: SocketAddr,
@@ -84,8 +93,8 @@ where
 }
 
 pub async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
-    super::check_model_path(&args.config.model)?;
-    let cfg = args.config;
+    let mut cfg = args.config;
+    cfg.model = args.hub.resolve(&cfg.model).await?;
     serve("gateway", args.grpc, &args.discovery, |l, d, s| {
         tessera_gateway::run(cfg, l, d, s)
     })
@@ -93,8 +102,8 @@ pub async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
 }
 
 pub async fn vision_worker(args: VisionWorkerArgs) -> anyhow::Result<()> {
-    super::check_model_path(&args.config.model)?;
-    let cfg = args.config;
+    let mut cfg = args.config;
+    cfg.model = args.hub.resolve(&cfg.model).await?;
     serve("vision-worker", args.grpc, &args.discovery, |l, d, s| {
         tessera_vision_worker::run(cfg, l, d, s)
     })
@@ -102,8 +111,8 @@ pub async fn vision_worker(args: VisionWorkerArgs) -> anyhow::Result<()> {
 }
 
 pub async fn scheduler(args: SchedulerArgs) -> anyhow::Result<()> {
-    super::check_model_path(&args.config.model)?;
-    let cfg = args.config;
+    let mut cfg = args.config;
+    cfg.model = args.hub.resolve(&cfg.model).await?;
     serve("scheduler", args.grpc, &args.discovery, |l, d, s| {
         tessera_scheduler::run(cfg, l, d, s)
     })
@@ -111,8 +120,8 @@ pub async fn scheduler(args: SchedulerArgs) -> anyhow::Result<()> {
 }
 
 pub async fn expert_worker(args: ExpertWorkerArgs) -> anyhow::Result<()> {
-    super::check_model_path(&args.config.model)?;
-    let cfg = args.config;
+    let mut cfg = args.config;
+    cfg.model = args.hub.resolve(&cfg.model).await?;
     serve("expert-worker", args.grpc, &args.discovery, |l, d, s| {
         tessera_expert_worker::run(cfg, l, d, s)
     })

@@ -15,11 +15,16 @@ use tessera_scheduler::EngineConfig;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
+use super::model_source::HubArgs;
+
 #[derive(Debug, Args)]
 pub struct UpArgs {
-    /// Snapshot folder of a DeepSeek-VL2 checkpoint (config.json, tokenizer.json, *.safetensors).
+    /// Snapshot folder of a DeepSeek-VL2 checkpoint (config.json, tokenizer.json,
+    /// *.safetensors), or a Hub id such as deepseek-ai/deepseek-vl2-tiny (downloaded).
     #[arg(long, env = "TESSERA_MODEL")]
     model: PathBuf,
+    #[command(flatten)]
+    hub: HubArgs,
     /// Expert-workers to spread the routed experts over (each holds about 1/N).
     #[arg(long, env = "TESSERA_EXPERT_WORKERS", default_value_t = 2)]
     expert_workers: usize,
@@ -30,6 +35,11 @@ pub struct UpArgs {
     /// free port; the address is printed) [default: no HTTP].
     #[arg(long, env = "TESSERA_HTTP")]
     http: Option<SocketAddr>,
+    /// Serve the Prometheus metrics of every service (`GET /metrics`) and
+    /// `GET /health` on this address (the address is printed) [default: none;
+    /// `--http` serves `/metrics` too].
+    #[arg(long, env = "TESSERA_METRICS")]
+    metrics: Option<SocketAddr>,
     /// Seconds to drain in-flight requests on Ctrl-C / SIGTERM.
     #[arg(long, env = "TESSERA_GRACE_SECONDS", default_value_t = 25)]
     grace_seconds: u64,
@@ -39,6 +49,8 @@ pub struct UpArgs {
     ready_timeout_seconds: u64,
     #[command(flatten, next_help_heading = "Engine")]
     engine: EngineConfig,
+    #[command(flatten, next_help_heading = "Remote images (OpenAI API)")]
+    remote_images: tessera_gateway::RemoteImageConfig,
 }
 
 type Task = (&'static str, anyhow::Result<()>);
@@ -62,12 +74,19 @@ pub struct Options {
     /// How long loading may take before `start` gives up.
     pub ready_timeout: Duration,
     pub engine: EngineConfig,
+    /// Whether the gateway fetches http(s) image URLs, and within which limits.
+    pub remote_images: tessera_gateway::RemoteImageConfig,
 }
 
 impl Options {
     /// Rejects options no cluster can start with, before anything is loaded.
     pub fn validate(&self) -> anyhow::Result<()> {
         super::check_model_path(&self.model)?;
+        self.validate_flags()
+    }
+
+    /// [`Options::validate`] but for the model folder (checked before a download).
+    pub fn validate_flags(&self) -> anyhow::Result<()> {
         if self.expert_workers == 0 {
             bail!("--expert-workers must be at least 1");
         }
@@ -86,6 +105,7 @@ impl From<&UpArgs> for Options {
             grace_seconds: args.grace_seconds,
             ready_timeout: Duration::from_secs(args.ready_timeout_seconds),
             engine: args.engine.clone(),
+            remote_images: args.remote_images.clone(),
         }
     }
 }
@@ -118,9 +138,22 @@ impl Running {
 }
 
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
-    let opts = Options::from(&args);
-    opts.validate()?;
+    let mut opts = Options::from(&args);
+    opts.validate_flags()?;
+    // Resolved once: every component loads the same folder.
+    opts.model = args.hub.resolve(&args.model).await?;
     let shutdown = tessera_runtime::shutdown::on_signals();
+    let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let metrics = match args.metrics {
+        Some(addr) => {
+            let (ready, shutdown) = (ready.clone(), shutdown.clone());
+            let serving = move || {
+                ready.load(std::sync::atomic::Ordering::Relaxed) && !shutdown.is_cancelled()
+            };
+            Some(tessera_runtime::metrics::Endpoint::start(addr, serving).await?)
+        }
+        None => None,
+    };
     eprintln!(
         "tessera up: loading {} into 1 scheduler, 1 vision-worker and {} expert-workers…",
         opts.model.display(),
@@ -134,6 +167,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         if let Some(http) = running.http {
             println!("tessera http on {http}");
         }
+        if let Some(metrics) = &metrics {
+            println!("tessera metrics on {}", metrics.local_addr());
+        }
+        ready.store(true, std::sync::atomic::Ordering::Relaxed);
         println!("tessera serving on {addr}");
         eprintln!(
             "tessera up: ready in {:.1}s; gRPC API at {addr} (tessera.v1.Tessera). Ctrl-C stops.",
@@ -207,6 +244,7 @@ pub async fn start(opts: Options, shutdown: CancellationToken) -> anyhow::Result
         .transpose()?;
     let mut gateway = tessera_gateway::Config::new(&opts.model);
     gateway.grace_seconds = opts.grace_seconds;
+    gateway.remote_images = opts.remote_images.clone();
     let run = tessera_gateway::run_with(
         gateway,
         public,

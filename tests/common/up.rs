@@ -21,6 +21,7 @@ impl Drop for Up {
 
 /// Runs `tessera` (a command for the binary) as `up` on a free port with `workers`
 /// expert-workers; returns the process and the address it prints.
+#[allow(dead_code)] // each test binary uses its own subset
 pub fn start(tessera: Command, model: &str, workers: &str) -> (Up, String) {
     let (up, addrs) = start_with(tessera, model, workers, &[]);
     (up, addrs.grpc)

@@ -1,7 +1,8 @@
 //! The vision-worker's one typed configuration: the shared service flags
-//! (model, id, advertised address, grace period) plus the image limit, the
-//! embedding cache, the precision and the tower's queue depth.
+//! (model, id, advertised address, grace period, metrics address) plus the image
+//! limit, the embedding cache, the precision and the tower's queue depth.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use candle_core::DType;
@@ -34,7 +35,8 @@ impl From<Precision> for DType {
 /// What one vision-worker serves and how (`tessera vision-worker --help`).
 #[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
 pub struct Config {
-    /// Snapshot folder (config.json, tokenizer.json, *.safetensors).
+    /// Snapshot folder (config.json, tokenizer.json, *.safetensors), or a Hub id such as
+    /// deepseek-ai/deepseek-vl2-tiny (downloaded at start-up).
     #[arg(long, env = "TESSERA_MODEL")]
     pub model: PathBuf,
     /// This member's id in discovery [default: "vision-worker-<advertised address>"].
@@ -58,6 +60,10 @@ pub struct Config {
     /// Tower passes that may wait for the model; further requests get RESOURCE_EXHAUSTED.
     #[arg(long, env = "TESSERA_VISION_MAX_QUEUED", default_value_t = DEFAULT_MAX_QUEUED)]
     pub max_queued: usize,
+    /// Serve Prometheus metrics (`GET /metrics`) and `GET /health` on this address
+    /// [default: none].
+    #[arg(long, env = "TESSERA_METRICS")]
+    pub metrics: Option<SocketAddr>,
 }
 
 impl Config {
@@ -72,6 +78,7 @@ impl Config {
             cache_entries: DEFAULT_CACHE_ENTRIES,
             dtype: Precision::F32,
             max_queued: DEFAULT_MAX_QUEUED,
+            metrics: None,
         }
     }
 
@@ -117,8 +124,11 @@ mod tests {
             "bf16",
             "--max-image-pixels",
             "1000",
+            "--metrics",
+            "127.0.0.1:9092",
         ])
         .unwrap();
+        assert_eq!(cli.config.metrics, Some(([127, 0, 0, 1], 9092).into()));
         assert_eq!(cli.config.cache_entries, 0);
         assert_eq!(DType::from(cli.config.dtype), DType::BF16);
         assert_eq!(cli.config.image_limits().max_pixels, 1000);

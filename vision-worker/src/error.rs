@@ -12,6 +12,9 @@ pub enum Error {
     /// The listener's address could not be read.
     #[error("cannot read the listener's address: {0}")]
     Listener(#[source] std::io::Error),
+    /// The metrics endpoint could not listen (the message names the address).
+    #[error("metrics endpoint: {0}")]
+    Metrics(std::io::Error),
     /// Registering in discovery failed.
     #[error("cannot register in discovery: {0}")]
     Discovery(#[source] tessera_runtime::Error),
@@ -69,6 +72,7 @@ impl From<Error> for tonic::Status {
             Error::Load(_)
             | Error::Spawn(_)
             | Error::Listener(_)
+            | Error::Metrics(_)
             | Error::Discovery(_)
             | Error::Transport(_)
             | Error::Compute(_)

@@ -1,7 +1,8 @@
 //! The worker's lifecycle: serve at once (health NOT_SERVING, requests answered
 //! UNAVAILABLE), load the model on its own thread, report SERVING and register in
 //! discovery, then on shutdown report NOT_SERVING, deregister and drain in-flight
-//! calls for at most the grace period.
+//! calls for at most the grace period. With `--metrics` it serves `GET /metrics`
+//! and `GET /health` on that address meanwhile.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,6 +11,7 @@ use candle_core::DType;
 use tessera_proto::MAX_MESSAGE_BYTES;
 use tessera_proto::internal::v1::vision_server::VisionServer;
 use tessera_runtime::discovery::check_same_model;
+use tessera_runtime::metrics::{Endpoint, VisionMetrics};
 use tessera_runtime::serving::{self, HealthHandle};
 use tessera_runtime::{CancellationToken, Discovery, Member, Registration, Role};
 use tokio::net::TcpListener;
@@ -54,6 +56,14 @@ pub async fn serve(
         .clone()
         .unwrap_or_else(|| format!("{}-{advertise}", Role::VisionWorker));
     let (health, health_service) = serving::health::<Served>().await;
+    let _metrics = match cfg.metrics {
+        Some(addr) => {
+            let health = health.clone();
+            let ready = move || health.is_serving();
+            Some(Endpoint::start(addr, ready).await.map_err(Error::Metrics)?)
+        }
+        None => None,
+    };
     let stop = CancellationToken::new();
     let vision = VisionServer::new(service.clone())
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -115,7 +125,7 @@ async fn until_shutdown(
     };
     let fingerprint = loaded.fingerprint.clone();
     check_same_model(&discovery.members(), &fingerprint).map_err(Error::Discovery)?;
-    service.set_ready(encoder, loaded);
+    service.set_ready(encoder, loaded, VisionMetrics::new(&member.id));
     health.serving::<Served>().await;
     let registration = discovery
         .register(member.with_fingerprint(fingerprint))

@@ -1,7 +1,8 @@
 //! The `tessera.internal.v1.Vision` service: `Encode` checks the request on the
 //! runtime (cheap checks only), then hashes, looks up, decodes and tiles the
 //! images on a blocking thread, and sends the tiles of the images not in the
-//! cache to the model thread as one tower pass.
+//! cache to the model thread as one tower pass. Cache hits and misses and tower
+//! passes are counted in [`Stats`] and in the worker's Prometheus metrics.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,6 +16,7 @@ use tessera_model::processor::{
 };
 use tessera_proto::internal::v1::vision_server::Vision;
 use tessera_proto::internal::v1::{EncodeRequest, EncodeResponse, ImageInput};
+use tessera_runtime::metrics::VisionMetrics;
 use tessera_runtime::telemetry;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
@@ -41,6 +43,7 @@ struct Ready {
     encoder: Encoder,
     fingerprint: String,
     processor: ProcessorConfig,
+    metrics: VisionMetrics,
 }
 
 #[derive(Debug)]
@@ -110,12 +113,14 @@ impl VisionService {
         self.inner.ready.get().map(|r| r.fingerprint.as_str())
     }
 
-    /// Starts answering requests with the loaded model. Only the first call counts.
-    pub(crate) fn set_ready(&self, encoder: Encoder, loaded: Loaded) {
+    /// Starts answering requests with the loaded model, counting them in
+    /// `metrics`. Only the first call counts.
+    pub(crate) fn set_ready(&self, encoder: Encoder, loaded: Loaded, metrics: VisionMetrics) {
         let _ = self.inner.ready.set(Ready {
             encoder,
             fingerprint: loaded.fingerprint,
             processor: loaded.processor,
+            metrics,
         });
     }
 
@@ -145,7 +150,13 @@ impl VisionService {
         let embeddings = match plan.tiles {
             Some(tiles) => {
                 let tilings = plan.fresh.iter().map(|f| f.tiling).collect();
+                let started = std::time::Instant::now();
                 let out = ready.encoder.embed(tiles, tilings).await?;
+                let metrics = &ready.metrics;
+                metrics
+                    .encode_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                metrics.images_encoded.inc_by(out.len() as u64);
                 self.inner.tower_passes.fetch_add(1, Ordering::Relaxed);
                 self.inner
                     .images_encoded
@@ -169,6 +180,11 @@ impl VisionService {
                 entry
             })
             .collect();
+        let entries = self.inner.cache.stats().entries;
+        ready
+            .metrics
+            .cache_entries
+            .set(i64::try_from(entries).unwrap_or(i64::MAX));
         let images = plan
             .slots
             .iter()
@@ -195,7 +211,13 @@ impl VisionService {
                 slots.push(Slot::Fresh(i)); // the same bytes twice in one request
                 continue;
             }
-            if let Some(entry) = self.inner.cache.get(&key) {
+            let cached = self.inner.cache.get(&key);
+            let counter = match cached {
+                Some(_) => &ready.metrics.cache_hits,
+                None => &ready.metrics.cache_misses,
+            };
+            counter.inc();
+            if let Some(entry) = cached {
                 slots.push(Slot::Cached(entry));
                 continue;
             }

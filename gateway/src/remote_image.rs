@@ -1,0 +1,277 @@
+//! Remote images of the OpenAI API: `image_url` parts with an `http(s)` URL. They
+//! are fetched only when the gateway runs with `--allow-remote-images`, each within
+//! a time limit and a byte cap (counted as the body streams in), following
+//! redirects to http(s) URLs only, and kept only if the bytes are an image.
+//!
+//! Refusals are reasons for the client, never the URL itself: signed URLs carry
+//! secrets in their query strings.
+
+use std::io::Cursor;
+use std::time::Duration;
+
+use image::ImageReader;
+use reqwest::redirect::Policy;
+use reqwest::{Client, Url};
+use tessera_proto::v1;
+use tokio::task::JoinSet;
+
+use crate::error::{Error, Result};
+
+/// Default for `--remote-image-timeout-seconds`.
+pub const DEFAULT_TIMEOUT_SECONDS: u64 = 10;
+/// Default for `--remote-image-max-bytes`: 20 MiB.
+pub const DEFAULT_MAX_BYTES: usize = 20 << 20;
+/// Most redirects one fetch follows.
+const MAX_REDIRECTS: usize = 5;
+
+/// The remote-image flags of the gateway (and `tessera up`).
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+pub struct RemoteImageConfig {
+    /// Fetch `http(s)` image URLs in OpenAI `image_url` parts [default: only
+    /// `data:` URIs are accepted].
+    #[arg(
+        long,
+        env = "TESSERA_ALLOW_REMOTE_IMAGES",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub allow_remote_images: bool,
+    /// Seconds one remote image may take, from connecting to its last byte.
+    #[arg(
+        long,
+        env = "TESSERA_REMOTE_IMAGE_TIMEOUT_SECONDS",
+        default_value_t = DEFAULT_TIMEOUT_SECONDS
+    )]
+    pub remote_image_timeout_seconds: u64,
+    /// Refuse remote images larger than this many bytes.
+    #[arg(
+        long,
+        env = "TESSERA_REMOTE_IMAGE_MAX_BYTES",
+        default_value_t = DEFAULT_MAX_BYTES
+    )]
+    pub remote_image_max_bytes: usize,
+}
+
+impl Default for RemoteImageConfig {
+    fn default() -> Self {
+        Self {
+            allow_remote_images: false,
+            remote_image_timeout_seconds: DEFAULT_TIMEOUT_SECONDS,
+            remote_image_max_bytes: DEFAULT_MAX_BYTES,
+        }
+    }
+}
+
+/// Fetches the remote images of a request, or refuses them when they are off.
+#[derive(Debug, Clone)]
+pub struct RemoteImages {
+    fetcher: Option<Fetcher>,
+    /// Most images per request: a longer list is refused before fetching any.
+    max_images: usize,
+}
+
+#[derive(Debug, Clone)]
+struct Fetcher {
+    client: Client,
+    timeout: Duration,
+    max_bytes: usize,
+}
+
+impl RemoteImages {
+    /// Remote images as `cfg` sets them (checked by `Config::validate`), for requests
+    /// of at most `max_images` images.
+    pub fn new(cfg: &RemoteImageConfig, max_images: usize) -> Result<Self> {
+        if !cfg.allow_remote_images {
+            return Ok(Self::disabled());
+        }
+        let timeout = Duration::from_secs(cfg.remote_image_timeout_seconds);
+        let redirects = Policy::custom(|attempt| {
+            let scheme = attempt.url().scheme().to_owned();
+            if !matches!(scheme.as_str(), "http" | "https") {
+                attempt.error(format!(
+                    "it redirected to a {scheme}: URL; only http(s) is followed"
+                ))
+            } else if attempt.previous().len() > MAX_REDIRECTS {
+                attempt.error(format!("it redirected more than {MAX_REDIRECTS} times"))
+            } else {
+                attempt.follow()
+            }
+        });
+        let client = Client::builder()
+            .connect_timeout(timeout)
+            .timeout(timeout)
+            .redirect(redirects)
+            .user_agent(concat!("tessera/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| Error::Config(format!("cannot set up the remote image client: {e}")))?;
+        Ok(Self {
+            fetcher: Some(Fetcher {
+                client,
+                timeout,
+                max_bytes: cfg.remote_image_max_bytes,
+            }),
+            max_images,
+        })
+    }
+
+    /// Remote images refused (the default).
+    pub fn disabled() -> Self {
+        Self {
+            fetcher: None,
+            max_images: usize::MAX,
+        }
+    }
+
+    /// Fetches `urls` side by side; the images in order, or the index of the first
+    /// URL refused and why.
+    pub async fn fetch_all(
+        &self,
+        urls: Vec<String>,
+    ) -> std::result::Result<Vec<v1::Image>, (usize, String)> {
+        let Some(fetcher) = &self.fetcher else {
+            return Err((
+                0,
+                "remote image URLs are not enabled on this server; send the image inline as \
+                 a data:image/...;base64,... URI, or start the gateway with \
+                 --allow-remote-images"
+                    .to_owned(),
+            ));
+        };
+        if urls.len() > self.max_images {
+            return Err((
+                self.max_images,
+                format!(
+                    "the request has {} remote images, more than this server's limit of {} \
+                     images",
+                    urls.len(),
+                    self.max_images
+                ),
+            ));
+        }
+        let mut fetches = JoinSet::new();
+        for (k, url) in urls.into_iter().enumerate() {
+            let fetcher = fetcher.clone();
+            fetches.spawn(async move { (k, fetcher.fetch(&url).await) });
+        }
+        let mut images = vec![None; fetches.len()];
+        while let Some(joined) = fetches.join_next().await {
+            let (k, fetched) =
+                joined.map_err(|e| (0, format!("fetching the image failed: {e}")))?;
+            images[k] = Some(fetched.map_err(|reason| (k, reason))?);
+        }
+        Ok(images.into_iter().flatten().collect())
+    }
+}
+
+impl Fetcher {
+    /// The image at `url`, or why it is refused.
+    async fn fetch(&self, url: &str) -> std::result::Result<v1::Image, String> {
+        let url = Url::parse(url).map_err(|e| format!("the image URL is not valid: {e}"))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(format!(
+                "{}: image URLs are not supported; use http(s) or a data: URI",
+                url.scheme()
+            ));
+        }
+        let host = url.host_str().unwrap_or_default().to_owned();
+        let data = tokio::time::timeout(self.timeout, self.download(url))
+            .await
+            .map_err(|_| self.too_slow())??;
+        let format = image::guess_format(&data.bytes).map_err(|_| {
+            format!(
+                "the image URL on {host} did not return an image (it sent {} bytes of {})",
+                data.bytes.len(),
+                data.content_type.as_deref().unwrap_or("an unknown type")
+            )
+        })?;
+        ImageReader::with_format(Cursor::new(&data.bytes), format)
+            .into_dimensions()
+            .map_err(|e| format!("the image URL on {host} returned an unreadable image: {e}"))?;
+        Ok(v1::Image {
+            data: data.bytes.into(),
+            mime_type: format.to_mime_type().to_owned(),
+        })
+    }
+
+    /// The body at `url`, refused past the byte cap (announced or streamed).
+    async fn download(&self, url: Url) -> std::result::Result<Body, String> {
+        let host = url.host_str().unwrap_or_default().to_owned();
+        let mut response = self
+            .client
+            .get(url)
+            .send()
+            .await
+            .map_err(|e| self.failure(&host, e))?;
+        let status = response.status();
+        if status.is_redirection() {
+            // reqwest hands back a redirect it cannot follow (to a non-http(s) URL).
+            return Err(format!(
+                "the image URL on {host} redirected to a location that is not an http(s) URL \
+                 (HTTP {status}); only http(s) redirects are followed"
+            ));
+        }
+        if !status.is_success() {
+            return Err(format!(
+                "the image URL on {host} answered HTTP {status}; check that it is public and \
+                 still exists"
+            ));
+        }
+        if response
+            .content_length()
+            .is_some_and(|n| n > self.max_bytes as u64)
+        {
+            return Err(self.too_large());
+        }
+        let content_type = response
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let mut bytes = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(|e| self.failure(&host, e))? {
+            if bytes.len() + chunk.len() > self.max_bytes {
+                return Err(self.too_large());
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        Ok(Body {
+            bytes,
+            content_type,
+        })
+    }
+
+    fn too_large(&self) -> String {
+        format!(
+            "the remote image is larger than this server's limit of {} bytes \
+             (--remote-image-max-bytes); send a smaller image",
+            self.max_bytes
+        )
+    }
+
+    fn too_slow(&self) -> String {
+        format!(
+            "fetching the remote image took longer than {}s (--remote-image-timeout-seconds); \
+             send it inline as a data: URI",
+            self.timeout.as_secs()
+        )
+    }
+
+    fn failure(&self, host: &str, e: reqwest::Error) -> String {
+        if e.is_timeout() {
+            return self.too_slow();
+        }
+        let e = e.without_url();
+        let mut reason = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            reason = format!("{reason}: {s}");
+            source = s.source();
+        }
+        format!("fetching the image from {host} failed: {reason}")
+    }
+}
+
+/// A fetched body and the type its server gave it.
+struct Body {
+    bytes: Vec<u8>,
+    content_type: Option<String>,
+}
