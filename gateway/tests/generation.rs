@@ -15,7 +15,7 @@ use tessera_proto::v1::{
     FinishReason, GenerateRequest, GenerateResponse, ImageTiling, StoppingParams,
     generate_stream_response::Event,
 };
-use tessera_runtime::{Discovery, Member, MemoryDiscovery, Registration, Role};
+use tessera_runtime::{MemoryDiscovery, Registration};
 use tonic::Code;
 
 const FIXTURE: &str = "tiny-mha-softmax";
@@ -32,16 +32,7 @@ async fn cluster(vision: VisionScript, scheduler: SchedulerScript) -> Cluster {
     let discovery = MemoryDiscovery::new();
     let vision = FakeVision::new(&fixture(FIXTURE), vision);
     let scheduler = FakeScheduler::new(scheduler);
-    let v = vision.clone().serve().await;
-    let s = scheduler.clone().serve().await;
-    let members = vec![
-        discovery
-            .register(Member::new(Role::VisionWorker, "vision-0", v.to_string()))
-            .unwrap(),
-        discovery
-            .register(Member::new(Role::Scheduler, "scheduler-0", s.to_string()))
-            .unwrap(),
-    ];
+    let members = fakes::register(&discovery, &vision, &scheduler).await;
     Cluster {
         gateway: Gateway::fixture(FIXTURE, discovery).await,
         vision,

@@ -23,7 +23,7 @@ use serde_json::{Value, json};
 use tessera_gateway::Config;
 use tessera_model::chat::ChatTokenizer;
 use tessera_proto::internal::v1::StopReason;
-use tessera_runtime::{Discovery, Member, MemoryDiscovery, Registration, Role};
+use tessera_runtime::{MemoryDiscovery, Registration};
 use tonic::{Code, Status};
 
 const FIXTURE: &str = "tiny-mha-softmax";
@@ -62,16 +62,7 @@ async fn cluster_with_limit(script: SchedulerScript, max_body: usize) -> (Cluste
     let discovery = MemoryDiscovery::new();
     let vision = FakeVision::new(&fixture(FIXTURE), VisionScript::Correct);
     let scheduler = FakeScheduler::new(script);
-    let v = vision.clone().serve().await;
-    let s = scheduler.clone().serve().await;
-    let members = vec![
-        discovery
-            .register(Member::new(Role::VisionWorker, "vision-0", v.to_string()))
-            .unwrap(),
-        discovery
-            .register(Member::new(Role::Scheduler, "scheduler-0", s.to_string()))
-            .unwrap(),
-    ];
+    let members = fakes::register(&discovery, &vision, &scheduler).await;
     let mut cfg = Config::new(fixture(FIXTURE));
     cfg.http_max_body_bytes = max_body;
     let gateway = Gateway::start_http(cfg, discovery).await;

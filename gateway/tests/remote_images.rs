@@ -28,7 +28,7 @@ use serde_json::{Value, json};
 use tessera_gateway::{Config, RemoteImageConfig};
 use tessera_model::chat::ChatTokenizer;
 use tessera_proto::internal::v1::StopReason;
-use tessera_runtime::{Discovery, Member, MemoryDiscovery, Registration, Role};
+use tessera_runtime::{MemoryDiscovery, Registration};
 use tokio::net::TcpListener;
 
 const FIXTURE: &str = "tiny-mha-softmax";
@@ -115,16 +115,7 @@ async fn cluster(remote: RemoteImageConfig) -> Cluster {
     let discovery = MemoryDiscovery::new();
     let vision = FakeVision::new(&fixture(FIXTURE), VisionScript::Correct);
     let scheduler = FakeScheduler::new(SchedulerScript::Tokens(vec![answer], StopReason::Eos));
-    let v = vision.clone().serve().await;
-    let s = scheduler.clone().serve().await;
-    let members = vec![
-        discovery
-            .register(Member::new(Role::VisionWorker, "vision-0", v.to_string()))
-            .unwrap(),
-        discovery
-            .register(Member::new(Role::Scheduler, "scheduler-0", s.to_string()))
-            .unwrap(),
-    ];
+    let members = fakes::register(&discovery, &vision, &scheduler).await;
     let mut cfg = Config::new(fixture(FIXTURE));
     cfg.remote_images = remote;
     let gateway = Gateway::start_http(cfg, discovery).await;

@@ -16,7 +16,7 @@ use tessera_proto::internal::v1::{
     CancelRequest, CancelResponse, Dtype, EncodeRequest, EncodeResponse, EncodedImage, Finished,
     StopReason, SubmitRequest, Tensor, TokenEvent, Tokens, token_event,
 };
-use tessera_runtime::telemetry;
+use tessera_runtime::{Discovery, Member, MemoryDiscovery, Registration, Role, telemetry};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Server;
@@ -210,4 +210,23 @@ impl Scheduler for FakeScheduler {
         self.cancelled.send_modify(|ids| ids.push(id));
         Ok(Response::new(CancelResponse { found: true }))
     }
+}
+
+/// Serves `vision` and `scheduler` on loopback and registers them in `discovery` as
+/// `vision-0` and `scheduler-0`; the registrations last as long as the returned value.
+pub async fn register(
+    discovery: &MemoryDiscovery,
+    vision: &FakeVision,
+    scheduler: &FakeScheduler,
+) -> Vec<Registration> {
+    let v = vision.clone().serve().await;
+    let s = scheduler.clone().serve().await;
+    vec![
+        discovery
+            .register(Member::new(Role::VisionWorker, "vision-0", v.to_string()))
+            .unwrap(),
+        discovery
+            .register(Member::new(Role::Scheduler, "scheduler-0", s.to_string()))
+            .unwrap(),
+    ]
 }
