@@ -90,14 +90,9 @@ pub async fn run(
         .clone()
         .unwrap_or_else(|| format!("expert-worker-{advertise}"));
     let (health, health_server) = serving::health::<Server>().await;
-    let _metrics = match cfg.metrics {
-        Some(addr) => {
-            let health = health.clone();
-            let ready = move || health.is_serving();
-            Some(Endpoint::start(addr, ready).await.map_err(Error::Metrics)?)
-        }
-        None => None,
-    };
+    let _metrics = Endpoint::start_for(cfg.metrics, &health)
+        .await
+        .map_err(Error::Metrics)?;
     let model = cfg.model.clone();
     let worker = id.clone();
     let service = tokio::task::spawn_blocking(move || ExpertService::open(&model, &worker))

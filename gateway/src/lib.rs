@@ -103,14 +103,9 @@ pub async fn run_with(
         .unwrap_or_else(|| format!("{}-{advertise}", Role::Gateway));
     let service = TesseraService::new(&cfg, discovery.clone());
     let (health, health_server) = serving::health::<TesseraServer<TesseraService>>().await;
-    let _metrics = match cfg.metrics {
-        Some(addr) => {
-            let health = health.clone();
-            let ready = move || health.is_serving();
-            Some(Endpoint::start(addr, ready).await.map_err(Error::Metrics)?)
-        }
-        None => None,
-    };
+    let _metrics = Endpoint::start_for(cfg.metrics, &health)
+        .await
+        .map_err(Error::Metrics)?;
 
     let stop_serving = CancellationToken::new();
     let mut server = tokio::spawn(

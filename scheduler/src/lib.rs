@@ -128,18 +128,9 @@ pub async fn run_with_stats(
     ExpertDispatch::get();
     let service = SchedulerService::new(stats.clone());
     let (health, health_service) = serving::health::<Server>().await;
-    let _metrics = match cfg.metrics {
-        Some(addr) => {
-            let health = health.clone();
-            let ready = move || health.is_serving();
-            Some(
-                Endpoint::start(addr, ready)
-                    .await
-                    .map_err(Error::Listener)?,
-            )
-        }
-        None => None,
-    };
+    let _metrics = Endpoint::start_for(cfg.metrics, &health)
+        .await
+        .map_err(Error::Listener)?;
     let stop_accepting = CancellationToken::new();
     let mut server = tokio::spawn(
         tonic::transport::Server::builder()

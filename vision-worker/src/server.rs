@@ -56,14 +56,9 @@ pub async fn serve(
         .clone()
         .unwrap_or_else(|| format!("{}-{advertise}", Role::VisionWorker));
     let (health, health_service) = serving::health::<Served>().await;
-    let _metrics = match cfg.metrics {
-        Some(addr) => {
-            let health = health.clone();
-            let ready = move || health.is_serving();
-            Some(Endpoint::start(addr, ready).await.map_err(Error::Metrics)?)
-        }
-        None => None,
-    };
+    let _metrics = Endpoint::start_for(cfg.metrics, &health)
+        .await
+        .map_err(Error::Metrics)?;
     let stop = CancellationToken::new();
     let vision = VisionServer::new(service.clone())
         .max_decoding_message_size(MAX_MESSAGE_BYTES)

@@ -48,6 +48,21 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
+    /// A service's endpoint: on `addr` when it is set (its `--metrics`), with
+    /// `/health` following the service's gRPC health.
+    pub async fn start_for(
+        addr: Option<SocketAddr>,
+        health: &crate::serving::HealthHandle,
+    ) -> std::io::Result<Option<Self>> {
+        let Some(addr) = addr else {
+            return Ok(None);
+        };
+        let health = health.clone();
+        Self::start(addr, move || health.is_serving())
+            .await
+            .map(Some)
+    }
+
     /// Binds `addr` and serves [`router_with_health`] there. The error names the
     /// address (a port in use, most often).
     pub async fn start<F>(addr: SocketAddr, ready: F) -> std::io::Result<Self>
