@@ -1,6 +1,6 @@
 //! Routed experts on expert-workers: real gRPC servers on loopback, the
-//! scheduler's remote backend, greedy generation compared with in-process experts
-//! and the reference fixtures.
+//! scheduler's remote backend, greedy generation through the engine compared
+//! with in-process experts and the reference fixtures.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -11,7 +11,7 @@ use candle_core::{DType, Device};
 use serde_json::Value;
 use tessera_expert_worker::Config;
 use tessera_model::chat::{ChatTokenizer, Message};
-use tessera_model::generate::{GenerationParams, generate};
+use tessera_model::generate::GenerationParams;
 use tessera_model::language::LanguageModel;
 use tessera_model::pipeline::Pipeline;
 use tessera_model::weights::{Checkpoint, LoadTarget};
@@ -20,7 +20,8 @@ use tessera_proto::internal::v1::expert_client::ExpertClient;
 use tessera_proto::internal::v1::{ForwardRequest, InfoRequest};
 use tessera_runtime::placement::Placement;
 use tessera_runtime::{CancellationToken, Discovery, MemoryDiscovery};
-use tessera_scheduler::RemoteExperts;
+use tessera_scheduler::local::{LocalEngine, Prompt};
+use tessera_scheduler::{EngineConfig, RemoteExperts};
 use tokio::net::TcpListener;
 use tokio::runtime::Runtime;
 
@@ -59,7 +60,7 @@ impl Cluster {
             let listener = runtime.block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
             let addr = listener.local_addr().unwrap();
             let mut worker = Config::new(dir);
-            worker.id = Some(id.clone());
+            worker.member.id = Some(id.clone());
             servers.push(runtime.spawn(tessera_expert_worker::run(
                 worker,
                 listener,
@@ -127,7 +128,7 @@ impl Cluster {
 }
 
 /// A case's conversation with its images (paths relative to the fixture folder).
-fn case_prompt(pipeline: &Pipeline, dir: &Path, case: &Value) -> (Vec<u32>, candle_core::Tensor) {
+fn case_prompt(pipeline: &Pipeline, dir: &Path, case: &Value) -> Prompt {
     let messages: Vec<Message> = serde_json::from_value(case["conversation"].clone()).unwrap();
     let images: Vec<image::RgbImage> = messages
         .iter()
@@ -135,7 +136,34 @@ fn case_prompt(pipeline: &Pipeline, dir: &Path, case: &Value) -> (Vec<u32>, cand
         .map(|f| image::open(dir.join(f)).unwrap().to_rgb8())
         .collect();
     let prepared = pipeline.prepare(&messages, &images).unwrap();
-    (prepared.encoded.input_ids, prepared.embeds)
+    Prompt {
+        input_ids: prepared.encoded.input_ids,
+        image_runs: prepared.encoded.image_runs,
+        image_embeds: prepared.image_embeds,
+    }
+}
+
+/// The language model of `dir` without routed experts, as a scheduler loads it.
+fn scheduler_side(dir: &Path) -> (LanguageModel, ChatTokenizer) {
+    let config = tessera_model::config::ModelConfig::from_dir(dir).unwrap();
+    let checkpoint = Checkpoint::open(dir).unwrap();
+    let device = Device::Cpu;
+    let target = LoadTarget {
+        checkpoint: &checkpoint,
+        dtype: DType::F32,
+        device: &device,
+    };
+    let language = LanguageModel::load(&config.language, target).unwrap();
+    (language, ChatTokenizer::from_dir(dir).unwrap())
+}
+
+/// An engine for one request of `prompt` and `NEW_TOKENS`.
+fn engine_config(language: &LanguageModel, prompt: &Prompt) -> EngineConfig {
+    EngineConfig::single(
+        prompt.input_ids.len() + NEW_TOKENS,
+        language.cache_bytes_per_token(),
+        None,
+    )
 }
 
 /// For 1, 2 and 3 workers: each holds about 1/N of the experts, and greedy
@@ -145,40 +173,30 @@ fn dispatch_matches_in_process(fixture_name: &str, case_name: &str) {
     let case = case(fixture_name, case_name);
     let want = json_ids(&case["greedy"]["new_token_ids"]);
     let pipeline = Pipeline::load(&dir, DType::F32, &Device::Cpu).unwrap();
-    let (ids, embeds) = case_prompt(&pipeline, &dir, &case);
+    let prompt = case_prompt(&pipeline, &dir, &case);
+    let ids = prompt.input_ids.clone();
     assert_eq!(ids, json_ids(&case["input_ids"]));
     let eos = pipeline.config.language.eos_token_id;
     let params = GenerationParams {
         ignore_eos: true,
         ..GenerationParams::greedy(NEW_TOKENS, eos)
     };
-    let local = generate(
-        &pipeline.language,
-        &pipeline.experts,
-        None,
-        &ids,
-        &embeds,
-        &params,
-    )
-    .unwrap()
-    .output_ids;
+    let n_layers = pipeline.config.language.moe_layers().len() as u64;
+    let total = pipeline.experts.len();
+    let Pipeline {
+        language,
+        experts,
+        tokenizer,
+        ..
+    } = pipeline;
+    let cfg = engine_config(&language, &prompt);
+    let mut engine = LocalEngine::start(language, tokenizer, Arc::new(experts), cfg).unwrap();
+    let local = engine.generate(&prompt, &params).unwrap().output_ids;
+    drop(engine);
     assert_eq!(
         local, want,
         "{fixture_name}/{case_name}: in-process experts"
     );
-
-    // The scheduler side: the language model without routed experts.
-    let checkpoint = Checkpoint::open(&dir).unwrap();
-    let device = Device::Cpu;
-    let target = LoadTarget {
-        checkpoint: &checkpoint,
-        dtype: DType::F32,
-        device: &device,
-    };
-    let language = LanguageModel::load(&pipeline.config.language, target).unwrap();
-    let tokenizer = ChatTokenizer::from_dir(&dir).unwrap();
-    let n_layers = pipeline.config.language.moe_layers().len() as u64;
-    let total = pipeline.experts.len();
 
     for n in 1..=3 {
         let cluster = Cluster::start(&dir, n);
@@ -203,11 +221,13 @@ fn dispatch_matches_in_process(fixture_name: &str, case_name: &str) {
             assert_eq!(info.model_fingerprint, cluster.fingerprint);
         }
 
-        let remote = cluster.remote_experts();
-        // This (test) thread is outside the runtime, like a model thread.
-        let got = generate(&language, &remote, Some(&tokenizer), &ids, &embeds, &params)
-            .unwrap()
-            .output_ids;
+        let remote = Arc::new(cluster.remote_experts());
+        let (language, tokenizer) = scheduler_side(&dir);
+        let cfg = engine_config(&language, &prompt);
+        let mut engine = LocalEngine::start(language, tokenizer, remote.clone(), cfg).unwrap();
+        // This (test) thread is outside the runtime; the engine has its own thread.
+        let got = engine.generate(&prompt, &params).unwrap().output_ids;
+        drop(engine);
         assert_eq!(got, local, "{fixture_name}/{case_name}: {n} expert-workers");
 
         let tokens = (ids.len() + NEW_TOKENS - 1) as u64;

@@ -3,12 +3,12 @@
 /// Everything that can go wrong while loading experts or serving a request.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// The model is not open yet (the worker is starting).
+    #[error("the expert-worker is still loading the model; retry shortly")]
+    Loading,
     /// The snapshot or its experts could not be loaded at start-up.
     #[error("cannot load experts: {0}")]
     Load(#[source] tessera_model::Error),
-    /// The server failed to bind or serve.
-    #[error("gRPC transport: {0}")]
-    Transport(#[source] tonic::transport::Error),
     /// The request comes from a scheduler serving another model.
     #[error("model fingerprint mismatch: request has {request:?}, this worker serves {ours:?}")]
     FingerprintMismatch { request: String, ours: String },
@@ -27,15 +27,9 @@ pub enum Error {
     /// A blocking task panicked or was cancelled.
     #[error("worker task failed: {0}")]
     Join(#[source] tokio::task::JoinError),
-    /// The listener's address could not be read.
-    #[error("cannot use the listener: {0}")]
-    Bind(#[source] std::io::Error),
-    /// The metrics endpoint could not listen (the message names the address).
-    #[error("metrics endpoint: {0}")]
-    Metrics(std::io::Error),
-    /// Registration in discovery failed.
-    #[error("cannot register in discovery: {0}")]
-    Discovery(#[source] tessera_runtime::Error),
+    /// The member lifecycle failed (listening, serving, registering).
+    #[error(transparent)]
+    Member(#[from] tessera_runtime::member::Error),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -48,13 +42,10 @@ impl From<Error> for tonic::Status {
             Error::FingerprintMismatch { .. } | Error::NotHeld { .. } => {
                 Self::failed_precondition(message)
             }
-            Error::Load(_)
-            | Error::Transport(_)
-            | Error::Compute(_)
-            | Error::Join(_)
-            | Error::Bind(_)
-            | Error::Metrics(_)
-            | Error::Discovery(_) => Self::internal(message),
+            Error::Loading => Self::unavailable(message),
+            Error::Load(_) | Error::Compute(_) | Error::Join(_) | Error::Member(_) => {
+                Self::internal(message)
+            }
         }
     }
 }

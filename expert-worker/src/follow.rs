@@ -5,7 +5,6 @@
 
 use std::sync::Arc;
 
-use tessera_proto::internal::v1::expert_server::ExpertServer;
 use tessera_runtime::serving::HealthHandle;
 use tessera_runtime::{CancellationToken, Discovery};
 
@@ -29,7 +28,7 @@ pub async fn run(
             match service.apply(p.version, &want).await {
                 Ok(()) => {
                     if applied.is_none() {
-                        health.serving::<ExpertServer<ExpertService>>().await;
+                        health.serving().await;
                     }
                     applied = Some(p.version);
                 }

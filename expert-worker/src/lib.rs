@@ -1,35 +1,33 @@
 //! The expert-worker: holds a shard of the routed experts of one snapshot and
 //! computes their weighted outputs for the rows a scheduler sends
-//! (ARCHITECTURE.md, "Expert dispatch"; `tessera.internal.v1.Expert`).
+//! (`docs/ARCHITECTURE.md`, "Expert dispatch"; `tessera.internal.v1.Expert`).
 //!
 //! A worker registers in discovery as soon as it has read the model's config,
 //! then follows the published placement: whenever a new one arrives it loads
 //! exactly the experts the placement gives it (missing ones first, then it drops
 //! the ones it no longer owns) and reports the placement's version in `Info`.
+//! It reports SERVING once the first placement is applied.
 //!
 //! - [`service`]: the `Expert` gRPC service over a swappable shard of
 //!   [`tessera_model::experts::LocalExperts`]
 //! - [`follow`]: the task that applies each new placement to the service
+//! - [`metrics`]: the worker's Prometheus families
 //! - [`error`]: the crate's one error type and its mapping to `tonic::Status`
-//! - [`run`]: serve on a listener until shutdown
+//! - [`run`]: the member lifecycle (`tessera_runtime::member`) around the service
 
 pub mod error;
 pub mod follow;
+pub mod metrics;
 pub mod service;
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
-use tessera_proto::MAX_MESSAGE_BYTES;
+use tessera_proto::Limited;
 use tessera_proto::internal::v1::expert_server::ExpertServer;
-use tessera_runtime::metrics::Endpoint;
+use tessera_runtime::member::{self, Context, Grpc, MemberArgs, Readiness};
 use tessera_runtime::placer::{self, ExpertLayout};
-use tessera_runtime::serving;
-use tessera_runtime::{CancellationToken, Discovery, Member, Role};
+use tessera_runtime::{CancellationToken, Discovery, Role};
 use tokio::net::TcpListener;
-use tonic::transport::server::TcpIncoming;
 
 pub use error::{Error, Result};
 pub use service::ExpertService;
@@ -38,122 +36,82 @@ pub use service::ExpertService;
 /// it comes from the placement published in discovery.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Config {
-    /// Snapshot folder (config.json, *.safetensors), or a Hub id such as
-    /// deepseek-ai/deepseek-vl2-tiny (downloaded at start-up).
-    #[arg(long, env = "TESSERA_MODEL")]
-    pub model: PathBuf,
-    /// This member's id in discovery [default: "expert-worker-<advertised address>"].
-    #[arg(long, env = "TESSERA_ID")]
-    pub id: Option<String>,
-    /// host:port other members reach this service at [default: the listener's address].
-    #[arg(long, env = "TESSERA_ADVERTISE")]
-    pub advertise: Option<String>,
-    /// Seconds to drain in-flight requests after a shutdown signal.
-    #[arg(long, env = "TESSERA_GRACE_SECONDS", default_value_t = 25)]
-    pub grace_seconds: u64,
-    /// Serve Prometheus metrics (`GET /metrics`) and `GET /health` on this address
-    /// [default: none].
-    #[arg(long, env = "TESSERA_METRICS")]
-    pub metrics: Option<SocketAddr>,
+    #[command(flatten)]
+    pub member: MemberArgs,
 }
 
 impl Config {
     /// Defaults for the snapshot at `model`.
-    pub fn new(model: impl Into<PathBuf>) -> Self {
+    pub fn new(model: impl Into<std::path::PathBuf>) -> Self {
         Self {
-            model: model.into(),
-            id: None,
-            advertise: None,
-            grace_seconds: 25,
-            metrics: None,
+            member: MemberArgs::new(model),
         }
     }
 }
 
-/// The gRPC service type, for health reports.
-type Server = ExpertServer<ExpertService>;
+/// The expert-worker as the member lifecycle drives it.
+struct Worker {
+    service: ExpertService,
+    member: MemberArgs,
+}
+
+impl member::Service for Worker {
+    /// The model's fingerprint.
+    type Loaded = String;
+    type Error = Error;
+    const ROLE: Role = Role::ExpertWorker;
+
+    fn grpc(&self) -> Grpc {
+        Grpc::new(ExpertServer::new(self.service.clone()).limited())
+    }
+
+    /// Reads the model's config and fingerprint; experts load as placements
+    /// arrive.
+    async fn load(&self, ctx: &Context) -> Result<String> {
+        let (service, dir) = (self.service.clone(), self.member.model_dir().to_path_buf());
+        let (id, compute) = (ctx.id.clone(), ctx.compute.clone());
+        tokio::task::spawn_blocking(move || service.open(&dir, &id, compute))
+            .await
+            .map_err(Error::Join)??;
+        Ok(self.service.fingerprint().to_string())
+    }
+
+    fn fingerprint(fingerprint: &String) -> String {
+        fingerprint.clone()
+    }
+
+    async fn start(&self, _: String, ctx: &Context) -> Result<Readiness> {
+        let (moe_layers, n_experts) = self.service.layout();
+        let layout = ExpertLayout {
+            moe_layers,
+            n_experts,
+        };
+        // Both stop when shutdown begins: a draining worker keeps the shard it has.
+        let tasks = ctx.shutdown.child_token();
+        tokio::spawn(placer::run(ctx.discovery.clone(), layout, tasks.clone()));
+        tokio::spawn(follow::run(
+            self.service.clone(),
+            ctx.id.clone(),
+            ctx.discovery.clone(),
+            ctx.health.clone(),
+            tasks,
+        ));
+        Ok(Readiness::Later)
+    }
+}
 
 /// Serves `Expert` on `listener`, registered in `discovery` and following its
 /// placement, until `shutdown`; then reports NOT_SERVING, deregisters and drains
-/// in-flight calls for at most `grace_seconds`. With `cfg.metrics` it also serves
-/// `GET /metrics` and `GET /health` there.
+/// in-flight calls for at most the grace period (`tessera_runtime::member`).
 pub async fn run(
     cfg: Config,
     listener: TcpListener,
     discovery: Arc<dyn Discovery>,
     shutdown: CancellationToken,
 ) -> Result<()> {
-    let addr = listener.local_addr().map_err(Error::Bind)?;
-    let advertise = cfg.advertise.clone().unwrap_or_else(|| addr.to_string());
-    let id = cfg
-        .id
-        .clone()
-        .unwrap_or_else(|| format!("expert-worker-{advertise}"));
-    let (health, health_server) = serving::health::<Server>().await;
-    let _metrics = Endpoint::start_for(cfg.metrics, &health)
-        .await
-        .map_err(Error::Metrics)?;
-    let model = cfg.model.clone();
-    let worker = id.clone();
-    let service = tokio::task::spawn_blocking(move || ExpertService::open(&model, &worker))
-        .await
-        .map_err(Error::Join)??;
-
-    tessera_runtime::discovery::check_same_model(&discovery.members(), service.fingerprint())
-        .map_err(Error::Discovery)?;
-
-    let stop_server = CancellationToken::new();
-    let server = tonic::transport::Server::builder()
-        .add_service(health_server)
-        .add_service(serving::reflection())
-        .add_service(
-            ExpertServer::new(service.clone())
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES),
-        )
-        .serve_with_incoming_shutdown(
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
-            stop_server.clone().cancelled_owned(),
-        );
-    let server = tokio::spawn(server);
-
-    let registration = discovery
-        .register(
-            Member::new(Role::ExpertWorker, &id, &advertise)
-                .with_fingerprint(service.fingerprint()),
-        )
-        .map_err(Error::Discovery)?;
-    tracing::info!(%id, %advertise, fingerprint = service.fingerprint(), "expert-worker registered");
-    let (moe_layers, n_experts) = service.layout();
-    let tasks = shutdown.child_token();
-    let placer = tokio::spawn(placer::run(
-        discovery.clone(),
-        ExpertLayout {
-            moe_layers,
-            n_experts,
-        },
-        tasks.clone(),
-    ));
-    let follower = tokio::spawn(follow::run(
-        service.clone(),
-        id.clone(),
-        discovery,
-        health.clone(),
-        tasks.clone(),
-    ));
-
-    shutdown.cancelled().await;
-    tracing::info!(%id, "expert-worker shutting down");
-    health.not_serving::<Server>().await;
-    drop(registration);
-    tasks.cancel();
-    let _ = tokio::join!(placer, follower);
-    stop_server.cancel();
-    match tokio::time::timeout(Duration::from_secs(cfg.grace_seconds), server).await {
-        Ok(joined) => joined.map_err(Error::Join)?.map_err(Error::Transport),
-        Err(_) => {
-            tracing::warn!(%id, "in-flight calls did not finish within the grace period");
-            Ok(())
-        }
-    }
+    let worker = Worker {
+        service: ExpertService::new(),
+        member: cfg.member.clone(),
+    };
+    member::run(worker, &cfg.member, listener, discovery, shutdown).await
 }

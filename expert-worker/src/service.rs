@@ -7,12 +7,13 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 use std::time::Instant;
 
-use candle_core::{DType, Device};
 use tessera_model::config::ModelConfig;
-use tessera_model::experts::{ExpertBackend, ExpertRoute, ExpertSelection, LocalExperts};
+use tessera_model::experts::{
+    ExpertBackend, ExpertRoute, ExpertSelection, LocalExperts, StepContext,
+};
 use tessera_model::weights::{Checkpoint, LoadTarget};
 use tessera_proto::internal::v1::expert_server::Expert;
 use tessera_proto::internal::v1::{
@@ -20,8 +21,11 @@ use tessera_proto::internal::v1::{
     LoadResponse, UnloadRequest, UnloadResponse,
 };
 use tessera_proto::tensor;
-use tessera_runtime::metrics::ExpertWorkerMetrics;
+use tessera_runtime::device::Compute;
+use tessera_runtime::telemetry;
 use tonic::{Request, Response, Status};
+
+use crate::metrics::ExpertWorkerMetrics;
 
 use crate::error::{Error, Result};
 
@@ -38,22 +42,26 @@ struct Shard {
     ready: bool,
 }
 
-/// What does not change after start-up.
+/// What does not change once the model is opened.
+#[derive(Debug)]
 struct Model {
     dir: PathBuf,
     config: ModelConfig,
     fingerprint: String,
+    /// Where and in what precision experts are loaded and computed.
+    compute: Compute,
+    metrics: ExpertWorkerMetrics,
 }
 
 /// Serves `tessera.internal.v1.Expert` for one shard of routed experts, which
-/// changes as placements are applied ([`ExpertService::apply`]).
+/// changes as placements are applied ([`ExpertService::apply`]). Answers
+/// UNAVAILABLE until [`ExpertService::open`] has read the model.
 #[derive(Clone)]
 pub struct ExpertService {
-    model: Arc<Model>,
+    model: Arc<OnceLock<Model>>,
     shard: Arc<RwLock<Arc<Shard>>>,
     /// Serialises loads and unloads (forwards never wait on it).
     changing: Arc<tokio::sync::Mutex<()>>,
-    metrics: ExpertWorkerMetrics,
 }
 
 impl std::fmt::Debug for ExpertService {
@@ -62,38 +70,62 @@ impl std::fmt::Debug for ExpertService {
         f.debug_struct("ExpertService")
             .field("experts", &shard.held.len())
             .field("placement_version", &shard.placement_version)
-            .field("fingerprint", &self.model.fingerprint)
+            .field("fingerprint", &self.model.get().map(|m| &m.fingerprint))
             .finish_non_exhaustive()
     }
 }
 
+impl Default for ExpertService {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl ExpertService {
-    /// Reads the snapshot's config and fingerprint; holds no experts yet. Its
-    /// metrics carry the member id `worker`. Blocking.
-    pub fn open(dir: &Path, worker: &str) -> Result<Self> {
-        let config = ModelConfig::from_dir(dir).map_err(Error::Load)?;
-        let fingerprint = tessera_model::fingerprint(dir).map_err(Error::Load)?;
-        Ok(Self {
-            model: Arc::new(Model {
-                dir: dir.to_path_buf(),
-                config,
-                fingerprint,
-            }),
+    /// A worker that holds no model yet.
+    pub fn new() -> Self {
+        Self {
+            model: Arc::default(),
             shard: Arc::default(),
             changing: Arc::default(),
+        }
+    }
+
+    /// Reads the snapshot's config and fingerprint (once); experts will load
+    /// onto `compute`, and the metrics carry the member id `worker`. Holds no
+    /// experts yet. Blocking.
+    pub fn open(&self, dir: &Path, worker: &str, compute: Compute) -> Result<()> {
+        let config = ModelConfig::from_dir(dir).map_err(Error::Load)?;
+        let fingerprint = tessera_model::fingerprint(dir).map_err(Error::Load)?;
+        let model = Model {
+            dir: dir.to_path_buf(),
+            config,
+            fingerprint,
+            compute,
             metrics: ExpertWorkerMetrics::new(worker),
-        })
+        };
+        if self.model.set(model).is_err() {
+            tracing::warn!("the expert-worker's model was already open");
+        }
+        Ok(())
     }
 
-    /// The model fingerprint this worker serves.
+    fn model(&self) -> Result<&Model> {
+        self.model.get().ok_or(Error::Loading)
+    }
+
+    /// The model fingerprint this worker serves (empty before [`open`](Self::open)).
     pub fn fingerprint(&self) -> &str {
-        &self.model.fingerprint
+        self.model.get().map_or("", |m| &m.fingerprint)
     }
 
-    /// The `(layer, expert)` pairs of every MoE layer and the routed experts per
-    /// layer of the model.
+    /// The MoE layers of the model and the routed experts per layer (none before
+    /// [`open`](Self::open)).
     pub fn layout(&self) -> (Vec<usize>, usize) {
-        let lang = &self.model.config.language;
+        let Some(model) = self.model.get() else {
+            return (Vec::new(), 0);
+        };
+        let lang = &model.config.language;
         let n = lang.moe.as_ref().map_or(0, |m| m.n_routed_experts);
         (lang.moe_layers(), n)
     }
@@ -156,7 +188,7 @@ impl ExpertService {
             "expert placement applied"
         );
         let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
-        let m = &self.metrics;
+        let m = &self.model()?.metrics;
         m.held_experts.set(gauge(shard.held.len()));
         m.held_bytes.set(gauge(shard.experts.bytes()));
         m.placement_version
@@ -183,14 +215,15 @@ impl ExpertService {
         if pairs.is_empty() {
             return Ok(LocalExperts::default());
         }
+        self.model()?;
         let model = self.model.clone();
         tokio::task::spawn_blocking(move || {
+            let model = model.get().ok_or(Error::Loading)?;
             let checkpoint = Checkpoint::open(&model.dir).map_err(Error::Load)?;
-            let device = Device::Cpu;
             let target = LoadTarget {
                 checkpoint: &checkpoint,
-                dtype: DType::F32,
-                device: &device,
+                dtype: model.compute.dtype,
+                device: &model.compute.device,
             };
             LocalExperts::load(
                 &model.config.language,
@@ -205,15 +238,16 @@ impl ExpertService {
 
     fn forward_blocking(
         shard: &Shard,
-        hidden_size: usize,
+        model: &Model,
         req: &ForwardRequest,
         routes: &[ExpertRoute],
     ) -> Result<ForwardResponse> {
+        let hidden_size = model.config.language.hidden_size;
         let rows = req
             .rows
             .as_ref()
             .ok_or_else(|| Error::Malformed("`rows` is missing".into()))?;
-        let xs = tensor::decode(rows, &Device::Cpu)?;
+        let xs = tensor::decode(rows, &model.compute.device)?;
         let (n, hidden) = xs.dims2().map_err(|_| {
             Error::Malformed(format!("`rows` has shape {:?}, expected 2-D", xs.dims()))
         })?;
@@ -228,12 +262,13 @@ impl ExpertService {
                 r.row
             )));
         }
-        // Experts run in f32 here; answer in the request's dtype.
+        // Experts run in the worker's dtype; answer in the request's.
         let sums = shard
             .experts
             .forward(
+                &StepContext::default(),
                 req.layer as usize,
-                &xs.to_dtype(DType::F32)
+                &xs.to_dtype(model.compute.dtype)
                     .map_err(|e| Error::Compute(e.into()))?,
                 routes,
             )
@@ -336,22 +371,25 @@ fn routes(
 impl ExpertService {
     /// One `Forward`: checked here, computed on a blocking thread.
     async fn forward_call(&self, req: ForwardRequest) -> Result<ForwardResponse> {
+        let fingerprint = &self.model()?.fingerprint;
         let shard = self.current();
-        let routes = routes(&req, &self.model.fingerprint, &shard.held)?;
+        let routes = routes(&req, fingerprint, &shard.held)?;
         let tokens = req
             .rows
             .as_ref()
             .and_then(|rows| rows.shape.first().copied())
             .unwrap_or(0);
         let n_routes = routes.len() as u64;
-        let hidden = self.model.config.language.hidden_size;
+        let model = self.model.clone();
         let response = tokio::task::spawn_blocking(move || {
-            ExpertService::forward_blocking(&shard, hidden, &req, &routes)
+            let model = model.get().ok_or(Error::Loading)?;
+            ExpertService::forward_blocking(&shard, model, &req, &routes)
         })
         .await
         .map_err(Error::Join)??;
-        self.metrics.tokens.inc_by(tokens);
-        self.metrics.routes.inc_by(n_routes);
+        let metrics = &self.model()?.metrics;
+        metrics.tokens.inc_by(tokens);
+        metrics.routes.inc_by(n_routes);
         Ok(response)
     }
 }
@@ -363,17 +401,24 @@ impl Expert for ExpertService {
         request: Request<ForwardRequest>,
     ) -> Result<Response<ForwardResponse>, Status> {
         let started = Instant::now();
-        let answer = self.forward_call(request.into_inner()).await;
+        let ids = telemetry::request_ids(request.metadata());
+        let req = request.into_inner();
+        tracing::debug!(request_ids = %ids.join(","), layer = req.layer, "Forward");
+        let answer = self.forward_call(req).await;
+        let metrics = self.model.get().map(|m| &m.metrics);
         match answer {
             Ok(response) => {
-                let seconds = started.elapsed().as_secs_f64();
-                self.metrics.forward_seconds.observe(seconds);
-                self.metrics.answered(tonic::Code::Ok);
+                if let Some(m) = metrics {
+                    m.forward_seconds.observe(started.elapsed().as_secs_f64());
+                    m.answered(tonic::Code::Ok);
+                }
                 Ok(Response::new(response))
             }
             Err(e) => {
                 let status = Status::from(e);
-                self.metrics.answered(status.code());
+                if let Some(m) = metrics {
+                    m.answered(status.code());
+                }
                 Err(status)
             }
         }
@@ -381,6 +426,7 @@ impl Expert for ExpertService {
 
     async fn load(&self, request: Request<LoadRequest>) -> Result<Response<LoadResponse>, Status> {
         let req = request.into_inner();
+        self.model()?;
         let add = pairs(&req.experts, &self.layout())?;
         self.add(req.placement_version, add).await?;
         Ok(Response::new(LoadResponse {
@@ -393,6 +439,7 @@ impl Expert for ExpertService {
         request: Request<UnloadRequest>,
     ) -> Result<Response<UnloadResponse>, Status> {
         let req = request.into_inner();
+        self.model()?;
         let remove = pairs(&req.experts, &self.layout())?;
         self.remove(req.placement_version, &remove).await?;
         Ok(Response::new(UnloadResponse {
@@ -401,9 +448,10 @@ impl Expert for ExpertService {
     }
 
     async fn info(&self, _: Request<InfoRequest>) -> Result<Response<InfoResponse>, Status> {
+        let fingerprint = self.model()?.fingerprint.clone();
         let shard = self.current();
         Ok(Response::new(InfoResponse {
-            model_fingerprint: self.model.fingerprint.clone(),
+            model_fingerprint: fingerprint,
             held: by_layer(&shard.held),
             ready: shard.ready,
             placement_version: shard.placement_version,

@@ -42,8 +42,8 @@ async fn start(discovery: &Arc<MemoryDiscovery>, id: &str) -> Worker {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let mut cfg = Config::new(fixture());
-    cfg.id = Some(id.to_string());
-    cfg.grace_seconds = 5;
+    cfg.member.id = Some(id.to_string());
+    cfg.member.grace_seconds = 5;
     let stop = CancellationToken::new();
     let task = tokio::spawn(tessera_expert_worker::run(
         cfg,

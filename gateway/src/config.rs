@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use tessera_model::processor::DEFAULT_MAX_PIXELS;
+use tessera_runtime::MemberArgs;
 
 use crate::error::{Error, Result};
 use crate::remote_image::RemoteImageConfig;
@@ -21,19 +22,10 @@ pub const DEFAULT_HTTP_MAX_BODY_BYTES: usize = 64 << 20;
 /// What one gateway serves and how it limits requests.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Config {
-    /// Snapshot folder (config.json, tokenizer.json, *.safetensors), or a Hub id such
-    /// as deepseek-ai/deepseek-vl2-tiny (downloaded at start-up).
-    #[arg(long, env = "TESSERA_MODEL")]
-    pub model: PathBuf,
-    /// This member's id in discovery [default: "gateway-<advertised address>"].
-    #[arg(long, env = "TESSERA_ID")]
-    pub id: Option<String>,
-    /// host:port other members reach this service at [default: the listener's address].
-    #[arg(long, env = "TESSERA_ADVERTISE")]
-    pub advertise: Option<String>,
-    /// Seconds to drain in-flight requests after a shutdown signal.
-    #[arg(long, env = "TESSERA_GRACE_SECONDS", default_value_t = 25)]
-    pub grace_seconds: u64,
+    /// The flags every member shares (the gateway loads the snapshot's configs and
+    /// tokenizer, no weights: `--device` and `--dtype` change nothing here).
+    #[command(flatten)]
+    pub member: MemberArgs,
     /// Most tokens to generate when a request does not set `max_tokens` (lowered to
     /// what fits in the model's maximum position).
     #[arg(long, env = "TESSERA_DEFAULT_MAX_TOKENS", default_value_t = DEFAULT_MAX_TOKENS)]
@@ -65,20 +57,13 @@ pub struct Config {
     /// Whether and how OpenAI `image_url` parts with http(s) URLs are fetched.
     #[command(flatten)]
     pub remote_images: RemoteImageConfig,
-    /// Serve Prometheus metrics (`GET /metrics`) and `GET /health` on this address
-    /// [default: none; the HTTP API serves `/metrics` too].
-    #[arg(long, env = "TESSERA_METRICS")]
-    pub metrics: Option<SocketAddr>,
 }
 
 impl Config {
     /// The configuration for the snapshot at `model` with every default.
     pub fn new(model: impl Into<PathBuf>) -> Self {
         Self {
-            model: model.into(),
-            id: None,
-            advertise: None,
-            grace_seconds: 25,
+            member: MemberArgs::new(model),
             default_max_tokens: DEFAULT_MAX_TOKENS,
             max_images: DEFAULT_MAX_IMAGES,
             max_image_pixels: DEFAULT_MAX_PIXELS,
@@ -86,7 +71,6 @@ impl Config {
             http: None,
             http_max_body_bytes: DEFAULT_HTTP_MAX_BODY_BYTES,
             remote_images: RemoteImageConfig::default(),
-            metrics: None,
         }
     }
 
@@ -155,7 +139,7 @@ mod tests {
         let parsed = Cli::try_parse_from(["gateway", "--model", "/snap"]).unwrap();
         let new = Config::new("/snap");
         assert_eq!(parsed.config.limits(), new.limits());
-        assert_eq!(parsed.config.grace_seconds, new.grace_seconds);
+        assert_eq!(parsed.config.member, new.member);
         assert_eq!(
             parsed.config.request_timeout_seconds,
             new.request_timeout_seconds
@@ -177,10 +161,12 @@ mod tests {
         .unwrap();
         assert!(remote.config.remote_images.allow_remote_images);
         assert_eq!(remote.config.remote_images.remote_image_max_bytes, 1024);
-        assert_eq!(parsed.config.metrics, new.metrics);
         let metrics =
             Cli::try_parse_from(["gateway", "--model", "/s", "--metrics", "0.0.0.0:9090"]).unwrap();
-        assert_eq!(metrics.config.metrics, Some(([0, 0, 0, 0], 9090).into()));
+        assert_eq!(
+            metrics.config.member.metrics,
+            Some(([0, 0, 0, 0], 9090).into())
+        );
         assert!(new.validate().is_ok());
         let zero = Config {
             request_timeout_seconds: 0,

@@ -7,9 +7,11 @@
 //! A delta carries only text that is final: the whole prefix is decoded again each
 //! time (decoders are not prefix-stable token by token), and the tail is held back
 //! while it is an incomplete UTF-8 character (U+FFFD at the end of the decode) or
-//! could still grow into a stop string.
+//! could still grow into a stop string. Stop strings are matched by the model
+//! crate's one matcher ([`StopStrings`]), as the scheduler matches them.
 
 use tessera_model::chat::ChatTokenizer;
+use tessera_model::text::StopStrings;
 
 use crate::error::{Error, Result};
 
@@ -35,26 +37,6 @@ impl Decode for ChatTokenizer {
     }
 }
 
-/// Byte offset of the earliest occurrence of any (non-empty) stop string in `text`.
-pub fn earliest_stop(text: &str, stop: &[String]) -> Option<usize> {
-    stop.iter()
-        .filter(|s| !s.is_empty())
-        .filter_map(|s| text.find(s.as_str()))
-        .min()
-}
-
-/// Length of the longest suffix of `text` that is a proper prefix of a stop string.
-fn partial_stop_len(text: &str, stop: &[String]) -> usize {
-    stop.iter()
-        .flat_map(|s| {
-            s.char_indices()
-                .map(|(i, _)| i)
-                .filter(|&i| i > 0 && text.ends_with(&s[..i]))
-        })
-        .max()
-        .unwrap_or(0)
-}
-
 /// The whole answer's text for the generated `ids`.
 pub fn final_text(
     decoder: &impl Decode,
@@ -69,7 +51,7 @@ pub fn final_text(
     };
     let mut text = decoder.decode(shown)?;
     if ending == Ending::Stop
-        && let Some(cut) = earliest_stop(&text, stop)
+        && let Some(cut) = StopStrings::new(stop).earliest(&text)
     {
         text.truncate(cut);
     }
@@ -81,6 +63,7 @@ pub fn final_text(
 pub struct IncrementalText {
     ids: Vec<u32>,
     stop: Vec<String>,
+    stops: StopStrings,
     eos: u32,
     ignore_eos: bool,
     emitted: String,
@@ -93,6 +76,7 @@ impl IncrementalText {
     pub fn new(stop: Vec<String>, eos: u32, ignore_eos: bool) -> Self {
         Self {
             ids: Vec::new(),
+            stops: StopStrings::new(&stop),
             stop,
             eos,
             ignore_eos,
@@ -129,12 +113,12 @@ impl IncrementalText {
         };
         let text = decoder.decode(shown)?;
         let complete = text.trim_end_matches(char::REPLACEMENT_CHARACTER);
-        let safe = match earliest_stop(complete, &self.stop) {
+        let safe = match self.stops.earliest(complete) {
             Some(cut) => {
                 self.stopped = true;
                 &complete[..cut]
             }
-            None => &complete[..complete.len() - partial_stop_len(complete, &self.stop)],
+            None => &complete[..complete.len() - self.stops.partial_len(complete)],
         };
         Ok(self.release(safe))
     }

@@ -61,7 +61,7 @@ fn stream(
             break;
         }
         let text = decoder.decode(&generated).unwrap();
-        if earliest_stop(&text, &stop).is_some() {
+        if StopStrings::new(&stop).earliest(&text).is_some() {
             ending = Ending::Stop;
             break;
         }
@@ -207,9 +207,9 @@ fn stream_with(tokenizer: &ChatTokenizer, splits_characters: bool) {
 
 #[test]
 fn partial_stops_are_suffixes_that_start_a_stop_string() {
-    let stop = vec!["world".to_string(), "中文".to_string()];
-    assert_eq!(partial_stop_len("hello wor", &stop), 3);
-    assert_eq!(partial_stop_len("hello 中", &stop), "中".len());
-    assert_eq!(partial_stop_len("hello", &stop), 0);
-    assert_eq!(partial_stop_len("world", &stop), 0);
+    let stop = StopStrings::new(&["world".to_string(), "中文".to_string()]);
+    assert_eq!(stop.partial_len("hello wor"), 3);
+    assert_eq!(stop.partial_len("hello 中"), "中".len());
+    assert_eq!(stop.partial_len("hello"), 0);
+    assert_eq!(stop.partial_len("world"), 0);
 }

@@ -21,21 +21,12 @@ pub enum Error {
         #[source]
         source: tessera_model::Error,
     },
-    /// The server failed to serve.
-    #[error("gRPC transport: {0}")]
-    Transport(#[source] tonic::transport::Error),
-    /// The HTTP server failed to serve.
-    #[error("HTTP server: {0}")]
-    Http(#[source] std::io::Error),
-    /// The metrics endpoint could not listen (the message names the address).
-    #[error("metrics endpoint: {0}")]
-    Metrics(std::io::Error),
-    /// The listener's address could not be read.
-    #[error("cannot read the listener's address: {0}")]
+    /// The HTTP API's address cannot be listened on, or read.
+    #[error("HTTP listener: {0}")]
     Listener(#[source] std::io::Error),
-    /// Registering in discovery failed.
-    #[error("cannot register the gateway in discovery: {0}")]
-    Register(#[source] tessera_runtime::Error),
+    /// The member lifecycle failed (listening, serving, registering).
+    #[error(transparent)]
+    Member(#[from] tessera_runtime::member::Error),
     /// A request arrived before the model files were loaded.
     #[error("the gateway is still loading the model files; retry shortly")]
     Loading,
@@ -116,11 +107,8 @@ impl From<Error> for tonic::Status {
             Error::ClientGone => Self::cancelled(message),
             Error::Config(_)
             | Error::Load { .. }
-            | Error::Transport(_)
-            | Error::Http(_)
             | Error::Listener(_)
-            | Error::Metrics(_)
-            | Error::Register(_)
+            | Error::Member(_)
             | Error::BadAddress { .. }
             | Error::Protocol { .. }
             | Error::Tokenizer(_)

@@ -7,7 +7,7 @@
 //! on the scheduler, as soon as the client goes away or the request times out.
 //! The HTTP API (`crate::http`) calls the same `generate_call` and `stream_call`,
 //! which also count every generation in the process's metrics
-//! (`tessera_runtime::metrics::Gateway`): its outcome, time to first token, time
+//! (`crate::metrics::Gateway`): its outcome, time to first token, time
 //! per output token, duration and tokens.
 
 use std::sync::{Arc, OnceLock};
@@ -19,7 +19,7 @@ use tessera_proto::v1::{
     GenerateStreamResponse, ModelInfoRequest, ModelInfoResponse, Usage,
 };
 use tessera_runtime::Discovery;
-use tessera_runtime::metrics::{self, Gateway};
+use tessera_runtime::metrics;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
@@ -31,6 +31,7 @@ use crate::cluster::cluster_status;
 use crate::config::{Config, Limits};
 use crate::error::{Error, Result};
 use crate::generation::{Answer, Running, TokenTimes};
+use crate::metrics::Gateway;
 use crate::model_files::ModelFiles;
 use crate::prepare::prepare;
 use crate::request::request_id;

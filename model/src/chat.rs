@@ -228,6 +228,7 @@ impl PromptBuilder<'_> {
 
 /// The tokenizer of a DeepSeek-VL2 snapshot with the processor's token additions, and the
 /// `deepseek` chat template.
+#[derive(Clone)]
 pub struct ChatTokenizer {
     tokenizer: Tokenizer,
     special: SpecialTokens,

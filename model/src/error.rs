@@ -44,9 +44,11 @@ pub enum Error {
     /// A generation request is not valid (bad sampling parameters, empty prompt, ...).
     #[error("invalid request: {0}")]
     Request(String),
-    /// An expert backend failed to compute routed experts.
-    #[error("expert backend: {0}")]
-    Experts(String),
+    /// An expert backend failed to compute routed experts. The source is the
+    /// backend's own error, typed: a caller that knows the backend downcasts it
+    /// (`Error::into_experts`).
+    #[error("routed experts: {0}")]
+    Experts(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
@@ -54,7 +56,34 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// An expert backend's failure that is only a message.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ExpertMessage(pub String);
+
 impl Error {
+    /// An expert backend failure described by `message`.
+    pub fn experts(message: impl Into<String>) -> Self {
+        Self::Experts(Box::new(ExpertMessage(message.into())))
+    }
+
+    /// An expert backend failure whose source is the backend's error `e`.
+    pub fn experts_from(e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self::Experts(Box::new(e))
+    }
+
+    /// The backend's own error of type `E` behind an [`Error::Experts`], or the
+    /// error unchanged.
+    pub fn into_experts<E: std::error::Error + 'static>(self) -> std::result::Result<E, Self> {
+        match self {
+            Self::Experts(source) => match source.downcast::<E>() {
+                Ok(e) => Ok(*e),
+                Err(other) => Err(Self::Experts(other)),
+            },
+            other => Err(other),
+        }
+    }
+
     pub(crate) fn config(field: impl Into<String>, message: impl Into<String>) -> Self {
         Self::Config {
             field: field.into(),

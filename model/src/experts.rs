@@ -1,7 +1,12 @@
 //! Routed experts behind one trait, so the scheduler can run them in-process or on
-//! remote expert-workers (ARCHITECTURE.md, "Expert dispatch").
+//! remote expert-workers (`docs/ARCHITECTURE.md`, "Expert dispatch"). Every call
+//! carries the [`StepContext`] of the engine step it belongs to: who the rows are
+//! for, and a cancellation that ends a wait for experts at once.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
 
@@ -21,18 +26,66 @@ pub struct ExpertRoute {
     pub weight: f32,
 }
 
+/// A cancellation the model passes through without knowing its kind (the
+/// scheduler's is "any request of the step was cancelled").
+pub trait Cancel: Send + Sync + std::fmt::Debug {
+    /// Whether it has fired.
+    fn is_cancelled(&self) -> bool;
+    /// Resolves once it fires.
+    fn cancelled(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
+}
+
+/// The engine step a backend call belongs to.
+#[derive(Debug, Clone, Default)]
+pub struct StepContext {
+    /// The request id of every sequence in the step (remote backends send them
+    /// along, and log them).
+    pub request_ids: Vec<String>,
+    /// Fires when waiting for experts should stop (a sequence of the step was
+    /// cancelled); `None` never fires.
+    pub cancel: Option<Arc<dyn Cancel>>,
+}
+
+impl StepContext {
+    /// Whether the step's cancellation has fired.
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel.as_ref().is_some_and(|c| c.is_cancelled())
+    }
+
+    /// Resolves when the step's cancellation fires; never without one.
+    pub async fn cancelled(&self) {
+        match &self.cancel {
+            Some(c) => c.cancelled().await,
+            None => std::future::pending().await,
+        }
+    }
+}
+
 /// Computes the weighted sum of routed experts for a batch of rows of one MoE layer.
 pub trait ExpertBackend: Send + Sync {
     /// `xs`: (rows, hidden). Returns (rows, hidden) where row `r` is
     /// `Σ weight · Expert_expert(xs[r])` over the routes of `r` (zero for a row without
-    /// routes), accumulated in f32 and returned in `xs`'s dtype.
-    fn forward(&self, layer: usize, xs: &Tensor, routes: &[ExpertRoute]) -> Result<Tensor>;
+    /// routes), accumulated in f32 and returned in `xs`'s dtype. A failure is
+    /// [`Error::Experts`] with the backend's own error as its source.
+    fn forward(
+        &self,
+        step: &StepContext,
+        layer: usize,
+        xs: &Tensor,
+        routes: &[ExpertRoute],
+    ) -> Result<Tensor>;
 
     /// Starts [`forward`](Self::forward) and returns at once when the backend can work
     /// in the background (remote experts: the calls are in flight), so the caller can
     /// run other work before [`PendingExperts::wait`]. The default computes now.
-    fn start(&self, layer: usize, xs: &Tensor, routes: &[ExpertRoute]) -> PendingExperts<'_> {
-        PendingExperts::ready(self.forward(layer, xs, routes))
+    fn start(
+        &self,
+        step: &StepContext,
+        layer: usize,
+        xs: &Tensor,
+        routes: &[ExpertRoute],
+    ) -> PendingExperts<'_> {
+        PendingExperts::ready(self.forward(step, layer, xs, routes))
     }
 }
 
@@ -123,7 +176,7 @@ impl LocalExperts {
             let layers = cfg.moe_layers();
             let n = cfg.moe.as_ref().map_or(0, |m| m.n_routed_experts);
             if let Some(&(l, e)) = set.iter().find(|&&(l, e)| !layers.contains(&l) || e >= n) {
-                return Err(Error::Experts(format!(
+                return Err(Error::experts(format!(
                     "layer {l} expert {e} does not exist in this model"
                 )));
             }
@@ -181,17 +234,23 @@ impl LocalExperts {
 }
 
 impl ExpertBackend for LocalExperts {
-    fn forward(&self, layer: usize, xs: &Tensor, routes: &[ExpertRoute]) -> Result<Tensor> {
+    fn forward(
+        &self,
+        _step: &StepContext,
+        layer: usize,
+        xs: &Tensor,
+        routes: &[ExpertRoute],
+    ) -> Result<Tensor> {
         let (rows, hidden) = xs.dims2()?;
         let mut acc = Tensor::zeros((rows, hidden), DType::F32, xs.device())?;
         for (expert, (row_ids, weights)) in group_by_expert(routes) {
             let mlp = self.experts.get(&(layer, expert as usize)).ok_or_else(|| {
-                Error::Experts(format!(
+                Error::experts(format!(
                     "layer {layer} expert {expert} is not loaded in this process"
                 ))
             })?;
             if let Some(&bad) = row_ids.iter().find(|&&r| r as usize >= rows) {
-                return Err(Error::Experts(format!(
+                return Err(Error::experts(format!(
                     "route row {bad} is outside the batch of {rows} rows"
                 )));
             }

@@ -6,7 +6,7 @@
 //! for the blocked matrix multiply on 2 cores). From about 8 rows on the blocked
 //! multiply is faster, so larger batches go to candle.
 
-use candle_core::{DType, Device, Result, Storage, Tensor};
+use candle_core::{DType, Result, Storage, Tensor};
 use rayon::prelude::*;
 
 /// Most rows of `x` handled here; more go to the general matrix multiply.
@@ -59,7 +59,7 @@ impl pulp::WithSimd for Rows<'_> {
 /// `x · wᵀ` for f32 `x` (m ≤ [`MAX_ROWS`], k) and contiguous f32 `w` (n, k) on the
 /// CPU: (m, n). `None` when the shapes, dtypes or device are not that case.
 pub fn small_rows(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
-    if !matches!(x.device(), Device::Cpu)
+    if !x.device().is_cpu()
         || x.dtype() != DType::F32
         || w.dtype() != DType::F32
         || x.rank() != 2
@@ -106,6 +106,8 @@ pub fn small_rows(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
 
 #[cfg(test)]
 mod tests {
+    use candle_core::Device;
+
     use super::*;
 
     #[test]

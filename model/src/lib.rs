@@ -5,12 +5,16 @@
 //! - [`fingerprint`]: a short hash of a snapshot's config and tensor layout
 //! - [`chat`]: tokenizer, processor special tokens and the `deepseek` chat template
 //! - [`image_tokens`]: how many image tokens a tiling expands to
-//! - [`language`]: the decoder (MHA/MLA attention, MoE gate, dense and shared MLPs, KV cache)
-//! - [`experts`]: routed experts behind [`experts::ExpertBackend`], with an in-process backend
+//! - [`language`]: the decoder (MHA/MLA attention, MoE gate, dense and shared MLPs, paged KV cache)
+//! - [`experts`]: routed experts behind [`experts::ExpertBackend`] (called with the
+//!   step's [`experts::StepContext`]), with an in-process backend
 //! - [`sampling`]: greedy, temperature, top-k, top-p and repetition-penalty sampling
-//! - [`generate`]: prefill (one-shot or chunked), decode and stopping
+//! - [`generate`]: what a generation asks for and why it ends (the decode loop is
+//!   the scheduler's engine)
+//! - [`text`]: incremental detokenization and the stop-string matcher
 //! - [`grounding`], [`draw`]: parse `<|ref|>`/`<|det|>` answers and draw their boxes
-//! - [`pipeline`]: load a whole snapshot for in-process generation
+//! - [`pipeline`]: load a whole snapshot in one process; conversation + images →
+//!   prompt ids and image embeddings
 //! - [`processor`]: image bytes → RGB → 384×384 tiles → normalised tensor, bit-exact with the reference processor
 //! - [`vision`]: the SigLIP tower, the projector and the image-token assembly
 //! - [`ops`]: small tensor helpers; [`gemv`]: the bandwidth-bound product for decode steps
@@ -30,6 +34,7 @@ pub mod ops;
 pub mod pipeline;
 pub mod processor;
 pub mod sampling;
+pub mod text;
 pub mod vision;
 pub mod weights;
 

@@ -35,6 +35,9 @@ pub struct PreparedPrompt {
     pub encoded: EncodedPrompt,
     /// Input embeddings (tokens, hidden) with image features in place.
     pub embeds: Tensor,
+    /// The image features alone: (image tokens, hidden), the rows of
+    /// `encoded.image_runs` in order; `None` without images.
+    pub image_embeds: Option<Tensor>,
     /// Tiling and original size of each image, in prompt order.
     pub images: Vec<ImageInfo>,
 }
@@ -132,6 +135,7 @@ impl Pipeline {
         Ok(PreparedPrompt {
             encoded,
             embeds,
+            image_embeds,
             images,
         })
     }

@@ -4,20 +4,23 @@
 //! fixture's `image_embeds` injected at the image positions, and again from the raw
 //! image files through our processor and vision tower, the hidden states at the last
 //! position and the last logits are within 1e-3 (max abs) of the reference, every MoE
-//! layer routes every token to the same experts, the 16 greedy tokens are the same, and
-//! chunked prefill (chunk 64) equals its one-shot twin.
+//! layer routes every token to the same experts, and the reference's chunked prefill
+//! (chunk 64) equals its one-shot twin. The greedy tokens of generation (one-shot and
+//! chunked) are checked through the engine that generates them, in
+//! `scheduler/tests/golden_generate.rs`.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 #[allow(dead_code)] // each test binary uses a different subset of the helpers
 mod common;
+#[allow(dead_code)]
+mod one_sequence;
 
-use candle_core::{DType, Device, Tensor};
-use common::{assert_close, case, fixture, tilings};
+use candle_core::{DType, Tensor};
+use common::{Images, as_u32s, assert_close, case, images, messages, tensors, tilings};
+use one_sequence::OneSequence;
 use serde_json::Value;
-use tessera_model::chat::Message;
-use tessera_model::generate::{GenerationParams, generate, prefill};
 use tessera_model::language::ForwardTrace;
 use tessera_model::pipeline::Pipeline;
 
@@ -26,30 +29,8 @@ const TOL: f32 = 1e-3;
 /// Max abs difference allowed on final routing weights (probabilities, O(0.1)).
 const WEIGHT_TOL: f32 = 1e-5;
 
-fn tensors(fixture_dir: &Path, case_name: &str) -> HashMap<String, Tensor> {
-    let path = fixture_dir.join(format!("tensors/{case_name}.safetensors"));
-    candle_core::safetensors::load(&path, &Device::Cpu).unwrap()
-}
-
-fn as_u32s(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
-
 fn vec1(t: &Tensor) -> Vec<f32> {
     t.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap()
-}
-
-/// Where the image features of a prompt come from.
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Images {
-    /// The reference's `image_embeds`, injected as they are.
-    FixtureEmbeds,
-    /// The raw image files through our processor, tower and projector.
-    FromPixels,
 }
 
 struct Golden {
@@ -59,8 +40,7 @@ struct Golden {
 
 impl Golden {
     fn load(name: &str) -> Self {
-        let dir = fixture(name);
-        let pipeline = Pipeline::load(&dir, DType::F32, &Device::Cpu).unwrap();
+        let (dir, pipeline) = common::load(name);
         Self { pipeline, dir }
     }
 
@@ -72,13 +52,9 @@ impl Golden {
         t: &HashMap<String, Tensor>,
         source: Images,
     ) -> (Vec<u32>, Tensor) {
-        let messages: Vec<Message> = serde_json::from_value(case["conversation"].clone()).unwrap();
+        let messages = messages(case);
         if source == Images::FromPixels {
-            let images: Vec<image::RgbImage> = messages
-                .iter()
-                .flat_map(|m| &m.images)
-                .map(|f| image::open(self.dir.join(f)).unwrap().to_rgb8())
-                .collect();
+            let images = images(&self.dir, &messages);
             let prepared = self.pipeline.prepare(&messages, &images).unwrap();
             assert_eq!(
                 prepared.encoded.input_ids,
@@ -124,14 +100,14 @@ impl Golden {
         let experts = &self.pipeline.experts;
 
         // One-shot prefill with a trace.
-        let mut cache = model.new_cache(ids.len() + 16).unwrap();
+        let mut seq = OneSequence::new(model, ids.len());
         let mut trace = ForwardTrace::default();
-        let logits = model
-            .forward(&embeds, &mut cache, experts, Some(&mut trace))
+        let logits = seq
+            .forward(model, &embeds, experts, Some(&mut trace))
             .unwrap();
         let max = assert_close(
             &format!("{name} last_logits"),
-            &vec1(&logits),
+            &logits,
             &vec1(&t["last_logits"]),
             TOL,
         );
@@ -186,21 +162,6 @@ impl Golden {
                 );
             }
         }
-
-        // Greedy decoding with the cache, ignoring EOS, as the fixture's 16 tokens.
-        let eos = self.pipeline.tokenizer.special().eos;
-        let params = GenerationParams {
-            ignore_eos: true,
-            record_logits: true,
-            ..GenerationParams::greedy(16, eos)
-        };
-        let generation = generate(model, experts, None, &ids, &embeds, &params).unwrap();
-        let want_ids = as_u32s(&case["greedy"]["new_token_ids"]);
-        assert_eq!(generation.output_ids, want_ids, "{name}: greedy tokens");
-        let steps = t["greedy_step_logits"].to_vec2::<f32>().unwrap();
-        for (i, (got, want)) in generation.step_logits.iter().zip(&steps).enumerate() {
-            assert_close(&format!("{name} greedy step {i} logits"), got, want, TOL);
-        }
     }
 
     /// Chunked prefill equals the reference's incremental prefill and the one-shot twin.
@@ -216,39 +177,38 @@ impl Golden {
         let experts = &self.pipeline.experts;
         let chunk = case["incremental_prefill"]["chunk_size"].as_u64().unwrap() as usize;
 
-        let mut cache = model.new_cache(ids.len()).unwrap();
-        let chunked = prefill(model, experts, &mut cache, &embeds, Some(chunk)).unwrap();
-        assert_eq!(cache.len(), ids.len());
+        // The reference's `incremental_prefilling`: positions [0, T − 1) chunk by
+        // chunk, then the last prompt position alone.
+        let total = ids.len();
+        let mut seq = OneSequence::new(model, total);
+        let mut start = 0;
+        while start < total - 1 {
+            let len = chunk.min(total - 1 - start);
+            seq.forward(model, &embeds.narrow(0, start, len).unwrap(), experts, None)
+                .unwrap();
+            start += len;
+        }
+        let chunked = seq
+            .forward(
+                model,
+                &embeds.narrow(0, total - 1, 1).unwrap(),
+                experts,
+                None,
+            )
+            .unwrap();
+        assert_eq!(seq.len(), total);
         let max = assert_close(
             &format!("{name} chunked_last_logits"),
-            &vec1(&chunked),
+            &chunked,
             &vec1(&t["chunked_last_logits"]),
             TOL,
         );
         eprintln!("{name}: chunked_last_logits max abs diff {max:.2e}");
         assert_close(
             &format!("{name} chunked vs one-shot"),
-            &vec1(&chunked),
+            &chunked,
             &vec1(&twin_t["last_logits"]),
             TOL,
-        );
-
-        let eos = self.pipeline.tokenizer.special().eos;
-        let params = GenerationParams {
-            ignore_eos: true,
-            prefill_chunk: Some(chunk),
-            ..GenerationParams::greedy(16, eos)
-        };
-        let generation = generate(model, experts, None, &ids, &embeds, &params).unwrap();
-        assert_eq!(
-            generation.output_ids,
-            as_u32s(&case["incremental_prefill"]["generate_ids"]),
-            "{name}: tokens after chunked prefill"
-        );
-        assert_eq!(
-            generation.output_ids,
-            as_u32s(&case["greedy"]["new_token_ids"]),
-            "{name}: chunked tokens equal the one-shot twin's"
         );
     }
 }

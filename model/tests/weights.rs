@@ -12,8 +12,7 @@ use tessera_model::Error;
 use tessera_model::chat::{ChatTokenizer, Message, Role};
 use tessera_model::config::ModelConfig;
 use tessera_model::experts::{ExpertBackend, ExpertSelection, LocalExperts};
-use tessera_model::language::kv_cache::LayerCache;
-use tessera_model::language::{ForwardTrace, KvCache, LanguageModel};
+use tessera_model::language::{ForwardTrace, LanguageModel};
 use tessera_model::pipeline::Pipeline;
 use tessera_model::weights::{Checkpoint, LoadTarget};
 
@@ -25,6 +24,11 @@ const NON_WEIGHT_FILES: [&str; 5] = [
     "special_tokens_map.json",
     "processor_config.json",
 ];
+
+#[allow(dead_code)] // each test binary uses a different subset of the helpers
+mod one_sequence;
+
+use one_sequence::OneSequence;
 
 const SMALL: &str = "small-mla-softmax";
 const TINY: &str = "tiny-mha-softmax";
@@ -104,11 +108,6 @@ fn prompt_ids(tokenizer: &ChatTokenizer, text: &str) -> Vec<u32> {
 
 const PROMPT: &str = "Hello there! Tell me, in a few short words, what the weather is like today.";
 
-fn f32s(t: &Tensor) -> Vec<f32> {
-    assert_eq!(t.dtype(), DType::F32, "logits are returned in f32");
-    t.to_vec1::<f32>().unwrap()
-}
-
 fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
 }
@@ -132,12 +131,12 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 /// Runs `chunks` of ids one after the other through a fresh cache; returns the last logits
 /// of every chunk.
 fn run_chunks(lm: &LanguageModel, experts: &dyn ExpertBackend, chunks: &[&[u32]]) -> Vec<Vec<f32>> {
-    let mut cache = lm.new_cache(64).unwrap();
+    let mut seq = OneSequence::new(lm, 64);
     chunks
         .iter()
         .map(|ids| {
             let embeds = lm.embed(ids).unwrap();
-            f32s(&lm.forward(&embeds, &mut cache, experts, None).unwrap())
+            seq.forward(lm, &embeds, experts, None).unwrap()
         })
         .collect()
 }
@@ -145,36 +144,17 @@ fn run_chunks(lm: &LanguageModel, experts: &dyn ExpertBackend, chunks: &[&[u32]]
 /// Prefill then `steps` greedy decode steps; the logits of every step.
 fn greedy_logits(pipeline: &Pipeline, ids: &[u32], steps: usize) -> Vec<Vec<f32>> {
     let lm = &pipeline.language;
-    let mut cache = lm.new_cache(8).unwrap();
+    let mut seq = OneSequence::new(lm, ids.len() + steps);
     let mut out = Vec::new();
     let mut next: Vec<u32> = ids.to_vec();
     for _ in 0..=steps {
         let embeds = lm.embed(&next).unwrap();
-        let logits = f32s(
-            &lm.forward(&embeds, &mut cache, &pipeline.experts, None)
-                .unwrap(),
-        );
+        let logits = seq.forward(lm, &embeds, &pipeline.experts, None).unwrap();
         next = vec![argmax(&logits) as u32];
         out.push(logits);
     }
-    assert_eq!(cache.len(), ids.len() + steps);
+    assert_eq!(seq.len(), ids.len() + steps);
     out
-}
-
-/// Rows held by every buffer of every layer of the cache.
-fn cache_rows(cache: &KvCache, layers: usize) -> Vec<usize> {
-    (0..layers)
-        .flat_map(|i| {
-            let (a, b) = match cache.layer(i) {
-                LayerCache::Mha { k, v } => (k, v),
-                LayerCache::Mla { c, k_pe } => (c, k_pe),
-            };
-            [
-                a.view().unwrap().dim(0).unwrap(),
-                b.view().unwrap().dim(0).unwrap(),
-            ]
-        })
-        .collect()
 }
 
 fn shard_name(i: usize, n: usize) -> String {
@@ -384,11 +364,11 @@ fn forward_with_missing_experts_fails_and_leaves_the_cache_unchanged() {
 
     // Which expert the partial backend will be asked for first: the routing of the tail
     // in the first MoE layer (layer 1), lowest expert id not loaded (experts run in id order).
-    let mut cache = lm.new_cache(64).unwrap();
-    lm.forward(&lm.embed(head).unwrap(), &mut cache, &all, None)
+    let mut seq = OneSequence::new(&lm, 64);
+    seq.forward(&lm, &lm.embed(head).unwrap(), &all, None)
         .unwrap();
     let mut trace = ForwardTrace::default();
-    lm.forward(&lm.embed(tail).unwrap(), &mut cache, &all, Some(&mut trace))
+    seq.forward(&lm, &lm.embed(tail).unwrap(), &all, Some(&mut trace))
         .unwrap();
     let (layer, routing) = &trace.routing[0];
     assert_eq!(*layer, 1);
@@ -401,39 +381,35 @@ fn forward_with_missing_experts_fails_and_leaves_the_cache_unchanged() {
         .expect("the prompt routes to experts that are not loaded");
 
     // Prefill the head with every expert, then run the tail with the partial backend.
-    let mut cache = lm.new_cache(4).unwrap();
-    lm.forward(&lm.embed(head).unwrap(), &mut cache, &all, None)
+    let mut seq = OneSequence::new(&lm, ids.len());
+    seq.forward(&lm, &lm.embed(head).unwrap(), &all, None)
         .unwrap();
-    let len_before = cache.len();
-    let rows_before = cache_rows(&cache, cfg.num_hidden_layers);
+    let len_before = seq.len();
     assert_eq!(len_before, split);
-    assert!(rows_before.iter().all(|&r| r == split), "{rows_before:?}");
 
-    let err = lm
-        .forward(&lm.embed(tail).unwrap(), &mut cache, &partial, None)
+    let err = seq
+        .forward(&lm, &lm.embed(tail).unwrap(), &partial, None)
         .unwrap_err();
     let message = err.to_string();
     assert!(matches!(err, Error::Experts(_)), "{err:?}");
     let want = format!("layer 1 expert {first_missing} is not loaded");
     assert!(message.contains(&want), "{want:?} not in {message:?}");
-    assert_eq!(cache.len(), len_before);
-    assert_eq!(cache_rows(&cache, cfg.num_hidden_layers), rows_before);
+    assert_eq!(seq.len(), len_before);
 
     // With no routed experts at all the error names layer 1 as well.
     let none = LocalExperts::load(cfg, target, &ExpertSelection::None).unwrap();
-    let err = lm
-        .forward(&lm.embed(tail).unwrap(), &mut cache, &none, None)
+    let err = seq
+        .forward(&lm, &lm.embed(tail).unwrap(), &none, None)
         .unwrap_err();
     assert!(err.to_string().contains("layer 1 expert"), "{err}");
-    assert_eq!(cache.len(), len_before);
+    assert_eq!(seq.len(), len_before);
 
     // The cache is usable after the failures: the same tail with every expert gives
     // exactly what an undisturbed run gives.
-    let logits = f32s(
-        &lm.forward(&lm.embed(tail).unwrap(), &mut cache, &all, None)
-            .unwrap(),
-    );
-    assert_eq!(cache.len(), ids.len());
+    let logits = seq
+        .forward(&lm, &lm.embed(tail).unwrap(), &all, None)
+        .unwrap();
+    assert_eq!(seq.len(), ids.len());
     let want = run_chunks(&lm, &all, &[head, tail]);
     assert!(
         bits(&logits) == bits(&want[1]),
@@ -535,7 +511,11 @@ fn check_dtypes(name: &str) {
     let ids = prompt_ids(&reference.tokenizer, "Hello there");
     let want = run_chunks(&reference.language, &reference.experts, &[&ids]).remove(0);
     let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
-    let f32_cache = reference.language.new_cache(16).unwrap().allocated_bytes();
+    let f32_cache = reference
+        .language
+        .new_paged_cache(16)
+        .unwrap()
+        .allocated_bytes();
 
     for (dtype, tol) in [(DType::F16, F16_TOL), (DType::BF16, BF16_TOL)] {
         let p = Pipeline::load(&dir, dtype, &Device::Cpu).unwrap();
@@ -543,7 +523,7 @@ fn check_dtypes(name: &str) {
         assert_eq!(p.experts.len(), reference.experts.len());
         assert_eq!(p.experts.bytes() * 2, reference.experts.bytes());
         assert_eq!(
-            p.language.new_cache(16).unwrap().allocated_bytes() * 2,
+            p.language.new_paged_cache(16).unwrap().allocated_bytes() * 2,
             f32_cache
         );
         let got = run_chunks(&p.language, &p.experts, &[&ids]).remove(0);

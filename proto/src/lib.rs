@@ -6,7 +6,8 @@
 //!   `Vision` (`vision.proto`), `Scheduler` (`scheduler.proto`), `Expert`
 //!   (`expert.proto`) and the wire [`Tensor`](internal::v1::Tensor) (`tensor.proto`).
 //! - [`tensor`]: the one codec between candle tensors and wire tensors.
-//! - [`MAX_MESSAGE_BYTES`]: the message size limit every server and client sets.
+//! - [`MAX_MESSAGE_BYTES`]: the message size limit every server and client sets;
+//!   [`Limited`] sets it on a generated server.
 //! - [`FILE_DESCRIPTOR_SET`]: the compiled `.proto` files, for gRPC reflection.
 //!
 //! Each service has a server module (`expert_server::{Expert, ExpertServer}`) and a
@@ -50,6 +51,30 @@ pub mod internal {
 /// # }
 /// ```
 pub const MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
+
+/// Sets [`MAX_MESSAGE_BYTES`] as both the decoding and the encoding limit of a
+/// generated server: `ExpertServer::new(service).limited()`.
+pub trait Limited: Sized {
+    fn limited(self) -> Self;
+}
+
+macro_rules! limited_servers {
+    ($($server:ty),* $(,)?) => {$(
+        impl<T> Limited for $server {
+            fn limited(self) -> Self {
+                self.max_decoding_message_size(MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES)
+            }
+        }
+    )*};
+}
+
+limited_servers!(
+    v1::tessera_server::TesseraServer<T>,
+    internal::v1::vision_server::VisionServer<T>,
+    internal::v1::scheduler_server::SchedulerServer<T>,
+    internal::v1::expert_server::ExpertServer<T>,
+);
 
 /// The encoded `FileDescriptorSet` of every `.proto` file here, for
 /// `tonic-reflection`.

@@ -9,6 +9,9 @@
 //!   also carries the published [`Placement`].
 //! - [`placer`]: the task that republishes the placement when expert-workers
 //!   join or leave.
+//! - [`member`]: the lifecycle every member shares (serve, load, register, drain)
+//!   and the flags every member takes ([`MemberArgs`]).
+//! - [`device`]: `--device` and `--dtype`, and the one place a device is chosen.
 //! - [`shutdown`]: the root cancellation token, cancelled by SIGTERM/SIGINT.
 //! - [`serving`]: gRPC health (NOT_SERVING until ready) and reflection.
 //! - [`telemetry`]: `tracing` set-up and request-id propagation in gRPC metadata.
@@ -17,9 +20,11 @@
 //! - [`hub`]: `--model` as a Hugging Face Hub id, downloaded into the Hub cache.
 //! - [`error`]: the crate's one error type.
 
+pub mod device;
 pub mod discovery;
 pub mod error;
 pub mod hub;
+pub mod member;
 pub mod metrics;
 pub mod placement;
 pub mod placer;
@@ -31,5 +36,6 @@ pub use discovery::{
     Discovery, EtcdDiscovery, Member, MemoryDiscovery, Registration, Role, StaticDiscovery,
 };
 pub use error::{Error, Result};
+pub use member::{MemberArgs, ModelArgs};
 pub use placement::{Placement, even_split, next_placement};
 pub use shutdown::CancellationToken;

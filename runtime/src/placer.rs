@@ -1,7 +1,8 @@
 //! The task that keeps the published placement in step with the live
 //! expert-workers: whenever the set of registered expert-workers changes, it
-//! computes [`next_placement`] and publishes it. Every scheduler runs one; the
-//! split is deterministic and publishing only moves forward, so several placers
+//! computes [`next_placement`] and publishes it. Every scheduler and every
+//! expert-worker runs one (so a pool without a scheduler yet is placed too); the
+//! split is deterministic and publishing only moves forward, so the placers
 //! agree (a stale publish is refused and ignored).
 
 use std::sync::Arc;

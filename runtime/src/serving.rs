@@ -5,15 +5,17 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use tonic::server::NamedService;
 use tonic_health::ServingStatus;
 use tonic_health::pb::health_server::{Health, HealthServer};
 use tonic_health::server::HealthReporter;
 
-/// The health service's handle: flip a service between SERVING and NOT_SERVING.
+/// The health service's handle: flips one gRPC service (and the whole server,
+/// the empty service name) between SERVING and NOT_SERVING.
 #[derive(Clone)]
 pub struct HealthHandle {
     reporter: HealthReporter,
+    /// The member's own service (`NamedService::NAME`).
+    service: &'static str,
     /// What the whole server reports, for `GET /health` (see `crate::metrics`).
     serving: Arc<AtomicBool>,
 }
@@ -21,28 +23,28 @@ pub struct HealthHandle {
 impl std::fmt::Debug for HealthHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HealthHandle")
+            .field("service", &self.service)
             .field("serving", &self.is_serving())
             .finish_non_exhaustive()
     }
 }
 
 impl HealthHandle {
-    /// Reports `S` (and the whole server, the empty service name) as serving.
-    pub async fn serving<S: NamedService>(&self) {
-        self.reporter.set_serving::<S>().await;
-        self.reporter
-            .set_service_status("", ServingStatus::Serving)
-            .await;
+    /// Reports the service and the whole server as serving.
+    pub async fn serving(&self) {
+        self.set(ServingStatus::Serving).await;
         self.serving.store(true, Ordering::Relaxed);
     }
 
-    /// Reports `S` (and the whole server) as not serving.
-    pub async fn not_serving<S: NamedService>(&self) {
+    /// Reports the service and the whole server as not serving.
+    pub async fn not_serving(&self) {
         self.serving.store(false, Ordering::Relaxed);
-        self.reporter.set_not_serving::<S>().await;
-        self.reporter
-            .set_service_status("", ServingStatus::NotServing)
-            .await;
+        self.set(ServingStatus::NotServing).await;
+    }
+
+    async fn set(&self, status: ServingStatus) {
+        self.reporter.set_service_status(self.service, status).await;
+        self.reporter.set_service_status("", status).await;
     }
 
     /// Whether the server last reported SERVING.
@@ -51,15 +53,16 @@ impl HealthHandle {
     }
 }
 
-/// A health service that reports NOT_SERVING for `S` and for the whole server
-/// until [`HealthHandle::serving`] is called.
-pub async fn health<S: NamedService>() -> (HealthHandle, HealthServer<impl Health>) {
+/// A health service that reports NOT_SERVING for `service` (a gRPC service's
+/// `NamedService::NAME`) and for the whole server until [`HealthHandle::serving`].
+pub async fn health(service: &'static str) -> (HealthHandle, HealthServer<impl Health>) {
     let (reporter, server) = tonic_health::server::health_reporter();
     let handle = HealthHandle {
         reporter,
+        service,
         serving: Arc::default(),
     };
-    handle.not_serving::<S>().await;
+    handle.not_serving().await;
     (handle, server)
 }
 

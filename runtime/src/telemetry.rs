@@ -32,6 +32,28 @@ pub fn request_id(metadata: &MetadataMap) -> Option<String> {
         .map(str::to_owned)
 }
 
+/// Every request id carried in `metadata`: a call made for several requests at
+/// once (one expert layer of a batch) carries one entry per request.
+pub fn request_ids(metadata: &MetadataMap) -> Vec<String> {
+    metadata
+        .get_all(REQUEST_ID_KEY)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Adds one `x-request-id` entry per id to `metadata` (ids that are not valid
+/// metadata are left out).
+pub fn append_request_ids<'a>(metadata: &mut MetadataMap, ids: impl IntoIterator<Item = &'a str>) {
+    for id in ids {
+        if let Ok(v) = MetadataValue::try_from(id) {
+            metadata.append(REQUEST_ID_KEY, v);
+        }
+    }
+}
+
 /// Puts `id` into `metadata` (an id that is not valid metadata is left out).
 pub fn set_request_id(metadata: &mut MetadataMap, id: &str) {
     if let Ok(v) = MetadataValue::try_from(id) {
@@ -78,6 +100,8 @@ mod tests {
         let mut md = MetadataMap::new();
         set_request_id(&mut md, "bad\nid");
         assert_eq!(request_id(&md), None);
+        append_request_ids(&mut md, ["a", "bad\nid", "b"]);
+        assert_eq!(request_ids(&md), ["a", "b"]);
     }
 
     #[test]

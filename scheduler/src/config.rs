@@ -1,52 +1,18 @@
 //! The scheduler's configuration: the service contract's flags plus its own,
 //! parsed once at start-up (`tessera scheduler --help`).
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use candle_core::DType;
+use tessera_runtime::MemberArgs;
 
 use crate::error::{Error, Result};
-
-/// Precision the language model runs in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Precision {
-    F32,
-    F16,
-    Bf16,
-}
-
-impl Precision {
-    /// The candle dtype.
-    pub fn dtype(self) -> DType {
-        match self {
-            Precision::F32 => DType::F32,
-            Precision::F16 => DType::F16,
-            Precision::Bf16 => DType::BF16,
-        }
-    }
-}
 
 /// What one scheduler serves and how.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Config {
-    /// Snapshot folder (config.json, tokenizer.json, *.safetensors), or a Hub id such as
-    /// deepseek-ai/deepseek-vl2-tiny (downloaded at start-up).
-    #[arg(long, env = "TESSERA_MODEL")]
-    pub model: PathBuf,
-    /// This member's id in discovery [default: "scheduler-<advertised address>"].
-    #[arg(long, env = "TESSERA_ID")]
-    pub id: Option<String>,
-    /// host:port other members reach this service at [default: the listener's address].
-    #[arg(long, env = "TESSERA_ADVERTISE")]
-    pub advertise: Option<String>,
-    /// Seconds to drain in-flight requests after a shutdown signal.
-    #[arg(long, env = "TESSERA_GRACE_SECONDS", default_value_t = 25)]
-    pub grace_seconds: u64,
-    /// Precision of the attention layers, norms, gates, shared experts and lm_head.
-    #[arg(long, env = "TESSERA_DTYPE", value_enum, default_value_t = Precision::F32)]
-    pub dtype: Precision,
+    #[command(flatten)]
+    pub member: MemberArgs,
     /// Requests that may wait while one runs; beyond it Submit answers RESOURCE_EXHAUSTED.
     #[arg(long, env = "TESSERA_MAX_QUEUE", default_value_t = 64)]
     pub max_queue: usize,
@@ -54,10 +20,6 @@ pub struct Config {
     /// placement) before its request fails with UNAVAILABLE.
     #[arg(long, env = "TESSERA_EXPERT_WAIT_SECONDS", default_value_t = 30)]
     pub expert_wait_seconds: u64,
-    /// Serve Prometheus metrics (`GET /metrics`) and `GET /health` on this address
-    /// [default: none].
-    #[arg(long, env = "TESSERA_METRICS")]
-    pub metrics: Option<SocketAddr>,
     /// How the engine batches, caches and overlaps.
     #[command(flatten)]
     pub engine: EngineConfig,
@@ -136,21 +98,11 @@ impl Config {
     /// The defaults for serving the snapshot at `model`.
     pub fn new(model: impl Into<PathBuf>) -> Self {
         Self {
-            model: model.into(),
-            id: None,
-            advertise: None,
-            grace_seconds: 25,
-            dtype: Precision::F32,
+            member: MemberArgs::new(model),
             max_queue: 64,
             expert_wait_seconds: 30,
-            metrics: None,
             engine: EngineConfig::default(),
         }
-    }
-
-    /// How long shutdown drains in-flight requests.
-    pub fn grace(&self) -> Duration {
-        Duration::from_secs(self.grace_seconds)
     }
 
     /// How long a layer waits for a ready owner of its experts.
@@ -185,23 +137,9 @@ mod tests {
         let new = Config::new("/m");
         assert_eq!(cli.config.max_queue, new.max_queue);
         assert_eq!(cli.config.expert_wait_seconds, new.expert_wait_seconds);
-        assert_eq!(cli.config.grace_seconds, new.grace_seconds);
-        assert_eq!(cli.config.dtype, Precision::F32);
+        assert_eq!(cli.config.member, new.member);
         assert_eq!(cli.config.engine, new.engine);
-        assert_eq!(cli.config.metrics, new.metrics);
-        let cli = Cli::parse_from([
-            "t",
-            "--model",
-            "/m",
-            "--dtype",
-            "bf16",
-            "--prefill-chunk",
-            "0",
-            "--metrics",
-            "127.0.0.1:9091",
-        ]);
-        assert_eq!(cli.config.metrics, Some(([127, 0, 0, 1], 9091).into()));
-        assert_eq!(cli.config.dtype.dtype(), DType::BF16);
+        let cli = Cli::parse_from(["t", "--model", "/m", "--prefill-chunk", "0"]);
         assert!(cli.config.validate().is_err());
     }
 }

@@ -1,6 +1,6 @@
 //! One MoE layer's routes split into one batch per expert-worker: each worker
 //! gets the rows it needs once, re-indexed, and its `(row, expert, weight)`
-//! routes (ARCHITECTURE.md, "Expert dispatch"); and reading a worker's answer:
+//! routes (`docs/ARCHITECTURE.md`, "Expert dispatch"); and reading a worker's answer:
 //! its sums checked, its errors sorted into "a newer routing table may fix it"
 //! and "final".
 
@@ -14,9 +14,6 @@ use tessera_runtime::placement::Placement;
 
 use crate::error::Error;
 
-/// Model-side results.
-type ModelResult<T> = tessera_model::Result<T>;
-
 /// One worker's share of a layer's batch: the batch rows it needs (each once, in
 /// ascending order; local row `i` is batch row `rows[i]`) and its routes, whose
 /// `row` indexes `rows`.
@@ -27,13 +24,14 @@ pub struct WorkerBatch {
 }
 
 /// Splits `routes` by owning worker (the first owner of each expert that has a
-/// client) and re-indexes each worker's rows.
+/// client) and re-indexes each worker's rows. An expert without a live owner is
+/// an error naming it.
 pub fn plan<'p>(
     placement: &'p Placement,
     live: impl Fn(&str) -> bool,
     layer: usize,
     routes: &[ExpertRoute],
-) -> ModelResult<BTreeMap<&'p str, WorkerBatch>> {
+) -> Result<BTreeMap<&'p str, WorkerBatch>, String> {
     let mut owner_of: BTreeMap<u32, &'p str> = BTreeMap::new();
     let mut by_worker: BTreeMap<&'p str, Vec<ExpertRoute>> = BTreeMap::new();
     for r in routes {
@@ -45,10 +43,7 @@ pub fn plan<'p>(
                     .into_iter()
                     .find(|w| live(w))
                     .ok_or_else(|| {
-                        tessera_model::Error::Experts(format!(
-                            "no live owner for layer {layer} expert {}",
-                            r.expert
-                        ))
+                        format!("no live owner for layer {layer} expert {}", r.expert)
                     })?;
                 owner_of.insert(r.expert, w);
                 w

@@ -1,6 +1,8 @@
-//! The engine: the language model on its own thread (STYLE.md: the model never runs
-//! on the gRPC runtime), fed by a bounded queue of jobs, running many sequences at
-//! once (continuous batching, after vLLM and SGLang).
+//! The engine: the language model on its own thread (the model never runs on the
+//! gRPC runtime), fed by a bounded queue of jobs, running many sequences at once
+//! (continuous batching, after vLLM and SGLang). It is the one decode loop: the
+//! scheduler's gRPC service and `tessera generate` ([`crate::local`]) both submit
+//! to it.
 //!
 //! Every step it
 //! 1. takes new jobs from the queue and ends sequences that were cancelled, whose
@@ -10,11 +12,17 @@
 //!    and `--max-seqs`, taking KV blocks from the pool and preempting the newest
 //!    sequence when decode runs out of blocks;
 //! 3. runs all of it in one [`LanguageModel::forward_batch`] (two micro-batches whose
-//!    expert calls overlap each other's attention unless `--no-overlap`);
+//!    expert calls overlap each other's attention unless `--no-overlap`), with a
+//!    step context carrying the step's request ids and a cancellation that fires
+//!    when any of its requests is cancelled or runs out of time: a step stopped
+//!    that way ends nothing itself; step 1 of the next round ends the cancelled
+//!    request and the others run the step again;
 //! 4. samples a token for every sequence that reached the end of its known tokens,
 //!    streams it, and ends sequences that are done.
 
 use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError, sync_channel};
 use std::time::{Duration, Instant};
@@ -22,12 +30,10 @@ use std::time::{Duration, Instant};
 use candle_core::Tensor;
 use sha2::{Digest, Sha256};
 use tessera_model::chat::ChatTokenizer;
-use tessera_model::experts::{ExpertBackend, LocalExperts};
-use tessera_model::generate::FinishReason;
+use tessera_model::experts::{Cancel, ExpertBackend, LocalExperts, StepContext};
 use tessera_model::language::{BatchSegment, LanguageModel, PagedKvCache};
-use tessera_proto::internal::v1::token_event::Event;
-use tessera_proto::internal::v1::{Finished, StopReason, TokenEvent};
 use tessera_proto::tensor;
+use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
 use crate::active::ActiveEntry;
@@ -39,7 +45,7 @@ use crate::request::Validated;
 use crate::sequence::{NewSequence, Outcome, Sequence};
 use crate::stats::{EngineCounters, RequestStats, Stats};
 
-pub use crate::sequence::EventResult;
+pub use crate::sequence::{Event, EventResult};
 
 /// One request for the engine.
 #[derive(Debug)]
@@ -61,10 +67,6 @@ pub fn event_buffer(max_tokens: usize) -> usize {
 
 /// Routed experts as the engine uses them.
 pub trait Experts: ExpertBackend {
-    /// The scheduler error behind the last failed layer, if the backend keeps one.
-    fn take_failure(&self) -> Option<Error> {
-        None
-    }
     /// Bytes sent to and received from expert-workers so far.
     fn bytes_moved(&self) -> u64 {
         0
@@ -74,11 +76,65 @@ pub trait Experts: ExpertBackend {
 impl Experts for LocalExperts {}
 
 impl Experts for RemoteExperts {
-    fn take_failure(&self) -> Option<Error> {
-        RemoteExperts::take_failure(self)
-    }
     fn bytes_moved(&self) -> u64 {
         self.bytes_sent() + self.bytes_received()
+    }
+}
+
+/// A step's cancellation: fires when any of its requests is cancelled (Cancel,
+/// the client gone, shutdown) or the earliest of their deadlines passes.
+#[derive(Debug)]
+pub struct AnyCancelled {
+    tokens: Vec<CancellationToken>,
+    deadline: Option<Instant>,
+}
+
+impl AnyCancelled {
+    pub fn new(tokens: Vec<CancellationToken>) -> Self {
+        Self {
+            tokens,
+            deadline: None,
+        }
+    }
+
+    /// Also fires at `deadline`.
+    pub fn with_deadline(mut self, deadline: Option<Instant>) -> Self {
+        self.deadline = deadline;
+        self
+    }
+}
+
+impl Cancel for AnyCancelled {
+    fn is_cancelled(&self) -> bool {
+        self.tokens.iter().any(CancellationToken::is_cancelled)
+            || self.deadline.is_some_and(|d| Instant::now() >= d)
+    }
+
+    /// Needs a tokio runtime (for the deadline); the remote experts wait on theirs.
+    fn cancelled(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(async move {
+            let mut waits: Vec<_> = self
+                .tokens
+                .iter()
+                .map(|t| Box::pin(t.cancelled()))
+                .collect();
+            let any = std::future::poll_fn(|cx| {
+                if waits.iter_mut().any(|w| w.as_mut().poll(cx).is_ready()) {
+                    std::task::Poll::Ready(())
+                } else {
+                    std::task::Poll::Pending
+                }
+            });
+            match self.deadline {
+                Some(d) => {
+                    tokio::select! {
+                        () = any => {}
+                        () = tokio::time::sleep_until(d.into()) => {}
+                    }
+                }
+                None => any.await,
+            }
+        })
     }
 }
 
@@ -256,6 +312,8 @@ impl Worker {
                 self.publish();
                 continue;
             }
+            // The running set is visible while the step runs (it may wait for experts).
+            self.publish();
             self.step(plan);
             self.publish();
         }
@@ -470,17 +528,20 @@ impl Worker {
             }
         }
         let micro_batches = if self.cfg.no_overlap { 1 } else { 2 };
+        let context = self.step_context(&plan);
         let bytes_before = self.experts.bytes_moved();
         let result = match failed {
             Some(e) => Err(e),
             None => self
                 .model
-                .forward_batch(&segments, &self.cache, self.experts.as_ref(), micro_batches)
-                .map_err(|e| {
-                    self.experts
-                        .take_failure()
-                        .unwrap_or_else(|| Error::from_model(e))
-                }),
+                .forward_batch(
+                    &segments,
+                    &self.cache,
+                    self.experts.as_ref(),
+                    &context,
+                    micro_batches,
+                )
+                .map_err(Error::from_model),
         };
         drop(segments);
         let total: usize = plan.iter().map(|p| p.tokens).sum();
@@ -490,6 +551,13 @@ impl Worker {
         self.counters.max_step_sequences = self.counters.max_step_sequences.max(plan.len());
         let logits = match result {
             Ok(logits) => logits,
+            Err(Error::Cancelled) => {
+                // A request of the step was cancelled while the step waited for
+                // experts: the next round ends it, the others run the step again
+                // (their positions were not counted as computed).
+                tracing::debug!(sequences = plan.len(), "step stopped by a cancellation");
+                return;
+            }
             Err(e) => {
                 tracing::warn!(error = %e, sequences = plan.len(), "step failed");
                 let status = Status::from(e);
@@ -509,10 +577,30 @@ impl Worker {
             seq.advance(p.tokens, &mut self.pool);
             let Some(row) = row else { continue };
             self.counters.generated_tokens += 1;
-            if let Some(outcome) = seq.sample(&row, &self.tokenizer) {
+            if let Some(outcome) = seq.sample(row, &self.tokenizer) {
                 let seq = self.running.remove(i);
                 self.end(seq, outcome);
             }
+        }
+    }
+
+    /// Who the planned step is for: its requests' ids and their cancellation.
+    fn step_context(&self, plan: &[Planned]) -> StepContext {
+        let mut ids = Vec::with_capacity(plan.len());
+        let mut tokens = Vec::with_capacity(plan.len());
+        let mut deadline: Option<Instant> = None;
+        for p in plan {
+            if let Some(seq) = self.running.iter().find(|s| s.serial == p.serial) {
+                ids.push(seq.trace_id.clone());
+                tokens.push(seq.entry.cancel_token().clone());
+                if let Some(d) = seq.deadline {
+                    deadline = Some(deadline.map_or(d, |e| e.min(d)));
+                }
+            }
+        }
+        StepContext {
+            request_ids: ids,
+            cancel: Some(Arc::new(AnyCancelled::new(tokens).with_deadline(deadline))),
         }
     }
 
@@ -544,21 +632,11 @@ impl Worker {
             },
         );
         let last = match outcome {
-            Outcome::Finished(reason) => {
-                let reason = match reason {
-                    FinishReason::Eos => StopReason::Eos,
-                    FinishReason::Length => StopReason::Length,
-                    FinishReason::Stop => StopReason::Stop,
-                    FinishReason::Cancelled => StopReason::Unspecified,
-                };
-                Ok(TokenEvent {
-                    event: Some(Event::Finished(Finished {
-                        reason: reason as i32,
-                        prompt_tokens: prompt_tokens as u32,
-                        completion_tokens: completion_tokens as u32,
-                    })),
-                })
-            }
+            Outcome::Finished(reason) => Ok(Event::Finished {
+                reason,
+                prompt_tokens: prompt_tokens as u32,
+                completion_tokens: completion_tokens as u32,
+            }),
             Outcome::Failed(status) => {
                 if matches!(
                     status.code(),

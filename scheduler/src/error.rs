@@ -61,27 +61,27 @@ pub enum Error {
     /// The engine thread could not be started.
     #[error("cannot start the engine thread: {0}")]
     Thread(#[source] std::io::Error),
-    /// The listener's address could not be read.
-    #[error("listener: {0}")]
-    Listener(#[source] std::io::Error),
-    /// Registering in discovery failed.
-    #[error("discovery: {0}")]
-    Discovery(#[from] tessera_runtime::Error),
-    /// The gRPC server failed.
-    #[error("gRPC server: {0}")]
-    Transport(#[from] tonic::transport::Error),
+    /// A generation in this process ([`crate::local`]) ended with this status.
+    #[error("{}", .0.message())]
+    Ended(Status),
+    /// The member lifecycle failed (listening, serving, registering).
+    #[error(transparent)]
+    Member(#[from] tessera_runtime::member::Error),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     /// A model error raised while running a request: a bad request stays
-    /// INVALID_ARGUMENT, anything else is internal.
+    /// INVALID_ARGUMENT, the remote experts' own error comes back as it was
+    /// (typed, not a message), anything else is internal.
     pub fn from_model(e: tessera_model::Error) -> Self {
-        if let tessera_model::Error::Request(message) = e {
-            Self::InvalidArgument(message)
-        } else {
-            Self::Model(e)
+        match e {
+            tessera_model::Error::Request(message) => Self::InvalidArgument(message),
+            e => match e.into_experts::<Error>() {
+                Ok(ours) => ours,
+                Err(other) => Self::Model(other),
+            },
         }
     }
 }
@@ -99,6 +99,7 @@ impl From<Error> for Status {
             Error::FingerprintMismatch { .. } => Status::failed_precondition(message),
             Error::QueueFull(_) => Status::resource_exhausted(message),
             Error::Cancelled => Status::cancelled(message),
+            Error::Ended(status) => status,
             Error::DeadlineExceeded => Status::deadline_exceeded(message),
             Error::Config(_)
             | Error::Load { .. }
@@ -106,9 +107,7 @@ impl From<Error> for Status {
             | Error::Model(_)
             | Error::Join(_)
             | Error::Thread(_)
-            | Error::Listener(_)
-            | Error::Discovery(_)
-            | Error::Transport(_) => Status::internal(message),
+            | Error::Member(_) => Status::internal(message),
         }
     }
 }
@@ -136,6 +135,10 @@ mod tests {
             ))),
             tonic::Code::InvalidArgument
         );
+        let typed = tessera_model::Error::experts_from(Error::ExpertsUnavailable("x".into()));
+        assert_eq!(code(Error::from_model(typed)), tonic::Code::Unavailable);
+        let cancelled = tessera_model::Error::experts_from(Error::Cancelled);
+        assert!(matches!(Error::from_model(cancelled), Error::Cancelled));
         let full = Status::from(Error::QueueFull(64));
         assert_eq!(
             full.message(),

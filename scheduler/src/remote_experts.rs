@@ -3,18 +3,29 @@
 //!
 //! Where experts live comes from a [`RoutingTable`] (a placement whose workers were
 //! all seen ready, with a client per worker) that the router swaps while requests
-//! run. A layer whose `Forward` fails for a reason a newer table can fix (a worker
-//! gone, a stale placement, no live owner) waits for a newer table and runs again;
-//! expert outputs are pure, so a retry never changes the answer. After the
-//! configured wait it fails with [`Error::ExpertsUnavailable`].
+//! run. Every layer goes one way, overlapped or not:
+//!
+//! 1. **send** ([`RemoteExperts::send`]): plan the layer with the newest table
+//!    (one batch per owning worker) and start the calls on the runtime; the
+//!    caller goes on (the other micro-batch's attention runs meanwhile);
+//! 2. **collect** ([`RemoteExperts::collect`]): wait for the answers and add up
+//!    the partial sums. A failure a newer table can fix (a worker gone, a stale
+//!    placement, no live owner) waits for a newer table and sends again; expert
+//!    outputs are pure, so a retry never changes the answer. After the
+//!    configured wait the layer fails with [`Error::ExpertsUnavailable`]; when the
+//!    step is cancelled (a request of it was) it ends at once with
+//!    [`Error::Cancelled`].
+//!
+//! The calls carry the request ids of the step in their metadata
+//! (`x-request-id`, one entry per request), and failures reach the engine as the
+//! scheduler's own [`Error`], boxed in `tessera_model::Error::Experts`.
 //!
 //! Every layer counts its tokens per routed expert, and every call its bytes and
-//! latency per worker, in the process's metrics
-//! ([`ExpertDispatch`](tessera_runtime::metrics::ExpertDispatch)).
+//! latency per worker, in the process's metrics ([`ExpertDispatch`]).
 //!
-//! The model calls [`ExpertBackend::forward`] synchronously from its own thread;
-//! the calls run on a tokio runtime through its [`Handle`]. Never call it from
-//! inside that runtime (it blocks on the handle).
+//! The model calls the backend synchronously from its own thread; the calls run
+//! on a tokio runtime through its [`Handle`]. Never call it from inside that
+//! runtime (it blocks on the handle).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -23,20 +34,19 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Tensor};
 use prost::Message;
-use tessera_model::experts::{ExpertBackend, ExpertRoute, PendingExperts};
+use tessera_model::experts::{ExpertBackend, ExpertRoute, PendingExperts, StepContext};
 use tessera_proto::internal::v1::expert_client::ExpertClient;
 use tessera_proto::internal::v1::{ForwardRequest, ForwardResponse};
 use tessera_proto::tensor;
-use tessera_runtime::metrics::ExpertDispatch;
 use tessera_runtime::placement::Placement;
-use tessera_runtime::telemetry::request_with_id;
+use tessera_runtime::telemetry::append_request_ids;
 use tokio::runtime::Handle;
 use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
 use crate::dispatch::{Failure, WorkerBatch, classify, decode_sums, plan};
 use crate::error::Error;
+use crate::metrics::ExpertDispatch;
 
 /// Model-side results (what [`ExpertBackend`] returns).
 type ModelResult<T> = tessera_model::Result<T>;
@@ -68,7 +78,8 @@ pub struct RemoteExperts {
     wait: Duration,
     bytes_sent: AtomicU64,
     bytes_received: AtomicU64,
-    last_failure: std::sync::Mutex<Option<Error>>,
+    /// Layers sent, first tries and retries.
+    attempts: AtomicU64,
 }
 
 impl std::fmt::Debug for RemoteExperts {
@@ -79,8 +90,27 @@ impl std::fmt::Debug for RemoteExperts {
             .field("wait", &self.wait)
             .field("bytes_sent", &self.bytes_sent())
             .field("bytes_received", &self.bytes_received())
+            .field("attempts", &self.attempts())
             .finish_non_exhaustive()
     }
+}
+
+/// A `Forward` call running on the runtime.
+type Call = tokio::task::JoinHandle<Result<ForwardResponse, tonic::Status>>;
+
+/// One layer's routed experts between [`RemoteExperts::send`] and
+/// [`RemoteExperts::collect`].
+struct Layer {
+    step: StepContext,
+    layer: usize,
+    xs: Tensor,
+    routes: Vec<ExpertRoute>,
+    /// Newer tables arrive here (the one used was marked seen).
+    tables: Tables,
+    /// The placement version the calls were planned with, if any.
+    version: Option<u64>,
+    /// The calls in flight, (worker, its batch, the call), or why none could start.
+    sent: Result<Vec<(String, WorkerBatch, Call)>, Failure>,
 }
 
 impl RemoteExperts {
@@ -114,7 +144,7 @@ impl RemoteExperts {
             wait,
             bytes_sent: AtomicU64::new(0),
             bytes_received: AtomicU64::new(0),
-            last_failure: std::sync::Mutex::new(None),
+            attempts: AtomicU64::new(0),
         }
     }
 
@@ -128,110 +158,78 @@ impl RemoteExperts {
         self.bytes_received.load(Ordering::Relaxed)
     }
 
-    /// The routed experts of one layer for `xs` (rows, hidden), retried on newer
-    /// tables until the wait runs out or `cancel` fires. `request_id` travels in
-    /// the calls' metadata.
+    /// Layers sent so far, counting every retry.
+    pub fn attempts(&self) -> u64 {
+        self.attempts.load(Ordering::Relaxed)
+    }
+
+    /// The routed experts of one layer for `xs` (rows, hidden): [`send`](Self::send)
+    /// then [`collect`](Self::collect).
     pub fn forward_layer(
         &self,
+        step: &StepContext,
         layer: usize,
         xs: &Tensor,
         routes: &[ExpertRoute],
-        request_id: Option<&str>,
-        cancel: Option<&CancellationToken>,
     ) -> Result<Tensor, Error> {
+        self.collect(self.send(step, layer, xs, routes))
+    }
+
+    /// Plans the layer with the newest table and starts its calls; never blocks.
+    fn send(&self, step: &StepContext, layer: usize, xs: &Tensor, routes: &[ExpertRoute]) -> Layer {
         count_routes(layer, routes);
-        self.run_layer(layer, xs, routes, request_id, cancel)
-    }
-
-    /// [`forward_layer`](Self::forward_layer) without counting the routes.
-    fn run_layer(
-        &self,
-        layer: usize,
-        xs: &Tensor,
-        routes: &[ExpertRoute],
-        request_id: Option<&str>,
-        cancel: Option<&CancellationToken>,
-    ) -> Result<Tensor, Error> {
-        if routes.is_empty() {
-            return xs.zeros_like().map_err(|e| Error::Model(e.into()));
+        let mut layer = Layer {
+            step: step.clone(),
+            layer,
+            xs: xs.clone(),
+            routes: routes.to_vec(),
+            tables: self.tables.clone(),
+            version: None,
+            sent: Ok(Vec::new()),
+        };
+        if !layer.routes.is_empty() {
+            self.resend(&mut layer);
         }
-        let deadline = tokio::time::Instant::now() + self.wait;
-        let mut tables = self.tables.clone();
-        loop {
-            let table = tables.borrow_and_update().clone();
-            let attempt = match &table {
-                None => Err(Failure::Retry(format!(
-                    "layer {layer}: no expert placement is ready (are any expert-workers running?)"
-                ))),
-                Some(t) => self.attempt(t, layer, xs, routes, request_id, cancel),
-            };
-            let reason = match attempt {
-                Ok(sums) => return Ok(sums),
-                Err(Failure::Fatal(e)) => return Err(e),
-                Err(Failure::Retry(reason)) => reason,
-            };
-            let version = table.as_ref().map(|t| t.placement.version);
-            tracing::debug!(layer, ?version, %reason, "expert layer failed; waiting for a newer routing table");
-            let waited = self.handle.block_on(async {
-                tokio::select! {
-                    changed = tables.changed() => match changed {
-                        Ok(()) => Waited::Newer,
-                        Err(_) => Waited::NoNewer,
-                    },
-                    () = tokio::time::sleep_until(deadline) => Waited::NoNewer,
-                    () = cancelled(cancel) => Waited::Cancelled,
-                }
-            });
-            match waited {
-                Waited::Newer => {}
-                Waited::NoNewer => return Err(Error::ExpertsUnavailable(reason)),
-                Waited::Cancelled => return Err(Error::Cancelled),
-            }
-        }
+        layer
     }
 
-    /// One try at a layer with `table`.
-    fn attempt(
-        &self,
-        table: &RoutingTable,
-        layer: usize,
-        xs: &Tensor,
-        routes: &[ExpertRoute],
-        request_id: Option<&str>,
-        cancel: Option<&CancellationToken>,
-    ) -> Result<Tensor, Failure> {
-        let calls = self.dispatch(table, layer, xs, routes, request_id)?;
-        self.collect(calls, layer, xs, cancel)
+    /// (Re)plans `layer` with the newest table and starts its calls.
+    fn resend(&self, layer: &mut Layer) {
+        let table = layer.tables.borrow_and_update().clone();
+        // Counted once the table is taken: a table published after this count
+        // is seen as newer.
+        self.attempts.fetch_add(1, Ordering::Relaxed);
+        layer.version = table.as_ref().map(|t| t.placement.version);
+        layer.sent = match &table {
+            None => Err(Failure::Retry(format!(
+                "layer {}: no expert placement is ready (are any expert-workers running?)",
+                layer.layer
+            ))),
+            Some(table) => self.dispatch(table, layer),
+        };
     }
 
-    /// Sends one layer's `Forward` calls (one per worker) with `table`; they run on
-    /// the runtime while the caller goes on.
+    /// Starts one `Forward` per worker of `table` that owns experts of the layer.
     fn dispatch(
         &self,
         table: &RoutingTable,
-        layer: usize,
-        xs: &Tensor,
-        routes: &[ExpertRoute],
-        request_id: Option<&str>,
-    ) -> Result<InFlight, Failure> {
-        let batches = plan(
-            &table.placement,
-            |w| table.clients.contains_key(w),
-            layer,
-            routes,
-        )
-        .map_err(|e| Failure::Retry(e.to_string()))?;
+        layer: &Layer,
+    ) -> Result<Vec<(String, WorkerBatch, Call)>, Failure> {
+        let live = |w: &str| table.clients.contains_key(w);
+        let batches = plan(&table.placement, live, layer.layer, &layer.routes)
+            .map_err(|e| Failure::Retry(format!("{e} (placement {})", table.placement.version)))?;
         let metrics = ExpertDispatch::get();
         let mut calls = Vec::with_capacity(batches.len());
         for (worker, batch) in batches {
-            let req = self.request(layer, xs, &batch).map_err(Failure::Fatal)?;
+            let req = self
+                .request(layer.layer, &layer.xs, &batch)
+                .map_err(Failure::Fatal)?;
             let bytes = req.encoded_len();
             self.bytes_sent.fetch_add(bytes as u64, Ordering::Relaxed);
             metrics.sent(worker, bytes);
-            let req = match request_id {
-                Some(id) => request_with_id(req, id),
-                None => tonic::Request::new(req),
-            };
+            let mut req = tonic::Request::new(req);
+            let ids = layer.step.request_ids.iter().map(String::as_str);
+            append_request_ids(req.metadata_mut(), ids);
             let mut client = table.clients[worker].clone();
             let name = worker.to_string();
             let call = self.handle.spawn(async move {
@@ -248,21 +246,57 @@ impl RemoteExperts {
             });
             calls.push((worker.to_string(), batch, call));
         }
-        Ok(InFlight { calls })
+        Ok(calls)
     }
 
-    /// Waits for a layer's calls and adds up the workers' partial sums.
-    fn collect(
+    /// Waits for the layer's answers and adds them up; on a failure a newer
+    /// table can fix, waits for one (until the wait runs out or the step is
+    /// cancelled) and sends again.
+    fn collect(&self, mut layer: Layer) -> Result<Tensor, Error> {
+        let mut deadline = None;
+        loop {
+            let sent = std::mem::replace(&mut layer.sent, Ok(Vec::new()));
+            let reason = match sent.and_then(|calls| self.gather(calls, &layer)) {
+                Ok(sums) => return Ok(sums),
+                Err(Failure::Fatal(e)) => return Err(e),
+                Err(Failure::Retry(reason)) => reason,
+            };
+            let deadline = *deadline.get_or_insert_with(|| tokio::time::Instant::now() + self.wait);
+            tracing::debug!(
+                layer = layer.layer,
+                version = ?layer.version,
+                %reason,
+                "expert layer failed; waiting for a newer routing table"
+            );
+            let (tables, step) = (&mut layer.tables, &layer.step);
+            let waited = self.handle.block_on(async {
+                tokio::select! {
+                    changed = tables.changed() => match changed {
+                        Ok(()) => Waited::Newer,
+                        Err(_) => Waited::NoNewer,
+                    },
+                    () = tokio::time::sleep_until(deadline) => Waited::NoNewer,
+                    () = step.cancelled() => Waited::Cancelled,
+                }
+            });
+            match waited {
+                Waited::Newer => self.resend(&mut layer),
+                Waited::NoNewer => return Err(Error::ExpertsUnavailable(reason)),
+                Waited::Cancelled => return Err(Error::Cancelled),
+            }
+        }
+    }
+
+    /// Waits for one attempt's calls and adds up the workers' partial sums.
+    fn gather(
         &self,
-        in_flight: InFlight,
-        layer: usize,
-        xs: &Tensor,
-        cancel: Option<&CancellationToken>,
+        calls: Vec<(String, WorkerBatch, Call)>,
+        layer: &Layer,
     ) -> Result<Tensor, Failure> {
         let fatal = |e: candle_core::Error| Failure::Fatal(Error::Model(e.into()));
+        let xs = &layer.xs;
         let (n_rows, hidden) = xs.dims2().map_err(fatal)?;
-        let (meta, calls): (Vec<_>, Vec<_>) = in_flight
-            .calls
+        let (meta, calls): (Vec<_>, Vec<_>) = calls
             .into_iter()
             .map(|(worker, batch, call)| ((worker, batch), call))
             .unzip();
@@ -277,7 +311,7 @@ impl RemoteExperts {
             };
             tokio::select! {
                 out = all => Some(out),
-                () = cancelled(cancel) => None,
+                () = layer.step.cancelled() => None,
             }
         });
         let Some(responses) = responses else {
@@ -289,10 +323,11 @@ impl RemoteExperts {
         for ((worker, batch), response) in meta.iter().zip(responses) {
             let response = match response {
                 Ok(Ok(response)) => response,
-                Ok(Err(status)) => return Err(classify(layer, worker, status)),
+                Ok(Err(status)) => return Err(classify(layer.layer, worker, status)),
                 Err(e) => {
                     return Err(Failure::Retry(format!(
-                        "layer {layer}: call to expert-worker {worker} failed: {e}"
+                        "layer {}: call to expert-worker {worker} failed: {e}",
+                        layer.layer
                     )));
                 }
             };
@@ -307,25 +342,6 @@ impl RemoteExperts {
         acc.to_dtype(xs.dtype()).map_err(fatal)
     }
 
-    /// Keeps `e` for [`RemoteExperts::take_failure`]; returns the model's view of it.
-    fn failed(&self, e: Error) -> tessera_model::Error {
-        let message = tessera_model::Error::Experts(e.to_string());
-        *self
-            .last_failure
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(e);
-        message
-    }
-
-    /// The scheduler error behind the last layer that failed through
-    /// [`ExpertBackend`], if any (taken: a second call returns `None`).
-    pub fn take_failure(&self) -> Option<Error> {
-        self.last_failure
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take()
-    }
-
     /// The request for one worker's share of `xs`.
     fn request(
         &self,
@@ -338,7 +354,7 @@ impl RemoteExperts {
         let idx = Tensor::from_vec(batch.rows.clone(), n, xs.device()).map_err(model)?;
         let rows = xs.index_select(&idx, 0).map_err(model)?; // (n, hidden)
         let rows = tensor::encode(&rows)
-            .map_err(|e| Error::Model(tessera_model::Error::Experts(e.to_string())))?;
+            .map_err(|e| Error::Model(tessera_model::Error::experts(e.to_string())))?;
         Ok(ForwardRequest {
             model_fingerprint: self.fingerprint.clone(),
             layer: layer as u32,
@@ -363,60 +379,41 @@ fn count_routes(layer: usize, routes: &[ExpertRoute]) {
     }
 }
 
-/// Resolves when `cancel` fires; never without one.
-async fn cancelled(cancel: Option<&CancellationToken>) {
-    match cancel {
-        Some(token) => token.cancelled().await,
-        None => std::future::pending().await,
-    }
-}
-
-/// A `Forward` call running on the runtime.
-type Call = tokio::task::JoinHandle<Result<ForwardResponse, tonic::Status>>;
-
-/// One layer's `Forward` calls in flight: (worker, its batch, the call).
-struct InFlight {
-    calls: Vec<(String, WorkerBatch, Call)>,
-}
-
 impl ExpertBackend for RemoteExperts {
-    fn forward(&self, layer: usize, xs: &Tensor, routes: &[ExpertRoute]) -> ModelResult<Tensor> {
-        self.forward_layer(layer, xs, routes, None, None)
-            .map_err(|e| self.failed(e))
+    fn forward(
+        &self,
+        step: &StepContext,
+        layer: usize,
+        xs: &Tensor,
+        routes: &[ExpertRoute],
+    ) -> ModelResult<Tensor> {
+        self.forward_layer(step, layer, xs, routes)
+            .map_err(tessera_model::Error::experts_from)
     }
 
-    /// Sends the calls with the newest table and returns at once; waiting collects
-    /// them. A failure a newer table can fix falls back to [`RemoteExperts::forward_layer`]'s
-    /// wait-and-retry, so the answer is the same as [`ExpertBackend::forward`]'s.
-    fn start(&self, layer: usize, xs: &Tensor, routes: &[ExpertRoute]) -> PendingExperts<'_> {
-        let table = self.tables.borrow().clone();
-        let in_flight = match &table {
-            Some(table) if !routes.is_empty() => self.dispatch(table, layer, xs, routes, None),
-            _ => return PendingExperts::ready(self.forward(layer, xs, routes)),
-        };
-        count_routes(layer, routes);
-        let (xs, routes) = (xs.clone(), routes.to_vec());
+    /// Sends the calls and returns at once; waiting collects them.
+    fn start(
+        &self,
+        step: &StepContext,
+        layer: usize,
+        xs: &Tensor,
+        routes: &[ExpertRoute],
+    ) -> PendingExperts<'_> {
+        let layer = self.send(step, layer, xs, routes);
         PendingExperts::waiting(move || {
-            let retry = match in_flight.and_then(|calls| self.collect(calls, layer, &xs, None)) {
-                Ok(sums) => return Ok(sums),
-                Err(Failure::Fatal(e)) => return Err(self.failed(e)),
-                Err(Failure::Retry(reason)) => reason,
-            };
-            tracing::debug!(layer, %retry, "overlapped expert layer failed; retrying");
-            self.run_layer(layer, &xs, &routes, None, None)
-                .map_err(|e| self.failed(e))
+            self.collect(layer)
+                .map_err(tessera_model::Error::experts_from)
         })
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::time::Instant;
-
     use candle_core::Device;
     use tessera_runtime::placement::even_split;
 
     use super::*;
+    use crate::engine::AnyCancelled;
 
     fn runtime() -> tokio::runtime::Runtime {
         tokio::runtime::Builder::new_multi_thread()
@@ -447,15 +444,25 @@ mod tests {
         })
     }
 
+    /// Polls `done` until it holds; panics after 10 s.
+    fn wait_until(what: &str, done: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting until {what}");
+            std::thread::yield_now();
+        }
+    }
+
     #[test]
     fn without_a_ready_placement_a_layer_fails_after_the_wait() {
         let rt = runtime();
         let (_tx, tables) = watch::channel(None);
         let remote =
             RemoteExperts::following(tables, rt.handle().clone(), "", Duration::from_millis(200));
+        let step = StepContext::default();
         let started = Instant::now();
         let err = remote
-            .forward_layer(1, &xs(), &routes(), None, None)
+            .forward_layer(&step, 1, &xs(), &routes())
             .unwrap_err();
         assert!(started.elapsed() >= Duration::from_millis(200));
         assert!(
@@ -463,7 +470,7 @@ mod tests {
             "{err}"
         );
         // A layer without routes needs no worker.
-        let zeros = remote.forward_layer(1, &xs(), &[], None, None).unwrap();
+        let zeros = remote.forward_layer(&step, 1, &xs(), &[]).unwrap();
         assert_eq!(zeros.sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
     }
 
@@ -471,46 +478,61 @@ mod tests {
     fn a_failed_layer_retries_on_each_newer_table_until_the_wait_runs_out() {
         let rt = runtime();
         let (tx, tables) = watch::channel(Some(table_without_owner(1)));
-        let remote =
-            RemoteExperts::following(tables, rt.handle().clone(), "", Duration::from_secs(1));
-        // Newer tables keep arriving (none with an owner) while the layer waits.
-        let publisher = std::thread::spawn(move || {
-            for version in 2..=4 {
-                std::thread::sleep(Duration::from_millis(100));
-                tx.send_replace(Some(table_without_owner(version)));
-            }
-            tx
-        });
-        let err = remote
-            .forward_layer(1, &xs(), &routes(), None, None)
-            .unwrap_err();
-        let tx = publisher.join().unwrap();
-        assert_eq!(tx.borrow().as_ref().unwrap().placement.version, 4);
+        let remote = Arc::new(RemoteExperts::following(
+            tables,
+            rt.handle().clone(),
+            "",
+            Duration::from_secs(2),
+        ));
+        let layer = {
+            let remote = remote.clone();
+            std::thread::spawn(move || {
+                remote.forward_layer(&StepContext::default(), 1, &xs(), &routes())
+            })
+        };
+        // Each newer table (none with an owner) arrives once the layer has tried
+        // the one before it.
+        for version in 2..=4 {
+            wait_until(&format!("attempt {}", version - 1), || {
+                remote.attempts() >= version - 1
+            });
+            tx.send_replace(Some(table_without_owner(version)));
+        }
+        let err = layer.join().unwrap().unwrap_err();
+        assert_eq!(remote.attempts(), 4, "one try per table");
         assert!(
-            matches!(&err, Error::ExpertsUnavailable(m) if m.contains("no live owner for layer 1 expert 3")),
-            "{err}"
+            matches!(&err, Error::ExpertsUnavailable(m)
+                if m.contains("no live owner for layer 1 expert 3 (placement 4)")),
+            "the last try used the newest table: {err}"
         );
     }
 
     #[test]
-    fn cancelling_stops_a_waiting_layer_at_once() {
+    fn cancelling_the_step_stops_a_waiting_layer_at_once() {
         let rt = runtime();
         let (_tx, tables) = watch::channel(None);
-        let remote =
-            RemoteExperts::following(tables, rt.handle().clone(), "", Duration::from_secs(60));
-        let cancel = CancellationToken::new();
-        let canceller = {
-            let cancel = cancel.clone();
-            std::thread::spawn(move || {
-                std::thread::sleep(Duration::from_millis(100));
-                cancel.cancel();
-            })
+        let remote = Arc::new(RemoteExperts::following(
+            tables,
+            rt.handle().clone(),
+            "",
+            Duration::from_secs(60),
+        ));
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let step = StepContext {
+            request_ids: vec!["r".into()],
+            cancel: Some(Arc::new(AnyCancelled::new(vec![
+                tokio_util::sync::CancellationToken::new(),
+                cancel.clone(),
+            ]))),
         };
+        let layer = {
+            let remote = remote.clone();
+            std::thread::spawn(move || remote.forward_layer(&step, 1, &xs(), &routes()))
+        };
+        wait_until("the layer tried once", || remote.attempts() >= 1);
         let started = Instant::now();
-        let err = remote
-            .forward_layer(1, &xs(), &routes(), Some("r"), Some(&cancel))
-            .unwrap_err();
-        canceller.join().unwrap();
+        cancel.cancel();
+        let err = layer.join().unwrap().unwrap_err();
         assert!(matches!(err, Error::Cancelled), "{err}");
         assert!(started.elapsed() < Duration::from_secs(10));
     }
@@ -520,11 +542,15 @@ mod tests {
         let rt = runtime();
         let placement = table_without_owner(1).placement.clone();
         let remote = RemoteExperts::new(placement, BTreeMap::new(), rt.handle().clone(), "");
-        let err = remote.forward(1, &xs(), &routes()).unwrap_err();
+        let err = remote
+            .forward(&StepContext::default(), 1, &xs(), &routes())
+            .unwrap_err();
         assert!(
             err.to_string()
                 .contains("no live owner for layer 1 expert 3"),
             "{err}"
         );
+        let typed = err.into_experts::<Error>().unwrap();
+        assert!(matches!(typed, Error::ExpertsUnavailable(_)), "{typed}");
     }
 }

@@ -145,7 +145,6 @@ pub fn validate(req: SubmitRequest, limits: &Limits) -> Result<Validated> {
             eos_token_id: limits.eos_token_id,
             stop: stopping.stop,
             sampling,
-            prefill_chunk: None,
             record_logits: false,
         },
         deadline: None,

@@ -12,11 +12,10 @@ use std::time::Instant;
 
 use candle_core::Tensor;
 use tessera_model::chat::ChatTokenizer;
-use tessera_model::generate::{FinishReason, GenerationParams, earliest_stop};
+use tessera_model::generate::{FinishReason, GenerationParams};
 use tessera_model::language::LanguageModel;
 use tessera_model::sampling::Sampler;
-use tessera_proto::internal::v1::TokenEvent;
-use tessera_proto::internal::v1::token_event::Event;
+use tessera_model::text::{Detokenizer, StopStrings};
 use tokio::sync::mpsc;
 use tonic::Status;
 
@@ -24,8 +23,22 @@ use crate::active::ActiveEntry;
 use crate::error::{Error, Result};
 use crate::kv::{BlockHash, BlockPool, BlockTable, TokenKey, block_hash};
 
-/// What a request's stream carries.
-pub type EventResult = std::result::Result<TokenEvent, Status>;
+/// What the engine tells a request's reader.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A sampled token, with the logits that picked it when the request records
+    /// them (`GenerationParams::record_logits`).
+    Token { id: u32, logits: Option<Vec<f32>> },
+    /// The last event of a request that finished.
+    Finished {
+        reason: FinishReason,
+        prompt_tokens: u32,
+        completion_tokens: u32,
+    },
+}
+
+/// What a request's stream carries: events, or the error that ended it.
+pub type EventResult = std::result::Result<Event, Status>;
 
 /// How a sequence ended.
 #[derive(Debug)]
@@ -67,8 +80,9 @@ pub struct Sequence {
     pub preemptions: u32,
     /// Its share of the expert bytes of the steps it ran in.
     pub expert_bytes: u64,
-    /// Output text so far (kept up to date only with stop strings).
-    text: String,
+    /// The output as text, a token at a time (kept only with stop strings).
+    text: Detokenizer,
+    stops: StopStrings,
 }
 
 impl std::fmt::Debug for Sequence {
@@ -100,6 +114,7 @@ pub struct NewSequence {
 impl Sequence {
     pub fn new(n: NewSequence) -> Result<Self> {
         let sampler = Sampler::new(n.params.sampling.clone()).map_err(Error::from_model)?;
+        let stops = StopStrings::new(&n.params.stop);
         Ok(Self {
             entry: n.entry,
             trace_id: n.trace_id,
@@ -121,7 +136,8 @@ impl Sequence {
             first_token_at: None,
             preemptions: 0,
             expert_bytes: 0,
-            text: String::new(),
+            text: Detokenizer::default(),
+            stops,
         })
     }
 
@@ -230,15 +246,14 @@ impl Sequence {
 
     /// Picks the next token from `logits`, streams it, and says whether that ends
     /// the sequence.
-    pub fn sample(&mut self, logits: &[f32], tokenizer: &ChatTokenizer) -> Option<Outcome> {
-        let next = self.sampler.sample(logits, &self.tokens);
+    pub fn sample(&mut self, logits: Vec<f32>, tokenizer: &ChatTokenizer) -> Option<Outcome> {
+        let next = self.sampler.sample(&logits, &self.tokens);
         self.tokens.push(next);
         self.keys.push(TokenKey::Text(next));
         self.first_token_at.get_or_insert_with(Instant::now);
-        let event = TokenEvent {
-            event: Some(Event::Tokens(tessera_proto::internal::v1::Tokens {
-                token_ids: vec![next],
-            })),
+        let event = Event::Token {
+            id: next,
+            logits: self.params.record_logits.then_some(logits),
         };
         if self.events.try_send(Ok(event)).is_err() {
             // The client went away (or stopped reading).
@@ -247,12 +262,12 @@ impl Sequence {
         if next == self.params.eos_token_id && !self.params.ignore_eos {
             return Some(Outcome::Finished(FinishReason::Eos));
         }
-        if !self.params.stop.is_empty() {
-            match tokenizer.decode(self.output(), false) {
-                Ok(text) => self.text = text,
+        if !self.stops.is_empty() {
+            let piece = match self.text.push(tokenizer, next) {
+                Ok(piece) => piece,
                 Err(e) => return Some(Outcome::Failed(Status::from(Error::from_model(e)))),
-            }
-            if earliest_stop(&self.text, &self.params.stop).is_some() {
+            };
+            if self.stops.push(&piece) {
                 return Some(Outcome::Finished(FinishReason::Stop));
             }
         }

@@ -6,8 +6,12 @@ use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
+use tessera_model::generate::FinishReason;
 use tessera_proto::internal::v1::scheduler_server::Scheduler;
-use tessera_proto::internal::v1::{CancelRequest, CancelResponse, SubmitRequest};
+use tessera_proto::internal::v1::token_event::Event as WireEvent;
+use tessera_proto::internal::v1::{
+    CancelRequest, CancelResponse, Finished, StopReason, SubmitRequest, TokenEvent, Tokens,
+};
 use tessera_runtime::telemetry;
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
@@ -16,7 +20,7 @@ use tokio_util::sync::DropGuard;
 use tonic::{Request, Response, Status};
 
 use crate::active::ActiveRequests;
-use crate::engine::{Engine, EventResult, Job, event_buffer};
+use crate::engine::{Engine, Event, EventResult, Job, event_buffer};
 use crate::error::Error;
 use crate::request::{Limits, validate};
 use crate::stats::{Stats, StatsSnapshot};
@@ -125,11 +129,39 @@ impl std::fmt::Debug for EventStream {
 }
 
 impl Stream for EventStream {
-    type Item = EventResult;
+    type Item = Result<TokenEvent, Status>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        Pin::new(&mut self.events).poll_next(cx)
+        Pin::new(&mut self.events)
+            .poll_next(cx)
+            .map(|event| event.map(|e| e.map(to_wire)))
     }
+}
+
+/// An engine event as the `Submit` stream carries it.
+fn to_wire(event: Event) -> TokenEvent {
+    let event = match event {
+        Event::Token { id, .. } => WireEvent::Tokens(Tokens {
+            token_ids: vec![id],
+        }),
+        Event::Finished {
+            reason,
+            prompt_tokens,
+            completion_tokens,
+        } => {
+            let reason = match reason {
+                FinishReason::Eos => StopReason::Eos,
+                FinishReason::Length => StopReason::Length,
+                FinishReason::Stop => StopReason::Stop,
+            };
+            WireEvent::Finished(Finished {
+                reason: reason as i32,
+                prompt_tokens,
+                completion_tokens,
+            })
+        }
+    };
+    TokenEvent { event: Some(event) }
 }
 
 #[tonic::async_trait]

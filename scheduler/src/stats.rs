@@ -10,7 +10,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock, PoisonError};
 
-use tessera_runtime::metrics::SchedulerMetrics;
+use crate::metrics::SchedulerMetrics;
 
 use crate::kv::PoolCounters;
 

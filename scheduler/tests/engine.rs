@@ -1,13 +1,14 @@
 //! The batching engine through a real scheduler and real expert-workers on
 //! loopback: batch invariance of greedy tokens, the latent cache's size per
-//! token, preemption, prefix reuse and cancellation freeing blocks.
+//! token, preemption, prefix reuse, cancellation freeing blocks, and a request
+//! cancelled while its step waits for experts.
 
 mod common;
 
 use std::time::Duration;
 
 use common::*;
-use tessera_proto::internal::v1::{CancelRequest, SubmitRequest};
+use tessera_proto::internal::v1::SubmitRequest;
 use tessera_scheduler::Config;
 use tessera_scheduler::stats::EngineCounters;
 use tokio::time::{Instant, sleep, timeout};
@@ -290,17 +291,7 @@ async fn cancelled_dropped_and_timed_out_streams_free_their_blocks() {
         .await
         .unwrap();
     first_token(&mut stream).await;
-    let found = cluster
-        .client
-        .clone()
-        .cancel(CancelRequest {
-            request_id: "cancelled".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .found;
-    assert!(found);
+    assert!(cluster.cancel("cancelled").await);
     let (_, end) = collect(&mut stream).await;
     assert_eq!(end.unwrap_err().code(), tonic::Code::Cancelled);
     let engine = wait_for_engine(&cluster, "the cancelled request's blocks", |e| {
@@ -327,5 +318,47 @@ async fn cancelled_dropped_and_timed_out_streams_free_their_blocks() {
         e.pool.used_blocks == 0 && e.running == 0 && e.waiting == 0
     })
     .await;
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_cancelled_while_its_step_waits_for_experts_ends_at_once() {
+    let fixture = "tiny-mha-softmax";
+    let case = case(fixture, "text_only");
+    let text = json_ids(&case["input_ids"]);
+    let want = json_ids(&case["greedy"]["new_token_ids"]);
+    // No expert-worker yet: no placement, so the step's first MoE layer waits
+    // (for up to ten minutes) for a live owner of its experts.
+    let mut cluster = Cluster::start(fixture, 0, |cfg: &mut Config| {
+        cfg.expert_wait_seconds = 600;
+    })
+    .await;
+    let mut stream = cluster
+        .submit(request("stuck", text.clone(), Vec::new(), 4))
+        .await
+        .unwrap();
+    wait_for_engine(&cluster, "the request's step to start", |e| {
+        e.running == 1 && e.pool.used_blocks > 0
+    })
+    .await;
+    let cancelled_at = Instant::now();
+    assert!(cluster.cancel("stuck").await);
+    let (tokens, end) = collect(&mut stream).await;
+    let took = cancelled_at.elapsed();
+    assert!(tokens.is_empty(), "{tokens:?}");
+    assert_eq!(end.unwrap_err().code(), tonic::Code::Cancelled);
+    assert!(
+        took < Duration::from_secs(1),
+        "the step stopped waiting for experts {took:?} after the cancel"
+    );
+    wait_for_engine(&cluster, "the cancelled request's blocks", |e| {
+        e.pool.used_blocks == 0 && e.running == 0
+    })
+    .await;
+
+    // The next request runs once an expert-worker holds the experts.
+    cluster.add_worker(fixture, 0).await;
+    let (tokens, _) = generate(&cluster, request("next", text, Vec::new(), 16)).await;
+    assert_eq!(tokens, want);
     cluster.stop().await;
 }

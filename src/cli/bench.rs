@@ -45,8 +45,12 @@ pub struct BenchArgs {
     /// `tessera up` does), print its load time, then benchmark it.
     #[arg(long)]
     model: Option<PathBuf>,
+    /// Branch, tag or commit of a Hub id --model.
+    #[arg(long, env = "TESSERA_MODEL_REVISION", default_value = tessera_runtime::hub::DEFAULT_REVISION)]
+    revision: String,
+    /// Where and in what precision the in-process cluster (--model) computes.
     #[command(flatten)]
-    hub: super::model_source::HubArgs,
+    compute: tessera_runtime::device::ComputeArgs,
     /// Expert-workers of the in-process cluster (--model) [default: 2].
     #[arg(long)]
     expert_workers: Option<usize>,
@@ -202,7 +206,8 @@ async fn bench(args: BenchArgs) -> anyhow::Result<Report> {
     }
     let model = args.model.clone().expect("clap requires --addr or --model");
     let mut opts = super::up::Options {
-        model,
+        model: model.clone(),
+        compute: args.compute,
         expert_workers: args.expert_workers.unwrap_or(2),
         grpc: ([127, 0, 0, 1], 0).into(),
         http: None,
@@ -212,7 +217,12 @@ async fn bench(args: BenchArgs) -> anyhow::Result<Report> {
         remote_images: Default::default(),
     };
     opts.validate_flags()?;
-    opts.model = args.hub.resolve(&opts.model).await?;
+    let mut model = tessera_runtime::ModelArgs {
+        path: model,
+        revision: args.revision.clone(),
+    };
+    model.resolve().await?;
+    opts.model = model.path;
     eprintln!(
         "tessera bench: loading {} into 1 scheduler, 1 vision-worker and {} expert-workers…",
         opts.model.display(),

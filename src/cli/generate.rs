@@ -1,47 +1,34 @@
-//! `tessera generate`: load a snapshot and generate one reply in this process.
+//! `tessera generate`: load a snapshot and generate one reply in this process,
+//! through the scheduler's engine (a batch of one, with every routed expert in
+//! this process): the same decode loop, sampler and stop strings as the cluster.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use candle_core::{DType, Device, Tensor};
-use clap::{Args, ValueEnum};
+use candle_core::Tensor;
+use clap::Args;
 use serde::Serialize;
 use tessera_model::chat::{Message, Role};
 use tessera_model::draw::{draw_groundings, save_png};
-use tessera_model::generate::{FinishReason, GenerationParams, generate};
+use tessera_model::generate::{FinishReason, GenerationParams};
 use tessera_model::grounding::{GroundedBox, parse_groundings};
 use tessera_model::pipeline::{ImageInfo, Pipeline};
 use tessera_model::processor::{DEFAULT_MAX_PIXELS, ImageLimits, load_image};
 use tessera_model::sampling::SamplingParams;
-
-/// Compute precision of the weights and activations.
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum DTypeArg {
-    F32,
-    F16,
-    Bf16,
-}
-
-impl From<DTypeArg> for DType {
-    fn from(d: DTypeArg) -> Self {
-        match d {
-            DTypeArg::F32 => DType::F32,
-            DTypeArg::F16 => DType::F16,
-            DTypeArg::Bf16 => DType::BF16,
-        }
-    }
-}
+use tessera_runtime::ModelArgs;
+use tessera_runtime::device::{Compute, ComputeArgs};
+use tessera_scheduler::EngineConfig;
+use tessera_scheduler::local::{LocalEngine, Prompt};
 
 #[derive(Debug, Args)]
 #[command(group(clap::ArgGroup::new("input").required(true).args(["prompt", "conversation"])))]
 pub struct GenerateArgs {
-    /// Snapshot folder of a DeepSeek-VL2 checkpoint (config.json, tokenizer.json,
-    /// *.safetensors), or a Hub id such as deepseek-ai/deepseek-vl2-tiny (downloaded).
-    #[arg(long, env = "TESSERA_MODEL")]
-    model: PathBuf,
     #[command(flatten)]
-    hub: super::model_source::HubArgs,
+    model: ModelArgs,
+    #[command(flatten)]
+    compute: ComputeArgs,
     /// A single user message.
     #[arg(long)]
     prompt: Option<String>,
@@ -86,9 +73,6 @@ pub struct GenerateArgs {
     /// Prefill the prompt in chunks of this many tokens (default: all at once).
     #[arg(long)]
     chunk_size: Option<usize>,
-    /// Compute precision (f32 is fastest on CPU).
-    #[arg(long, value_enum, default_value = "f32")]
-    dtype: DTypeArg,
     /// Print one JSON object with ids, text, finish reason, images and timings.
     #[arg(long)]
     json: bool,
@@ -180,6 +164,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let params = GenerationParams {
         max_new_tokens: args.max_tokens,
         ignore_eos: args.ignore_eos,
+        // The engine stops at the model's own end-of-sentence token.
         eos_token_id: 0,
         stop: args.stop.clone(),
         sampling: SamplingParams {
@@ -189,37 +174,43 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             repetition_penalty: args.repetition_penalty,
             seed: args.seed,
         },
-        prefill_chunk: args.chunk_size,
         record_logits: args.logits_out.is_some(),
     };
     params.sampling.validate()?;
     if args.chunk_size == Some(0) {
         bail!("--chunk-size must be at least 1");
     }
+    let compute = args.compute.select()?;
 
-    let model = args.hub.resolve_blocking(&args.model)?;
+    let mut model = args.model.clone();
+    model.resolve_blocking()?;
+    let model = model.path;
 
-    let device = Device::Cpu;
     let loading = Instant::now();
-    let pipeline = Pipeline::load(&model, args.dtype.into(), &device)
+    let pipeline = Pipeline::load(&model, compute.dtype, &compute.device)
         .with_context(|| format!("cannot load the model from {}", model.display()))?;
     let load_s = loading.elapsed().as_secs_f64();
 
     let prepared = pipeline.prepare(&messages, &images)?;
-    let prompt = prepared.encoded;
-    let embeds = prepared.embeds;
-    let params = GenerationParams {
-        eos_token_id: pipeline.tokenizer.special().eos,
-        ..params
+    let prompt = Prompt {
+        input_ids: prepared.encoded.input_ids.clone(),
+        image_runs: prepared.encoded.image_runs.clone(),
+        image_embeds: prepared.image_embeds.clone(),
     };
-    let out = generate(
-        &pipeline.language,
-        &pipeline.experts,
-        Some(&pipeline.tokenizer),
-        &prompt.input_ids,
-        &embeds,
-        &params,
-    )?;
+    // The vision tower is done: only the language model and the experts go on.
+    let Pipeline {
+        language,
+        experts,
+        tokenizer,
+        ..
+    } = pipeline;
+    let engine = EngineConfig::single(
+        prompt.input_ids.len() + params.max_new_tokens,
+        language.cache_bytes_per_token(),
+        args.chunk_size,
+    );
+    let mut engine = LocalEngine::start(language, tokenizer, Arc::new(experts), engine)?;
+    let out = engine.generate(&prompt, &params)?;
 
     if let Some(path) = &args.logits_out {
         write_logits(path, &out.step_logits)?;
@@ -292,9 +283,10 @@ fn write_logits(path: &Path, steps: &[Vec<f32>]) -> anyhow::Result<()> {
         bail!("no token was generated, so there are no logits to write");
     };
     let vocab = first.len();
-    let last = Tensor::from_slice(first, vocab, &Device::Cpu)?;
+    let host = Compute::host().device;
+    let last = Tensor::from_slice(first, vocab, &host)?;
     let flat: Vec<f32> = steps.iter().flatten().copied().collect();
-    let step = Tensor::from_vec(flat, (steps.len(), vocab), &Device::Cpu)?;
+    let step = Tensor::from_vec(flat, (steps.len(), vocab), &host)?;
     let tensors = std::collections::HashMap::from([
         ("last_logits".to_string(), last),
         ("step_logits".to_string(), step),

@@ -15,8 +15,8 @@ use clap::{Args, ValueEnum};
 use serde_json::Value;
 use tessera_model::config::{AttentionConfig, ModelConfig};
 
-use super::generate::DTypeArg;
 use tensors::{ParamCount, checkpoint_tensors, count_params};
+use tessera_runtime::device::Precision;
 use writer::{StoredDtype, WeightOptions, human_bytes, parse_size, write_weights};
 
 /// The released tokenizer files (the DeepSeek-V3 BPE with the VL2 processor's tokens,
@@ -105,7 +105,7 @@ pub struct InitRandomArgs {
     vision_layers: Option<usize>,
     /// Precision of the stored weights (bf16 as released).
     #[arg(long, value_enum, default_value = "bf16")]
-    dtype: DTypeArg,
+    dtype: Precision,
     /// Seed of the random weights: the same seed writes the same bytes.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -129,11 +129,11 @@ struct Plan {
     notes: Vec<String>,
 }
 
-fn stored_dtype(d: DTypeArg) -> StoredDtype {
+fn stored_dtype(d: Precision) -> StoredDtype {
     match d {
-        DTypeArg::Bf16 => StoredDtype::Bf16,
-        DTypeArg::F16 => StoredDtype::F16,
-        DTypeArg::F32 => StoredDtype::F32,
+        Precision::Bf16 => StoredDtype::Bf16,
+        Precision::F16 => StoredDtype::F16,
+        Precision::F32 => StoredDtype::F32,
     }
 }
 
@@ -364,7 +364,7 @@ mod tests {
             out: PathBuf::new(),
             layers,
             vision_layers: None,
-            dtype: DTypeArg::Bf16,
+            dtype: Precision::Bf16,
             seed: 0,
             max_shard_size: u64::MAX,
             force: false,

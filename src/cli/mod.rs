@@ -11,11 +11,8 @@ mod bench;
 mod discovery;
 mod generate;
 mod init_random;
-mod model_source;
 mod roles;
 mod up;
-
-use std::path::Path;
 
 use clap::{Parser, Subcommand};
 
@@ -80,16 +77,4 @@ fn block_on<F: Future<Output = anyhow::Result<()>>>(future: F) -> anyhow::Result
         .enable_all()
         .build()?
         .block_on(future)
-}
-
-/// A clear error for a model path that is not a local folder (a Hub id is resolved
-/// to one by [`model_source::HubArgs`] first).
-pub fn check_model_path(model: &Path) -> anyhow::Result<()> {
-    if model.is_dir() {
-        return Ok(());
-    }
-    Err(tessera_runtime::hub::HubError::NoSuchFolder {
-        path: model.to_path_buf(),
-    }
-    .into())
 }

@@ -11,15 +11,12 @@ use tessera_runtime::{CancellationToken, Discovery};
 use tokio::net::TcpListener;
 
 use super::discovery::DiscoveryArgs;
-use super::model_source::HubArgs;
 
 /// `tessera gateway`: the public API.
 #[derive(Debug, Args)]
 pub struct GatewayArgs {
     #[command(flatten)]
     config: tessera_gateway::Config,
-    #[command(flatten)]
-    hub: HubArgs,
     /// Address to serve gRPC on.
     #[arg(long, env = "TESSERA_GRPC", default_value = "0.0.0.0:50051")]
     grpc: SocketAddr,
@@ -32,8 +29,6 @@ pub struct GatewayArgs {
 pub struct VisionWorkerArgs {
     #[command(flatten)]
     config: tessera_vision_worker::Config,
-    #[command(flatten)]
-    hub: HubArgs,
     /// Address to serve gRPC on.
     #[arg(long, env = "TESSERA_GRPC", default_value = "0.0.0.0:50053")]
     grpc: SocketAddr,
@@ -46,8 +41,6 @@ pub struct VisionWorkerArgs {
 pub struct SchedulerArgs {
     #[command(flatten)]
     config: tessera_scheduler::Config,
-    #[command(flatten)]
-    hub: HubArgs,
     /// Address to serve gRPC on.
     #[arg(long, env = "TESSERA_GRPC", default_value = "0.0.0.0:50052")]
     grpc: SocketAddr,
@@ -60,8 +53,6 @@ pub struct SchedulerArgs {
 pub struct ExpertWorkerArgs {
     #[command(flatten)]
     config: tessera_expert_worker::Config,
-    #[command(flatten)]
-    hub: HubArgs,
     /// Address to serve gRPC on.
     #[arg(long, env = "TESSERA_GRPC", default_value = "0.0.0.0:50054")]
     grpc: SocketAddr,
@@ -94,7 +85,7 @@ where
 
 pub async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
     let mut cfg = args.config;
-    cfg.model = args.hub.resolve(&cfg.model).await?;
+    cfg.member.model.resolve().await?;
     serve("gateway", args.grpc, &args.discovery, |l, d, s| {
         tessera_gateway::run(cfg, l, d, s)
     })
@@ -103,7 +94,7 @@ pub async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
 
 pub async fn vision_worker(args: VisionWorkerArgs) -> anyhow::Result<()> {
     let mut cfg = args.config;
-    cfg.model = args.hub.resolve(&cfg.model).await?;
+    cfg.member.model.resolve().await?;
     serve("vision-worker", args.grpc, &args.discovery, |l, d, s| {
         tessera_vision_worker::run(cfg, l, d, s)
     })
@@ -112,7 +103,7 @@ pub async fn vision_worker(args: VisionWorkerArgs) -> anyhow::Result<()> {
 
 pub async fn scheduler(args: SchedulerArgs) -> anyhow::Result<()> {
     let mut cfg = args.config;
-    cfg.model = args.hub.resolve(&cfg.model).await?;
+    cfg.member.model.resolve().await?;
     serve("scheduler", args.grpc, &args.discovery, |l, d, s| {
         tessera_scheduler::run(cfg, l, d, s)
     })
@@ -121,7 +112,7 @@ pub async fn scheduler(args: SchedulerArgs) -> anyhow::Result<()> {
 
 pub async fn expert_worker(args: ExpertWorkerArgs) -> anyhow::Result<()> {
     let mut cfg = args.config;
-    cfg.model = args.hub.resolve(&cfg.model).await?;
+    cfg.member.model.resolve().await?;
     serve("expert-worker", args.grpc, &args.discovery, |l, d, s| {
         tessera_expert_worker::run(cfg, l, d, s)
     })

@@ -10,21 +10,20 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
 use clap::Args;
-use tessera_runtime::{CancellationToken, Discovery, MemoryDiscovery, Role};
+use tessera_runtime::device::ComputeArgs;
+use tessera_runtime::member::{DEFAULT_GRACE_SECONDS, MemberArgs, check_folder};
+use tessera_runtime::{CancellationToken, Discovery, MemoryDiscovery, ModelArgs, Role};
 use tessera_scheduler::EngineConfig;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
-use super::model_source::HubArgs;
-
 #[derive(Debug, Args)]
 pub struct UpArgs {
-    /// Snapshot folder of a DeepSeek-VL2 checkpoint (config.json, tokenizer.json,
-    /// *.safetensors), or a Hub id such as deepseek-ai/deepseek-vl2-tiny (downloaded).
-    #[arg(long, env = "TESSERA_MODEL")]
-    model: PathBuf,
     #[command(flatten)]
-    hub: HubArgs,
+    model: ModelArgs,
+    /// Where and in what precision every service computes.
+    #[command(flatten)]
+    compute: ComputeArgs,
     /// Expert-workers to spread the routed experts over (each holds about 1/N).
     #[arg(long, env = "TESSERA_EXPERT_WORKERS", default_value_t = 2)]
     expert_workers: usize,
@@ -41,7 +40,7 @@ pub struct UpArgs {
     #[arg(long, env = "TESSERA_METRICS")]
     metrics: Option<SocketAddr>,
     /// Seconds to drain in-flight requests on Ctrl-C / SIGTERM.
-    #[arg(long, env = "TESSERA_GRACE_SECONDS", default_value_t = 25)]
+    #[arg(long, env = "TESSERA_GRACE_SECONDS", default_value_t = DEFAULT_GRACE_SECONDS)]
     grace_seconds: u64,
     /// Give up if the cluster is not ready after this many seconds (loading large
     /// models on CPU takes minutes).
@@ -65,6 +64,7 @@ async fn loopback() -> anyhow::Result<TcpListener> {
 #[derive(Debug, Clone)]
 pub struct Options {
     pub model: PathBuf,
+    pub compute: ComputeArgs,
     pub expert_workers: usize,
     /// Where the gateway listens (port 0 picks a free one).
     pub grpc: SocketAddr,
@@ -81,7 +81,7 @@ pub struct Options {
 impl Options {
     /// Rejects options no cluster can start with, before anything is loaded.
     pub fn validate(&self) -> anyhow::Result<()> {
-        super::check_model_path(&self.model)?;
+        check_folder(&self.model)?;
         self.validate_flags()
     }
 
@@ -90,15 +90,27 @@ impl Options {
         if self.expert_workers == 0 {
             bail!("--expert-workers must be at least 1");
         }
+        self.compute.select()?;
         self.engine.validate()?;
         Ok(())
+    }
+
+    /// The shared member flags of every service of the cluster.
+    fn member(&self, id: Option<String>) -> MemberArgs {
+        MemberArgs {
+            id,
+            grace_seconds: self.grace_seconds,
+            compute: self.compute,
+            ..MemberArgs::new(&self.model)
+        }
     }
 }
 
 impl From<&UpArgs> for Options {
     fn from(args: &UpArgs) -> Self {
         Self {
-            model: args.model.clone(),
+            model: args.model.path.clone(),
+            compute: args.compute,
             expert_workers: args.expert_workers,
             grpc: args.grpc,
             http: args.http,
@@ -141,7 +153,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let mut opts = Options::from(&args);
     opts.validate_flags()?;
     // Resolved once: every component loads the same folder.
-    opts.model = args.hub.resolve(&args.model).await?;
+    let mut model = args.model.clone();
+    model.resolve().await?;
+    opts.model = model.path;
     let shutdown = tessera_runtime::shutdown::on_signals();
     let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let metrics = match args.metrics {
@@ -193,21 +207,25 @@ pub async fn start(opts: Options, shutdown: CancellationToken) -> anyhow::Result
     let mut tasks: JoinSet<Task> = JoinSet::new();
 
     for i in 0..opts.expert_workers {
-        let mut cfg = tessera_expert_worker::Config::new(&opts.model);
-        cfg.id = Some(format!("expert-worker-{i}"));
-        cfg.grace_seconds = opts.grace_seconds;
+        let cfg = tessera_expert_worker::Config {
+            member: opts.member(Some(format!("expert-worker-{i}"))),
+        };
         let run =
             tessera_expert_worker::run(cfg, loopback().await?, shared.clone(), shutdown.clone());
         tasks.spawn(async move { ("expert-worker", run.await.map_err(anyhow::Error::from)) });
     }
-    let mut vision = tessera_vision_worker::Config::new(&opts.model);
-    vision.grace_seconds = opts.grace_seconds;
+    let vision = tessera_vision_worker::Config {
+        member: opts.member(None),
+        ..tessera_vision_worker::Config::new(&opts.model)
+    };
     let run =
         tessera_vision_worker::run(vision, loopback().await?, shared.clone(), shutdown.clone());
     tasks.spawn(async move { ("vision-worker", run.await.map_err(anyhow::Error::from)) });
-    let mut scheduler = tessera_scheduler::Config::new(&opts.model);
-    scheduler.grace_seconds = opts.grace_seconds;
-    scheduler.engine = opts.engine.clone();
+    let scheduler = tessera_scheduler::Config {
+        member: opts.member(None),
+        engine: opts.engine.clone(),
+        ..tessera_scheduler::Config::new(&opts.model)
+    };
     let run = tessera_scheduler::run(
         scheduler,
         loopback().await?,
@@ -242,9 +260,11 @@ pub async fn start(opts: Options, shutdown: CancellationToken) -> anyhow::Result
         .as_ref()
         .map(TcpListener::local_addr)
         .transpose()?;
-    let mut gateway = tessera_gateway::Config::new(&opts.model);
-    gateway.grace_seconds = opts.grace_seconds;
-    gateway.remote_images = opts.remote_images.clone();
+    let gateway = tessera_gateway::Config {
+        member: opts.member(None),
+        remote_images: opts.remote_images.clone(),
+        ..tessera_gateway::Config::new(&opts.model)
+    };
     let run = tessera_gateway::run_with(
         gateway,
         public,

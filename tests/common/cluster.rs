@@ -46,8 +46,8 @@ async fn loopback() -> TcpListener {
 /// Starts an expert-worker with id `id`, registered through `discovery`.
 pub async fn start_worker(model: &Path, id: &str, discovery: Arc<dyn Discovery>) -> Worker {
     let mut cfg = tessera_expert_worker::Config::new(model);
-    cfg.id = Some(id.to_string());
-    cfg.grace_seconds = 5;
+    cfg.member.id = Some(id.to_string());
+    cfg.member.grace_seconds = 5;
     let stop = CancellationToken::new();
     let run = tessera_expert_worker::run(cfg, loopback().await, discovery, stop.clone());
     Worker {
@@ -73,13 +73,13 @@ impl Cluster {
         }
         let mut services: Vec<Service> = Vec::new();
         let mut vision = tessera_vision_worker::Config::new(model);
-        vision.grace_seconds = 5;
+        vision.member.grace_seconds = 5;
         let run = tessera_vision_worker::run(vision, loopback().await, discovery(), stop.clone());
         services.push(tokio::spawn(async move {
             run.await.map_err(anyhow::Error::from)
         }));
         let mut scheduler = tessera_scheduler::Config::new(model);
-        scheduler.grace_seconds = 5;
+        scheduler.member.grace_seconds = 5;
         scheduler.expert_wait_seconds = 20;
         let run = tessera_scheduler::run(scheduler, loopback().await, discovery(), stop.clone());
         services.push(tokio::spawn(async move {
@@ -88,7 +88,7 @@ impl Cluster {
         let public = loopback().await;
         let addr = public.local_addr().unwrap();
         let mut gateway = tessera_gateway::Config::new(model);
-        gateway.grace_seconds = 5;
+        gateway.member.grace_seconds = 5;
         let run = tessera_gateway::run(gateway, public, discovery(), stop.clone());
         services.push(tokio::spawn(async move {
             run.await.map_err(anyhow::Error::from)

@@ -39,17 +39,54 @@ pub struct Addrs {
 /// [`start`] with `extra` arguments after the usual ones (e.g. `--http 127.0.0.1:0`).
 /// Waits for the gRPC address, and for the HTTP address when `extra` has `--http`.
 #[allow(dead_code)] // each test binary uses its own subset
-pub fn start_with(mut tessera: Command, model: &str, workers: &str, extra: &[&str]) -> (Up, Addrs) {
+pub fn start_with(tessera: Command, model: &str, workers: &str, extra: &[&str]) -> (Up, Addrs) {
+    launch(tessera, model, workers, extra, None)
+}
+
+/// [`start_with`], also sending every line the process logs (its stderr) to the
+/// receiver returned; the lines still reach the test's stderr.
+#[allow(dead_code)] // each test binary uses its own subset
+pub fn start_logged(
+    tessera: Command,
+    model: &str,
+    workers: &str,
+    extra: &[&str],
+) -> (Up, Addrs, mpsc::Receiver<String>) {
+    let (tx, rx) = mpsc::channel();
+    let (up, addrs) = launch(tessera, model, workers, extra, Some(tx));
+    (up, addrs, rx)
+}
+
+fn launch(
+    mut tessera: Command,
+    model: &str,
+    workers: &str,
+    extra: &[&str],
+    logs: Option<mpsc::Sender<String>>,
+) -> (Up, Addrs) {
     let wants_http = extra.contains(&"--http");
+    let stderr = if logs.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::inherit()
+    };
     let mut child = tessera
         .args(["up", "--model", model, "--expert-workers", workers])
         .args(["--grpc", "127.0.0.1:0", "--grace-seconds", "5"])
         .args(extra)
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(stderr)
         .spawn()
         .expect("run tessera up");
     let stdout = child.stdout.take().unwrap();
+    if let (Some(logs), Some(stderr)) = (logs, child.stderr.take()) {
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("{line}");
+                let _ = logs.send(line);
+            }
+        });
+    }
     let up = Up(child);
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {

@@ -13,6 +13,7 @@ use tessera_model::vision::VisionModel;
 use tessera_model::weights::{Checkpoint, LoadTarget};
 use tessera_proto::internal::v1 as pb;
 use tessera_proto::tensor;
+use tessera_runtime::device::Compute;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{Error, Result};
@@ -24,6 +25,8 @@ pub struct Loaded {
     pub fingerprint: String,
     /// How images are tiled and normalised.
     pub processor: ProcessorConfig,
+    /// Where the tower runs (tiles are made there).
+    pub device: Device,
 }
 
 /// One tower pass: the tiles of some images and their tilings, in order.
@@ -44,12 +47,12 @@ pub struct Encoder {
 }
 
 impl Encoder {
-    /// Starts the model thread, which loads `model` in `dtype` on the CPU and then
+    /// Starts the model thread, which loads `model` onto `compute` and then
     /// serves jobs; the receiver resolves when loading is done. Up to `max_queued`
     /// jobs wait.
     pub fn start(
         model: &Path,
-        dtype: DType,
+        compute: Compute,
         max_queued: usize,
     ) -> Result<(Self, oneshot::Receiver<Result<Loaded>>)> {
         let capacity = max_queued.max(1);
@@ -58,7 +61,7 @@ impl Encoder {
         let model = model.to_path_buf();
         std::thread::Builder::new()
             .name("vision-model".into())
-            .spawn(move || model_thread(model, dtype, queue, loaded_tx))
+            .spawn(move || model_thread(model, compute, queue, loaded_tx))
             .map_err(Error::Spawn)?;
         Ok((Self { jobs, capacity }, loaded_rx))
     }
@@ -84,12 +87,13 @@ impl Encoder {
 
 fn model_thread(
     model: PathBuf,
-    dtype: DType,
+    compute: Compute,
     mut queue: mpsc::Receiver<Job>,
     loaded: oneshot::Sender<Result<Loaded>>,
 ) {
     let started = std::time::Instant::now();
-    let (vision, info) = match load(&model, dtype) {
+    let dtype = compute.dtype;
+    let (vision, info) = match load(&model, &compute) {
         Ok(ok) => ok,
         Err(e) => {
             let _ = loaded.send(Err(e));
@@ -124,15 +128,14 @@ fn model_thread(
 
 /// Loads only what encoding needs: the configs, the tower, the projector and the
 /// fingerprint.
-fn load(model: &Path, dtype: DType) -> Result<(VisionModel, Loaded)> {
+fn load(model: &Path, compute: &Compute) -> Result<(VisionModel, Loaded)> {
     let config = ModelConfig::from_dir(model).map_err(Error::Load)?;
     let processor = ProcessorConfig::from_dir(model).map_err(Error::Load)?;
     let checkpoint = Checkpoint::open(model).map_err(Error::Load)?;
-    let device = Device::Cpu;
     let target = LoadTarget {
         checkpoint: &checkpoint,
-        dtype,
-        device: &device,
+        dtype: compute.dtype,
+        device: &compute.device,
     };
     let vision = VisionModel::load(&config, target).map_err(Error::Load)?;
     let fingerprint = tessera_model::fingerprint(model).map_err(Error::Load)?;
@@ -141,6 +144,7 @@ fn load(model: &Path, dtype: DType) -> Result<(VisionModel, Loaded)> {
         Loaded {
             fingerprint,
             processor,
+            device: compute.device.clone(),
         },
     ))
 }

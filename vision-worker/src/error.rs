@@ -9,18 +9,9 @@ pub enum Error {
     /// The model thread could not be started.
     #[error("cannot start the vision model thread: {0}")]
     Spawn(#[source] std::io::Error),
-    /// The listener's address could not be read.
-    #[error("cannot read the listener's address: {0}")]
-    Listener(#[source] std::io::Error),
-    /// The metrics endpoint could not listen (the message names the address).
-    #[error("metrics endpoint: {0}")]
-    Metrics(std::io::Error),
-    /// Registering in discovery failed.
-    #[error("cannot register in discovery: {0}")]
-    Discovery(#[source] tessera_runtime::Error),
-    /// The server failed to serve.
-    #[error("gRPC transport: {0}")]
-    Transport(#[source] tonic::transport::Error),
+    /// The member lifecycle failed (listening, serving, registering).
+    #[error(transparent)]
+    Member(#[from] tessera_runtime::member::Error),
     /// A request arrived before the model finished loading.
     #[error("the vision-worker is still loading its model; retry shortly")]
     Loading,
@@ -71,10 +62,7 @@ impl From<Error> for tonic::Status {
             Error::Overloaded { .. } => Self::resource_exhausted(message),
             Error::Load(_)
             | Error::Spawn(_)
-            | Error::Listener(_)
-            | Error::Metrics(_)
-            | Error::Discovery(_)
-            | Error::Transport(_)
+            | Error::Member(_)
             | Error::Compute(_)
             | Error::Codec(_)
             | Error::Join(_) => Self::internal(message),

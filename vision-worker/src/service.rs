@@ -16,7 +16,6 @@ use tessera_model::processor::{
 };
 use tessera_proto::internal::v1::vision_server::Vision;
 use tessera_proto::internal::v1::{EncodeRequest, EncodeResponse, ImageInput};
-use tessera_runtime::metrics::VisionMetrics;
 use tessera_runtime::telemetry;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
@@ -25,6 +24,7 @@ use crate::cache::{CacheKey, CacheStats, EmbeddingCache, EncodedEntry};
 use crate::config::Config;
 use crate::encoder::{Encoder, Loaded};
 use crate::error::{Error, Result};
+use crate::metrics::VisionMetrics;
 
 /// What the service counts, for tests and operators.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -43,6 +43,8 @@ struct Ready {
     encoder: Encoder,
     fingerprint: String,
     processor: ProcessorConfig,
+    /// Where the tower runs: tiles are made there.
+    device: Device,
     metrics: VisionMetrics,
 }
 
@@ -120,6 +122,7 @@ impl VisionService {
             encoder,
             fingerprint: loaded.fingerprint,
             processor: loaded.processor,
+            device: loaded.device,
             metrics,
         });
     }
@@ -242,7 +245,7 @@ impl VisionService {
                 processed.iter().flat_map(|p| &p.tiles),
                 mean,
                 std,
-                &Device::Cpu,
+                &ready.device,
             )
             .map_err(|e| Error::Compute(e.into()))?;
             Some(tiles)

@@ -117,11 +117,9 @@ async fn encode_equals_the_image_rows_of_prepare() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bf16_workers_answer_in_bf16_like_a_bf16_pipeline() {
-    let worker = Worker::start(tessera_vision_worker::Config {
-        dtype: tessera_vision_worker::Precision::Bf16,
-        ..tessera_vision_worker::Config::new(common::fixture())
-    })
-    .await;
+    let mut cfg = tessera_vision_worker::Config::new(common::fixture());
+    cfg.member.compute.dtype = tessera_runtime::device::Precision::Bf16;
+    let worker = Worker::start(cfg).await;
     let case = &image_cases()[0];
     let (messages, names) = conversation(case);
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();

@@ -53,12 +53,10 @@ async fn registers_when_loaded_reports_serving_and_deregisters_on_shutdown() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn id_and_advertised_address_come_from_the_config() {
-    let worker = Worker::spawn(Config {
-        id: Some("vision-a".into()),
-        advertise: Some("vision-a.internal:7000".into()),
-        ..Config::new(fixture())
-    })
-    .await;
+    let mut cfg = Config::new(fixture());
+    cfg.member.id = Some("vision-a".into());
+    cfg.member.advertise = Some("vision-a.internal:7000".into());
+    let worker = Worker::spawn(cfg).await;
     let member = worker.registered().await;
     assert_eq!(
         (member.id.as_str(), member.address.as_str()),

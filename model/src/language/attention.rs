@@ -1,13 +1,11 @@
-//! What both attention flavours share: the per-step context (positions, RoPE tables,
-//! causal mask), scaled dot-product attention with an f32 softmax, and the split of a
-//! step into batch-wide projections and per-sequence attention.
+//! What both attention flavours share: the causal mask, scaled dot-product
+//! attention with an f32 softmax, and the split of a step into batch-wide
+//! projections and per-sequence attention.
 
 use candle_core::{DType, Device, Result, Tensor};
 
-use super::kv_cache::LayerCache;
 use super::mha::MhaAttention;
 use super::mla::{MlaAttention, MlaQueries};
-use super::rope::RotaryEmbedding;
 use crate::ops::softmax_f32;
 
 /// Additive causal mask (len, start + len) for `len` new tokens after `start` cached
@@ -36,36 +34,6 @@ pub fn causal_mask(
     Ok(Some(
         Tensor::from_vec(mask, (len, total), device)?.to_dtype(dtype)?,
     ))
-}
-
-/// Positions and tables for one forward step of `len` tokens after `start` cached ones.
-#[derive(Debug)]
-pub struct StepContext {
-    pub start: usize,
-    pub len: usize,
-    pub cos: Tensor,
-    pub sin: Tensor,
-    /// Additive causal mask (len, start + len), `None` for a single token.
-    pub mask: Option<Tensor>,
-}
-
-impl StepContext {
-    pub fn new(
-        rope: &RotaryEmbedding,
-        start: usize,
-        len: usize,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Self> {
-        let (cos, sin) = rope.tables(start, len, start + len, dtype, device)?;
-        Ok(Self {
-            start,
-            len,
-            cos,
-            sin,
-            mask: causal_mask(start, len, dtype, device)?,
-        })
-    }
 }
 
 /// `softmax(q kᵀ · scale + mask) v` with the softmax in f32.
@@ -162,22 +130,5 @@ impl Attention {
             Self::Mha(a) => a.output(o),
             Self::Mla(a) => a.output(o),
         }
-    }
-
-    /// One sequence's step: `x` (tokens, hidden), already normalised → (tokens, hidden);
-    /// appends this step's keys (or latents) to `cache`.
-    pub fn forward(
-        &self,
-        x: &Tensor,
-        step: &StepContext,
-        cache: &mut LayerCache,
-    ) -> Result<Tensor> {
-        let Projected { queries, rows } = self.project(x, &step.cos, &step.sin)?;
-        let [a, b] = cache.buffers_mut();
-        a.append(&rows[0])?;
-        b.append(&rows[1])?;
-        let (a, b) = (a.view()?, b.view()?);
-        let o = self.attend(&queries, [&a, &b], step.mask.as_ref())?;
-        self.output(&o)
     }
 }

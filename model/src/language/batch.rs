@@ -12,11 +12,11 @@ use std::ops::Range;
 use candle_core::{DType, Tensor};
 
 use super::attention::{Projected, causal_mask};
-use super::model::{DecoderLayer, FeedForward, LanguageModel};
+use super::model::{DecoderLayer, FeedForward, ForwardTrace, LanguageModel};
 use super::moe::MoePending;
 use super::paged::PagedKvCache;
 use crate::error::{Error, Result};
-use crate::experts::ExpertBackend;
+use crate::experts::{ExpertBackend, StepContext};
 use crate::ops::{linear, rms_norm};
 
 /// One sequence's share of a step.
@@ -70,13 +70,49 @@ impl LanguageModel {
     /// Runs one step of many sequences: each segment's tokens at its positions,
     /// writing their cache rows at their slots. Returns, per segment, the last token's
     /// logits (vocab,) in f32 when asked for. `micro_batches` is 1 (one batch) or 2
-    /// (overlap expert calls with the other half's attention).
+    /// (overlap expert calls with the other half's attention). Every expert call
+    /// carries `step`.
     pub fn forward_batch(
         &self,
         segments: &[BatchSegment<'_>],
         cache: &PagedKvCache,
         experts: &dyn ExpertBackend,
+        step: &StepContext,
         micro_batches: usize,
+    ) -> Result<Vec<Option<Vec<f32>>>> {
+        self.run_step(segments, cache, experts, step, micro_batches, None)
+    }
+
+    /// [`forward_batch`](Self::forward_batch) of one segment, recording its last
+    /// position's hidden states and every MoE layer's routing in `trace` (golden
+    /// tests, debugging). Returns the last token's logits (vocab,) in f32.
+    pub fn forward_traced(
+        &self,
+        segment: &BatchSegment<'_>,
+        cache: &PagedKvCache,
+        experts: &dyn ExpertBackend,
+        trace: &mut ForwardTrace,
+    ) -> Result<Vec<f32>> {
+        let segment = BatchSegment {
+            logits: true,
+            ..segment.clone()
+        };
+        let step = StepContext::default();
+        let mut out = self.run_step(&[segment], cache, experts, &step, 1, Some(trace))?;
+        Ok(out
+            .pop()
+            .flatten()
+            .expect("the one segment asks for logits"))
+    }
+
+    fn run_step(
+        &self,
+        segments: &[BatchSegment<'_>],
+        cache: &PagedKvCache,
+        experts: &dyn ExpertBackend,
+        step: &StepContext,
+        micro_batches: usize,
+        mut trace: Option<&mut ForwardTrace>,
     ) -> Result<Vec<Option<Vec<f32>>>> {
         let mut counts = Vec::with_capacity(segments.len());
         for (i, seg) in segments.iter().enumerate() {
@@ -103,12 +139,21 @@ impl LanguageModel {
         for range in self::micro_batches(&counts, micro_batches) {
             groups.push(self.micro_batch(segments, range)?);
         }
+        // A trace follows the last token of the one segment.
+        let last = |h: &Tensor| h.narrow(0, h.dim(0)? - 1, 1)?.squeeze(0);
         for (l, layer) in self.layers.iter().enumerate() {
             for mb in &mut groups {
                 if let Some(pending) = mb.pending.take() {
                     mb.h = (&mb.h + pending.finish()?)?;
                 }
-                self.layer_step(l, layer, mb, segments, cache, experts)?;
+                if let Some(tr) = trace.as_deref_mut() {
+                    // The input embedding, then the output of layer l − 1.
+                    tr.hidden_last.push(last(&mb.h)?);
+                }
+                let routing = self.layer_step(l, layer, mb, segments, cache, experts, step)?;
+                if let (Some(tr), Some(routing)) = (trace.as_deref_mut(), routing) {
+                    tr.routing.push((l, routing));
+                }
             }
         }
         for mb in &mut groups {
@@ -116,7 +161,7 @@ impl LanguageModel {
                 mb.h = (&mb.h + pending.finish()?)?;
             }
         }
-        self.logits(segments, &groups)
+        self.logits(segments, &groups, trace)
     }
 
     fn micro_batch<'e>(
@@ -158,7 +203,9 @@ impl LanguageModel {
     }
 
     /// Layer `l` for one micro-batch: attention, then the dense MLP, or the MoE
-    /// block's shared experts with its routed experts left in flight.
+    /// block's shared experts with its routed experts left in flight. Returns the
+    /// MoE layer's routing.
+    #[allow(clippy::too_many_arguments)] // one layer of one micro-batch of one step
     fn layer_step<'e>(
         &self,
         l: usize,
@@ -167,7 +214,8 @@ impl LanguageModel {
         segments: &[BatchSegment<'_>],
         cache: &PagedKvCache,
         experts: &'e dyn ExpertBackend,
-    ) -> Result<()> {
+        step: &StepContext,
+    ) -> Result<Option<super::moe::Routing>> {
         let eps = self.cfg.rms_norm_eps;
         let normed = rms_norm(&mb.h, &layer.input_layernorm, eps)?;
         let Projected { queries, rows } = layer.attention.project(&normed, &mb.cos, &mb.sin)?;
@@ -188,10 +236,16 @@ impl LanguageModel {
         mb.h = (&mb.h + layer.attention.output(&o)?)?;
         let normed = rms_norm(&mb.h, &layer.post_attention_layernorm, eps)?;
         match &layer.ffn {
-            FeedForward::Dense(mlp) => mb.h = (&mb.h + mlp.forward(&normed)?)?,
-            FeedForward::Moe(moe) => mb.pending = Some(moe.start(&normed, experts)?),
+            FeedForward::Dense(mlp) => {
+                mb.h = (&mb.h + mlp.forward(&normed)?)?;
+                Ok(None)
+            }
+            FeedForward::Moe(moe) => {
+                let (pending, routing) = moe.start(&normed, experts, step)?;
+                mb.pending = Some(pending);
+                Ok(Some(routing))
+            }
         }
-        Ok(())
     }
 
     /// Final norm and LM head over the last token of each segment that wants logits.
@@ -199,6 +253,7 @@ impl LanguageModel {
         &self,
         segments: &[BatchSegment<'_>],
         groups: &[MicroBatch<'_>],
+        trace: Option<&mut ForwardTrace>,
     ) -> Result<Vec<Option<Vec<f32>>>> {
         let mut rows = Vec::new();
         for mb in groups {
@@ -219,6 +274,9 @@ impl LanguageModel {
         }
         let last = Tensor::cat(&rows, 0)?; // (wanted, hidden)
         let normed = rms_norm(&last, &self.norm, self.cfg.rms_norm_eps)?;
+        if let Some(tr) = trace {
+            tr.hidden_last.push(normed.narrow(0, 0, 1)?.squeeze(0)?);
+        }
         let logits = linear(&normed, &self.lm_head)?
             .to_dtype(DType::F32)?
             .to_vec2::<f32>()?;

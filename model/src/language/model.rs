@@ -4,18 +4,15 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use super::attention::{Attention, StepContext};
-use super::kv_cache::{CacheLayout, KvCache};
+use super::attention::Attention;
 use super::mha::MhaAttention;
 use super::mla::MlaAttention;
 use super::mlp::Mlp;
 use super::moe::{MoeBlock, Routing};
-use super::paged::PagedKvCache;
+use super::paged::{CacheLayout, PagedKvCache};
 use super::rope::RotaryEmbedding;
 use crate::config::{AttentionConfig, LanguageConfig};
 use crate::error::{Error, Result};
-use crate::experts::ExpertBackend;
-use crate::ops::{linear, rms_norm};
 use crate::weights::LoadTarget;
 
 #[derive(Debug)]
@@ -219,93 +216,5 @@ impl LanguageModel {
             self.dtype,
             &self.device,
         )?)
-    }
-
-    /// An empty KV cache with room for `capacity` tokens before it grows.
-    pub fn new_cache(&self, capacity: usize) -> Result<KvCache> {
-        Ok(KvCache::new(
-            self.cache_layout(),
-            self.cfg.num_hidden_layers,
-            capacity,
-            self.dtype,
-            &self.device,
-        )?)
-    }
-
-    /// Runs `embeds` (tokens, hidden) at the positions after what `cache` holds, appends
-    /// them to the cache and returns the last position's logits (vocab,) in f32.
-    /// On error the cache is left as it was before the call.
-    pub fn forward(
-        &self,
-        embeds: &Tensor,
-        cache: &mut KvCache,
-        experts: &dyn ExpertBackend,
-        trace: Option<&mut ForwardTrace>,
-    ) -> Result<Tensor> {
-        let before = cache.len();
-        let result = self.forward_inner(embeds, cache, experts, trace);
-        if result.is_err() {
-            cache.truncate(before);
-        }
-        result
-    }
-
-    fn forward_inner(
-        &self,
-        embeds: &Tensor,
-        cache: &mut KvCache,
-        experts: &dyn ExpertBackend,
-        mut trace: Option<&mut ForwardTrace>,
-    ) -> Result<Tensor> {
-        let (t, hidden) = embeds.dims2()?;
-        if t == 0 {
-            return Err(Error::Request("nothing to run: zero tokens".into()));
-        }
-        if hidden != self.cfg.hidden_size {
-            return Err(Error::Request(format!(
-                "embeddings have width {hidden}, the model expects {}",
-                self.cfg.hidden_size
-            )));
-        }
-        let step = StepContext::new(&self.rope, cache.len(), t, self.dtype, &self.device)?;
-        let eps = self.cfg.rms_norm_eps;
-        let mut h = embeds.to_dtype(self.dtype)?;
-        let last = |x: &Tensor| x.narrow(0, t - 1, 1).and_then(|r| r.squeeze(0));
-        if let Some(tr) = trace.as_deref_mut() {
-            tr.hidden_last.push(last(&h)?);
-        }
-        let n_layers = self.layers.len();
-        for (i, layer) in self.layers.iter().enumerate() {
-            let normed = rms_norm(&h, &layer.input_layernorm, eps)?;
-            let attn = layer
-                .attention
-                .forward(&normed, &step, cache.layer_mut(i))?;
-            h = (h + attn)?;
-            let normed = rms_norm(&h, &layer.post_attention_layernorm, eps)?;
-            let ffn = match &layer.ffn {
-                FeedForward::Dense(mlp) => mlp.forward(&normed)?,
-                FeedForward::Moe(moe) => {
-                    let (out, routing) = moe.forward(&normed, experts)?;
-                    if let Some(tr) = trace.as_deref_mut() {
-                        tr.routing.push((i, routing));
-                    }
-                    out
-                }
-            };
-            h = (h + ffn)?;
-            if i + 1 < n_layers
-                && let Some(tr) = trace.as_deref_mut()
-            {
-                tr.hidden_last.push(last(&h)?);
-            }
-        }
-        cache.advance(t);
-        let h_last = h.narrow(0, t - 1, 1)?;
-        let normed = rms_norm(&h_last, &self.norm, eps)?;
-        if let Some(tr) = trace {
-            tr.hidden_last.push(normed.squeeze(0)?);
-        }
-        let logits = linear(&normed, &self.lm_head)?.squeeze(0)?;
-        Ok(logits.to_dtype(DType::F32)?)
     }
 }

@@ -6,7 +6,7 @@ use candle_core::{DType, Result, Tensor};
 use super::mlp::Mlp;
 use crate::config::{MoeConfig, ScoringFunc, TopkMethod};
 use crate::error;
-use crate::experts::{ExpertBackend, ExpertRoute, PendingExperts};
+use crate::experts::{ExpertBackend, ExpertRoute, PendingExperts, StepContext};
 use crate::ops::{linear, sigmoid_in_place, softmax_in_place, top_k};
 use crate::weights::Weights;
 
@@ -174,9 +174,10 @@ impl MoeBlock {
         &self,
         x: &Tensor,
         experts: &dyn ExpertBackend,
+        step: &StepContext,
     ) -> error::Result<(Tensor, Routing)> {
         let routing = self.gate.route(x)?;
-        let routed = experts.forward(self.layer, x, &routing.routes())?;
+        let routed = experts.forward(step, self.layer, x, &routing.routes())?;
         let out = match &self.shared {
             Some(shared) => (routed + shared.forward(x)?)?,
             None => routed,
@@ -190,11 +191,12 @@ impl MoeBlock {
         &self,
         x: &Tensor,
         experts: &'a dyn ExpertBackend,
-    ) -> error::Result<MoePending<'a>> {
+        step: &StepContext,
+    ) -> error::Result<(MoePending<'a>, Routing)> {
         let routing = self.gate.route(x)?;
-        let routed = experts.start(self.layer, x, &routing.routes());
+        let routed = experts.start(step, self.layer, x, &routing.routes());
         let shared = self.shared.as_ref().map(|s| s.forward(x)).transpose()?;
-        Ok(MoePending { routed, shared })
+        Ok((MoePending { routed, shared }, routing))
     }
 }
 

@@ -6,7 +6,32 @@
 
 use candle_core::{DType, Device, Result, Tensor};
 
-use super::kv_cache::CacheLayout;
+/// Shape of what a layer caches, per token: MHA post-RoPE keys and values, MLA the
+/// normalised latent `c` and the post-RoPE shared rope key `k_pe` (only what the
+/// reference caches; per-head MLA keys and values are never stored).
+#[derive(Debug, Clone, Copy)]
+pub enum CacheLayout {
+    Mha {
+        width: usize,
+    },
+    Mla {
+        kv_lora_rank: usize,
+        rope_dim: usize,
+    },
+}
+
+impl CacheLayout {
+    /// Values per token of the two cached rows: MHA [keys, values], MLA [c, k_pe].
+    pub fn widths(&self) -> [usize; 2] {
+        match *self {
+            Self::Mha { width } => [width, width],
+            Self::Mla {
+                kv_lora_rank,
+                rope_dim,
+            } => [kv_lora_rank, rope_dim],
+        }
+    }
+}
 
 /// Rows of every layer, addressed by slot.
 #[derive(Debug)]

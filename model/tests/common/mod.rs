@@ -4,10 +4,14 @@
 
 pub mod config_spec;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
+use tessera_model::chat::Message;
 use tessera_model::image_tokens::Tiling;
+use tessera_model::pipeline::Pipeline;
 
 /// A fixture folder under `tests/fixtures`.
 pub fn fixture(name: &str) -> PathBuf {
@@ -66,4 +70,45 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) -> f32 {
         );
     }
     max
+}
+
+/// The reference's recorded tensors of the case called `case_name`.
+pub fn tensors(fixture_dir: &Path, case_name: &str) -> HashMap<String, Tensor> {
+    let path = fixture_dir.join(format!("tensors/{case_name}.safetensors"));
+    candle_core::safetensors::load(&path, &Device::Cpu).unwrap()
+}
+
+/// A JSON array of token ids.
+pub fn as_u32s(v: &Value) -> Vec<u32> {
+    let ids = v.as_array().unwrap().iter();
+    ids.map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+/// Where the image features of a prompt come from.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Images {
+    /// The reference's `image_embeds`, injected as they are.
+    FixtureEmbeds,
+    /// The raw image files through our processor, tower and projector.
+    FromPixels,
+}
+
+/// The case's conversation.
+pub fn messages(case: &Value) -> Vec<Message> {
+    serde_json::from_value(case["conversation"].clone()).unwrap()
+}
+
+/// The images of `messages`, decoded from the files of the fixture folder `dir`.
+pub fn images(dir: &Path, messages: &[Message]) -> Vec<image::RgbImage> {
+    let files = messages.iter().flat_map(|m| &m.images);
+    files
+        .map(|f| image::open(dir.join(f)).unwrap().to_rgb8())
+        .collect()
+}
+
+/// A fixture checkpoint loaded whole, in f32 on the CPU.
+pub fn load(name: &str) -> (PathBuf, Pipeline) {
+    let dir = fixture(name);
+    let pipeline = Pipeline::load(&dir, DType::F32, &Device::Cpu).unwrap();
+    (dir, pipeline)
 }

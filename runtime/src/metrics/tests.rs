@@ -43,103 +43,46 @@ fn status_codes_become_snake_case_outcomes() {
 }
 
 #[test]
-fn services_of_one_process_report_under_their_own_member_ids() {
-    let a = SchedulerMetrics::new("metrics-test-scheduler-a");
-    let b = SchedulerMetrics::new("metrics-test-scheduler-b");
-    a.waiting.set(3);
-    b.waiting.set(5);
-    a.steps.inc_by(2);
-    let again = SchedulerMetrics::new("metrics-test-scheduler-a");
-    again.steps.inc();
-    let s = scrape();
-    let waiting = |id| s.sum("tessera_scheduler_waiting_sequences", &[("scheduler", id)]);
-    assert_eq!(waiting("metrics-test-scheduler-a"), 3.0);
-    assert_eq!(waiting("metrics-test-scheduler-b"), 5.0);
-    assert_eq!(
-        s.sum(
-            "tessera_scheduler_steps_total",
-            &[("scheduler", "metrics-test-scheduler-a")]
-        ),
-        3.0,
-        "a second handle for the same id adds to the same series"
+fn families_defined_here_render_with_their_labels_and_buckets() {
+    let c = counters(
+        "tessera_test_calls_total",
+        "Test calls.",
+        &["member", "outcome"],
     );
-
-    let w = ExpertWorkerMetrics::new("metrics-test-worker");
-    w.answered(tonic::Code::Ok);
-    w.answered(tonic::Code::Ok);
-    w.answered(tonic::Code::FailedPrecondition);
-    w.forward_seconds.observe(0.002);
+    c.with_label_values(&["a", outcome(tonic::Code::Ok)])
+        .inc_by(2);
+    c.with_label_values(&["b", "ok"]).inc();
+    let g = gauge("tessera_test_depth", "Test depth.");
+    g.set(7);
+    let h = histogram("tessera_test_seconds", "Test seconds.", FORWARD_BUCKETS);
+    h.observe(0.002);
     let s = scrape();
-    let worker = ("worker", "metrics-test-worker");
     assert_eq!(
         s.sum(
-            "tessera_expert_worker_forward_total",
-            &[worker, ("outcome", "ok")]
+            "tessera_test_calls_total",
+            &[("member", "a"), ("outcome", "ok")]
         ),
         2.0
     );
+    assert_eq!(s.sum("tessera_test_calls_total", &[]), 3.0);
+    assert_eq!(s.sum("tessera_test_depth", &[]), 7.0);
     assert_eq!(
-        s.sum(
-            "tessera_expert_worker_forward_total",
-            &[worker, ("outcome", "failed_precondition")]
-        ),
+        s.sum("tessera_test_seconds_bucket", &[("le", "0.0025")]),
         1.0
     );
     assert_eq!(
-        s.sum("tessera_expert_worker_forward_seconds_count", &[worker]),
-        1.0
-    );
-    assert_eq!(
-        s.sum(
-            "tessera_expert_worker_forward_seconds_bucket",
-            &[worker, ("le", "0.0025")]
-        ),
-        1.0
-    );
-}
-
-#[test]
-fn routed_tokens_and_forward_bytes_accumulate_by_label() {
-    let d = ExpertDispatch::get();
-    d.routed(901, 3, 4);
-    d.routed(901, 3, 2);
-    d.routed(901, 4, 1);
-    d.sent("metrics-test-dispatch", 100);
-    d.received("metrics-test-dispatch", 40, 0.01);
-    d.failed("metrics-test-dispatch");
-    let s = scrape();
-    let routed = |e| {
-        s.sum(
-            "tessera_expert_routed_tokens_total",
-            &[("layer", "901"), ("expert", e)],
-        )
-    };
-    assert_eq!((routed("3"), routed("4")), (6.0, 1.0));
-    let worker = ("worker", "metrics-test-dispatch");
-    let bytes = |dir| {
-        s.sum(
-            "tessera_expert_forward_bytes_total",
-            &[worker, ("direction", dir)],
-        )
-    };
-    assert_eq!((bytes("sent"), bytes("received")), (100.0, 40.0));
-    assert_eq!(
-        s.sum("tessera_expert_forward_seconds_count", &[worker]),
-        1.0
-    );
-    assert_eq!(
-        s.sum("tessera_expert_forward_failures_total", &[worker]),
-        1.0
+        s.sum("tessera_test_seconds_bucket", &[("le", "0.001")]),
+        0.0
     );
 }
 
 #[tokio::test]
 async fn the_endpoint_serves_metrics_and_health_until_dropped() {
-    let gateway = Gateway::get();
-    let before = scrape().sum("tessera_requests_total", &[("outcome", "unavailable")]);
-    gateway.finished("grpc", "unavailable");
-    let vision = VisionMetrics::new("metrics-test-vision");
-    vision.cache_hits.inc();
+    let requests = counter("tessera_test_endpoint_total", "Test requests.");
+    requests.inc();
+    let hits = counters("tessera_test_hits_total", "Test hits.", &["vision_worker"]);
+    hits.with_label_values(&["metrics-test-vision"]).inc();
+    let _ttft = histogram("tessera_test_ttft_seconds", "Test TTFT.", TTFT_BUCKETS);
 
     let ready = Arc::new(AtomicBool::new(false));
     let flag = ready.clone();
@@ -154,18 +97,15 @@ async fn the_endpoint_serves_metrics_and_health_until_dropped() {
     assert_eq!(status, 200);
     assert_eq!(content_type, CONTENT_TYPE);
     let page = Scrape::parse(&body).unwrap();
-    assert_eq!(
-        page.sum("tessera_requests_total", &[("outcome", "unavailable")]),
-        before + 1.0
-    );
+    assert_eq!(page.sum("tessera_test_endpoint_total", &[]), 1.0);
     assert_eq!(
         page.sum(
-            "tessera_vision_cache_hits_total",
+            "tessera_test_hits_total",
             &[("vision_worker", "metrics-test-vision")]
         ),
         1.0
     );
-    assert!(body.contains("# TYPE tessera_time_to_first_token_seconds histogram"));
+    assert!(body.contains("# TYPE tessera_test_ttft_seconds histogram"));
 
     assert_eq!(get(addr, "/health").await.0, 503);
     ready.store(true, Ordering::Relaxed);

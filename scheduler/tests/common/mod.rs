@@ -15,7 +15,7 @@ use tessera_proto::MAX_MESSAGE_BYTES;
 use tessera_proto::internal::v1::scheduler_client::SchedulerClient;
 use tessera_proto::internal::v1::token_event::Event;
 use tessera_proto::internal::v1::{
-    Finished, ImageRun, Sampling, Stopping, SubmitRequest, TokenEvent,
+    CancelRequest, Finished, ImageRun, Sampling, Stopping, SubmitRequest, TokenEvent,
 };
 use tessera_runtime::CancellationToken;
 use tessera_runtime::discovery::{Discovery, MemoryDiscovery, Role};
@@ -59,6 +59,23 @@ pub struct Worker {
     pub task: JoinHandle<tessera_expert_worker::Result<()>>,
 }
 
+impl Worker {
+    /// Starts expert-worker `worker-{i}` of the snapshot `dir` in `discovery`.
+    pub async fn spawn(dir: &Path, discovery: &Arc<MemoryDiscovery>, i: usize) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut cfg = tessera_expert_worker::Config::new(dir);
+        cfg.member.id = Some(format!("worker-{i}"));
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(tessera_expert_worker::run(
+            cfg,
+            listener,
+            discovery.clone(),
+            shutdown.clone(),
+        ));
+        Self { shutdown, task }
+    }
+}
+
 /// A scheduler and its expert-workers in this process.
 pub struct Cluster {
     pub discovery: Arc<MemoryDiscovery>,
@@ -79,20 +96,10 @@ impl Cluster {
         let discovery = Arc::new(MemoryDiscovery::new());
         let mut workers = Vec::new();
         for i in 0..n_workers {
-            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let mut cfg = tessera_expert_worker::Config::new(&dir);
-            cfg.id = Some(format!("worker-{i}"));
-            let shutdown = CancellationToken::new();
-            let task = tokio::spawn(tessera_expert_worker::run(
-                cfg,
-                listener,
-                discovery.clone(),
-                shutdown.clone(),
-            ));
-            workers.push(Worker { shutdown, task });
+            workers.push(Worker::spawn(&dir, &discovery, i).await);
         }
         let mut cfg = Config::new(&dir);
-        cfg.grace_seconds = 5;
+        cfg.member.grace_seconds = 5;
         configure(&mut cfg);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -126,9 +133,24 @@ impl Cluster {
         }
     }
 
+    /// Starts one more expert-worker, `worker-{i}`.
+    pub async fn add_worker(&mut self, fixture: &str, i: usize) {
+        let worker = Worker::spawn(&fixture_dir(fixture), &self.discovery, i).await;
+        self.workers.push(worker);
+    }
+
     pub async fn submit(&self, request: SubmitRequest) -> Result<Streaming<TokenEvent>, Status> {
         let response = timeout(DEADLINE, self.client.clone().submit(request)).await;
         response.expect("Submit answers").map(|r| r.into_inner())
+    }
+
+    /// Cancels request `id`; whether the scheduler had it.
+    pub async fn cancel(&self, id: &str) -> bool {
+        let request = CancelRequest {
+            request_id: id.into(),
+        };
+        let answer = timeout(DEADLINE, self.client.clone().cancel(request)).await;
+        answer.expect("Cancel answers").unwrap().into_inner().found
     }
 
     /// Stops everything; each service must exit cleanly.
