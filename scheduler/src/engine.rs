@@ -21,8 +21,6 @@
 //!    streams it, and ends sequences that are done.
 
 use std::collections::VecDeque;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError, sync_channel};
 use std::time::{Duration, Instant};
@@ -30,13 +28,13 @@ use std::time::{Duration, Instant};
 use candle_core::Tensor;
 use sha2::{Digest, Sha256};
 use tessera_model::chat::ChatTokenizer;
-use tessera_model::experts::{Cancel, ExpertBackend, LocalExperts, StepContext};
+use tessera_model::experts::{ExpertBackend, LocalExperts, StepContext};
 use tessera_model::language::{BatchSegment, LanguageModel, PagedKvCache};
 use tessera_proto::tensor;
-use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
 use crate::active::ActiveEntry;
+use crate::cancel::AnyCancelled;
 use crate::config::EngineConfig;
 use crate::error::{Error, Result};
 use crate::kv::{BlockPool, TokenKey};
@@ -78,63 +76,6 @@ impl Experts for LocalExperts {}
 impl Experts for RemoteExperts {
     fn bytes_moved(&self) -> u64 {
         self.bytes_sent() + self.bytes_received()
-    }
-}
-
-/// A step's cancellation: fires when any of its requests is cancelled (Cancel,
-/// the client gone, shutdown) or the earliest of their deadlines passes.
-#[derive(Debug)]
-pub struct AnyCancelled {
-    tokens: Vec<CancellationToken>,
-    deadline: Option<Instant>,
-}
-
-impl AnyCancelled {
-    pub fn new(tokens: Vec<CancellationToken>) -> Self {
-        Self {
-            tokens,
-            deadline: None,
-        }
-    }
-
-    /// Also fires at `deadline`.
-    pub fn with_deadline(mut self, deadline: Option<Instant>) -> Self {
-        self.deadline = deadline;
-        self
-    }
-}
-
-impl Cancel for AnyCancelled {
-    fn is_cancelled(&self) -> bool {
-        self.tokens.iter().any(CancellationToken::is_cancelled)
-            || self.deadline.is_some_and(|d| Instant::now() >= d)
-    }
-
-    /// Needs a tokio runtime (for the deadline); the remote experts wait on theirs.
-    fn cancelled(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
-        Box::pin(async move {
-            let mut waits: Vec<_> = self
-                .tokens
-                .iter()
-                .map(|t| Box::pin(t.cancelled()))
-                .collect();
-            let any = std::future::poll_fn(|cx| {
-                if waits.iter_mut().any(|w| w.as_mut().poll(cx).is_ready()) {
-                    std::task::Poll::Ready(())
-                } else {
-                    std::task::Poll::Pending
-                }
-            });
-            match self.deadline {
-                Some(d) => {
-                    tokio::select! {
-                        () = any => {}
-                        () = tokio::time::sleep_until(d.into()) => {}
-                    }
-                }
-                None => any.await,
-            }
-        })
     }
 }
 

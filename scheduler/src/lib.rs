@@ -7,6 +7,7 @@
 //! - [`service`]: the gRPC service (`Submit`, `Cancel`)
 //! - [`request`]: up-front checks of a `SubmitRequest`
 //! - [`active`]: the queued and running requests by id (cancel, uniqueness)
+//! - [`cancel`]: a step's cancellation (any of its requests cancelled or out of time)
 //! - [`engine`]: the model on its own thread: continuous batching over a paged KV
 //!   cache, the one decode loop
 //! - [`local`]: one generation in this process through the engine (`tessera generate`)
@@ -22,6 +23,7 @@
 //! - [`run`]: the member lifecycle (`tessera_runtime::member`) around the service
 
 pub mod active;
+pub mod cancel;
 pub mod config;
 pub mod dispatch;
 pub mod engine;

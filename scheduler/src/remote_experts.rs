@@ -413,7 +413,7 @@ mod tests {
     use tessera_runtime::placement::even_split;
 
     use super::*;
-    use crate::engine::AnyCancelled;
+    use crate::cancel::AnyCancelled;
 
     fn runtime() -> tokio::runtime::Runtime {
         tokio::runtime::Builder::new_multi_thread()
