@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """Weight sizes of each Tessera component per DeepSeek-VL2 variant.
 
-Counts parameters from a released `config.json` (the tensor shapes of
-reference-spec §1 and of the released checkpoint names) and splits them the way
+Counts parameters from a released `config.json` (the tensor shapes its
+`language_config` / `vision_config` / `projector_config` keys give the reference
+modules, with `DeepseekV2Config` defaults for absent keys, and the released
+checkpoint names) and splits them the way
 the services load them:
 
 - vision-worker: `vision.*` without the unused `vision.attn_pool.*` head, the
@@ -43,7 +45,7 @@ VARIANTS = {
     "deepseek-vl2": "Base",
 }
 
-# DeepseekV2Config defaults for keys a released language_config omits (spec §1.1).
+# DeepseekV2Config defaults (configuration_deepseek.py) for keys a released language_config omits.
 LANGUAGE_DEFAULTS = {
     "num_hidden_layers": 30,
     "num_attention_heads": 32,
@@ -56,7 +58,7 @@ LANGUAGE_DEFAULTS = {
     "topk_method": "gready",
 }
 
-# SigLIP-SO400M-384 as every variant uses it (spec §1.2, §1.3).
+# SigLIP-SO400M-384 as every variant uses it (the released `vision_config` / `projector_config`).
 VISION_PATCHES = 27 * 27
 VISION_IN_CHANNELS = 3
 PROJECTOR_INPUT = 4 * 1152

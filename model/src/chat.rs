@@ -1,5 +1,6 @@
 //! The tokenizer and the DeepSeek-VL2 `deepseek` chat template, as the reference
-//! `DeepseekVLV2Processor` builds prompts (reference-spec §2.3–§2.4, pitfalls 12 and 15).
+//! `DeepseekVLV2Processor` builds prompts (`process_one`, `format_messages`), with the special
+//! tokens its constructor adds (appended at the end of the vocabulary only when missing).
 //!
 //! The token sequence is built message by message (the processor's `format_messages_v2`),
 //! not by tokenizing the display string: each text piece between `<image>` tags is
@@ -360,7 +361,8 @@ impl ChatTokenizer {
         self.tokenizer.token_to_id(token)
     }
 
-    /// The token sequence fed to the model for a conversation (spec §2.3, inference mode).
+    /// The token sequence `DeepseekVLV2Processor.process_one` feeds the model for a
+    /// conversation (inference mode).
     ///
     /// BOS; then per message: system (first message only): `tokens(content.strip())`;
     /// user: `"<|User|>: " + content.strip() + "\n\n<|Assistant|>:"` (`"<|User|>:<|Assistant|>:"`
@@ -442,12 +444,13 @@ impl ChatTokenizer {
         Ok(())
     }
 
-    /// The display string (`sft_format`) of spec §2.3: per message `role + ": " + content`
-    /// followed by `"\n\n"` (even index) or `"<｜end▁of▁sentence｜>"` (odd index) when the
-    /// stripped content is non-empty, else `role + ":"`; the whole string stripped. Roles are
-    /// written in the template spelling; a conversation not ending with an assistant message
-    /// gets the implied empty one, as in [`Self::encode_conversation`]. This is not what is
-    /// tokenized for multi-turn or system conversations.
+    /// The display string (`sft_format`) of `DeepseekVLV2Processor.format_messages`: per message
+    /// `role + ": " + content` followed by `"\n\n"` (even index) or
+    /// `"<｜end▁of▁sentence｜>"` (odd index) when the stripped content is non-empty, else
+    /// `role + ":"`; the whole string stripped. Roles are written in the template spelling; a
+    /// conversation not ending with an assistant message gets the implied empty one, as in
+    /// [`Self::encode_conversation`]. This is not what is tokenized for multi-turn or system
+    /// conversations.
     pub fn sft_format(&self, messages: &[Message]) -> String {
         let implied = Message::new(Role::Assistant, "");
         let needs_implied = messages.last().map(|m| m.role) != Some(Role::Assistant);

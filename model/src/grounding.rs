@@ -1,4 +1,4 @@
-//! Grounding markup in model answers (reference spec §2.5, pitfall §6.16): the model
+//! Grounding markup in model answers (the format of the DeepSeek-VL2 README and demo): the model
 //! writes `<|ref|>phrase<|/ref|><|det|>[[x1, y1, x2, y2], …]<|/det|>` with integer
 //! coordinates normalised to 0…999 of the original image; the demo's parser turns them
 //! into pixels with `int(x / 999 · width)`.

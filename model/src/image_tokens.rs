@@ -1,4 +1,5 @@
-//! How many `<image>` placeholder tokens an image expands to (reference-spec §2.2, §2.4).
+//! How many `<image>` placeholder tokens an image expands to (as `DeepseekVLV2Processor`'s
+//! `tokenize_with_images` counts them; `process_one` tiles only conversations of ≤ 2 images).
 //!
 //! The count depends only on the tiling, so the gateway can plan a prompt without pixels.
 

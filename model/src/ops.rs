@@ -31,7 +31,7 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
 }
 
 /// Root-mean-square norm as the reference computes it: the normalisation in f32, cast
-/// back to the input dtype *before* multiplying by the weight (reference-spec §4.1).
+/// back to the input dtype *before* multiplying by the weight (`DeepseekV2RMSNorm`).
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
     let xf = x.to_dtype(DType::F32)?;

@@ -1,4 +1,4 @@
-//! Memory-mapped access to a Hugging Face snapshot's safetensors (reference-spec §5).
+//! Memory-mapped access to a Hugging Face snapshot's safetensors (the released layout).
 //!
 //! A [`Checkpoint`] maps every `*.safetensors` file of a snapshot (a single
 //! `model.safetensors`, or the shards named by `model.safetensors.index.json`) without

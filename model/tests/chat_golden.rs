@@ -1,5 +1,6 @@
 //! Golden tests of the tokenizer and chat template against the reference processor's
-//! outputs in `tests/fixtures` (reference-spec §2.3, Appendix B).
+//! outputs in `tests/fixtures` (written by `DeepseekVLV2Processor` on CPU; see the
+//! fixtures' own `README.md`).
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;

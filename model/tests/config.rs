@@ -1,11 +1,12 @@
 //! `tessera_model::config` against the three released DeepSeek-VL2 configurations.
 //!
 //! `tests/fixtures/released-configs/deepseek-vl2/config.json` is the verbatim Base release;
-//! the Tiny and Small files are reconstructed from reference-spec §1.1 (see the README
-//! there). Every value of the spec's §1.1–§1.4 tables is checked after the reference
-//! defaults are applied, the parameter totals of §1.1 (and the state-dict key counts of §5)
-//! are recomputed from the parsed config with the tensor shapes of §3.1/§5, and the
-//! default-value traps of §6.13 are exercised on edited copies of the files.
+//! the Tiny and Small files are reconstructed (see the README there). Every expected value
+//! of the `language_config`, `vision_config`, `projector_config` and top-level keys is checked
+//! after the reference defaults (`DeepseekV2Config` and the other config classes) are
+//! applied, the parameter totals (and the state-dict key counts) are recomputed from the
+//! parsed config with the released tensor shapes, and the default-value traps of those
+//! config classes are exercised on edited copies of the files.
 
 use std::path::Path;
 
@@ -67,7 +68,7 @@ fn from_dir_reads_config_json() {
 }
 
 // ---------------------------------------------------------------------------------------
-// Default-value traps (§6.13) and validation errors.
+// Default-value traps of the reference config classes and validation errors.
 
 #[test]
 fn missing_topk_method_defaults_to_gready_and_is_rejected() {
@@ -157,7 +158,7 @@ fn global_view_pos_tail_parses_and_unknown_is_rejected() {
 
 #[test]
 fn absent_q_lora_rank_with_mla_means_1536() {
-    // §6.13: only an explicit null disables the q LoRA; an absent key takes 1536.
+    // `DeepseekV2Config`: only an explicit null disables the q LoRA; an absent key takes 1536.
     for path in [SMALL, BASE] {
         let cfg = parse_edited(path, |v| {
             let lang = language_mut(v);
@@ -177,7 +178,7 @@ fn absent_q_lora_rank_with_mla_means_1536() {
 #[test]
 fn language_defaults_of_deepseek_v2_config() {
     // A language_config holding only the MoE keys a loader cannot do without: every
-    // other value is a DeepseekV2Config default (spec §1.1).
+    // other value is a DeepseekV2Config default (`configuration_deepseek.py`).
     let cfg = parse_edited(BASE, |v| {
         v["language_config"] = json!({
             "n_routed_experts": 8,
@@ -234,7 +235,7 @@ fn dense_model_without_routed_experts_has_no_moe() {
 
 #[test]
 fn rope_scaling_yarn_parses_with_its_fields() {
-    // DeepSeek-V2-Lite's YaRN block (spec §1.5), applied to Small.
+    // DeepSeek-V2-Lite's YaRN block (its released `rope_scaling`), applied to Small.
     let cfg = parse_edited(SMALL, |v| {
         language_mut(v).insert(
             "rope_scaling".into(),
@@ -262,7 +263,7 @@ fn rope_scaling_yarn_parses_with_its_fields() {
             mscale_all_dim: 0.707,
         })
     );
-    // §4.3: softmax scale ·= (0.1·m·ln f + 1)².
+    // `DeepseekV2Attention`: softmax scale ·= yarn_get_mscale(f, m)² = (0.1·m·ln f + 1)².
     let m = 0.1 * 0.707 * 40f64.ln() + 1.0;
     assert_close(
         lm.softmax_scale(),

@@ -1,5 +1,6 @@
-//! The parameter totals of reference-spec §1.1 (and the state-dict key counts of §5),
-//! recomputed from the parsed released configs with the tensor shapes of §3.1 and §5.
+//! The parameter totals of the three released variants (and their state-dict key counts),
+//! recomputed from the parsed released configs with the tensor shapes of the released
+//! safetensors (`vision.*`, `projector.*`, `language.*`).
 
 use serde_json::json;
 use tessera_model::config::{
@@ -12,7 +13,7 @@ mod common;
 use common::config_spec::*;
 
 // ---------------------------------------------------------------------------------------
-// Parameter counts (spec §1.1 totals) from the tensor shapes of §3.1 and §5.
+// Parameter counts (the variants' totals) from the released tensor shapes.
 
 /// Parameter and tensor counts of one module group.
 #[derive(Debug, Default, Clone, Copy, PartialEq)]
@@ -33,7 +34,7 @@ impl Count {
             self.add(&[out]);
         }
     }
-    /// The SwiGLU MLP of spec §4.1 (gate, up, down; no biases).
+    /// The SwiGLU MLP of `DeepseekV2MLP` (gate, up, down; no biases).
     fn mlp(&mut self, hidden: usize, inter: usize) {
         self.linear(inter, hidden, false);
         self.linear(inter, hidden, false);
@@ -41,7 +42,7 @@ impl Count {
     }
 }
 
-/// Language model (`language.*`, spec §5), plus the parameters of the routed experts a
+/// Language model (`language.*` tensors), plus the parameters of the routed experts a
 /// token does not use (for the activated count).
 fn language_count(lm: &LanguageConfig) -> (Count, u64) {
     let h = lm.hidden_size;
@@ -106,8 +107,8 @@ fn language_count(lm: &LanguageConfig) -> (Count, u64) {
     (c, inactive)
 }
 
-/// The SigLIP tower (`vision.*`, spec §3.1): the part that runs, and the unused
-/// attention-pool head (`vision.attn_pool.*`, timm `AttentionPoolLatent`).
+/// The SigLIP tower (`vision.*`, as `create_siglip_vit` builds it): the part that runs, and
+/// the unused attention-pool head (`vision.attn_pool.*`, timm `AttentionPoolLatent`).
 fn vision_count(v: &VisionConfig) -> (Count, Count) {
     let c = v.width;
     let m = v.mlp_hidden();
@@ -140,7 +141,7 @@ fn vision_count(v: &VisionConfig) -> (Count, Count) {
     (tower, pool)
 }
 
-/// Projector (spec §3.2 / §5) plus `image_newline` and `view_seperator`.
+/// Projector (`projector.layers.{0,2}`, `MlpProjector`) plus `image_newline` and `view_seperator`.
 fn projector_count(p: &ProjectorConfig) -> Count {
     let n = p.n_embed;
     let inp = p.input_dim * p.downsample_ratio * p.downsample_ratio;
@@ -154,7 +155,7 @@ fn projector_count(p: &ProjectorConfig) -> Count {
     c
 }
 
-/// Rounds `x` to `decimals` decimal places (the precision the spec prints).
+/// Rounds `x` to `decimals` decimal places (the precision the expected totals are given in).
 fn round_to(x: f64, decimals: i32) -> f64 {
     let f = 10f64.powi(decimals);
     (x * f).round() / f
@@ -167,7 +168,7 @@ fn check_parameter_count(path: &str, spec: &Variant) {
     let (tower, pool) = vision_count(&cfg.vision);
     let proj = projector_count(&cfg.projector);
 
-    // §3.1/§5: vision 428.2 M including the 15.2 M attention-pool head.
+    // Released `vision.*` tensors: 428.2 M including the 15.2 M attention-pool head.
     let vision = tower.params + pool.params;
     assert_eq!(
         round_to(vision as f64 / 1e6, 1),
@@ -198,7 +199,7 @@ fn check_parameter_count(path: &str, spec: &Variant) {
         "{name}: activated {activated}"
     );
 
-    // §5 state-dict key counts.
+    // State-dict key counts of the released safetensors.
     let keys = lm.tensors + tower.tensors + pool.tensors + proj.tensors;
     assert_eq!(keys, spec.keys as u64, "{name}: state-dict keys");
 }
@@ -220,7 +221,8 @@ fn base_parameter_count_matches_spec() {
 
 #[test]
 fn small_vocab_129280_would_not_match_published_total() {
-    // Spec §1.5: with vocab 129280 the Small total would be 16.26 B, not 16.148 B.
+    // Small's vocab_size is not confirmed: with vocab 129280 the Small total would be
+    // 16.26 B, not the 16.148 B that matches the published 16.1 B.
     let cfg = parse_edited(SMALL, |v| {
         language_mut(v).insert("vocab_size".into(), json!(129280));
     })

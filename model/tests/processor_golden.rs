@@ -1,6 +1,7 @@
-//! Golden tests of the image processor against the reference fixtures (reference-spec §2.1,
-//! §2.4): chosen tilings, every 384×384 tile byte for byte against the PNGs the reference
-//! wrote, per-tile statistics of the normalised tensor (1e-6 relative), and bad inputs.
+//! Golden tests of the image processor against the reference fixtures (written by
+//! `DeepseekVLV2Processor.tokenize_with_images`, with `process_one`'s ≤2-images cropping rule):
+//! chosen tilings, every 384×384 tile byte for byte against the PNGs the reference wrote,
+//! per-tile statistics of the normalised tensor (1e-6 relative), and bad inputs.
 
 use std::path::{Path, PathBuf};
 

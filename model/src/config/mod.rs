@@ -1,8 +1,8 @@
-//! The released DeepSeek-VL2 `config.json` and `processor_config.json` (reference-spec §1).
+//! The released DeepSeek-VL2 `config.json` and `processor_config.json`.
 //!
 //! Field names mirror the released files. Absent keys take exactly the defaults of the
 //! reference classes (`DeepseekV2Config`, `VisionEncoderConfig`, `MlpProjectorConfig`,
-//! `DeepseekVLV2Config`), including their traps (§6.13): a missing `q_lora_rank` means
+//! `DeepseekVLV2Config`), including their traps: a missing `q_lora_rank` means
 //! 1536, the default `topk_method` (`"gready"`) and `tile_tag` (`"tile_tag"`) are invalid
 //! and rejected with an error naming the field.
 
@@ -18,7 +18,7 @@ mod raw;
 use defaults::*;
 use raw::RawModelConfig;
 
-/// How the MoE gate selects experts (spec §4.4).
+/// How the MoE gate selects experts (`topk_method` of `MoEGate` in `modeling_deepseek.py`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TopkMethod {
     Greedy,
@@ -33,7 +33,8 @@ pub enum ScoringFunc {
     Sigmoid,
 }
 
-/// `rope_scaling` of the language config (spec §4.3).
+/// `rope_scaling` of the language config (as `DeepseekV2Attention` builds its rotary embedding
+/// from it, e.g. `DeepseekV2YarnRotaryEmbedding`).
 #[derive(Debug, Clone, PartialEq)]
 pub enum RopeScaling {
     Linear {
@@ -168,7 +169,7 @@ impl LanguageConfig {
     }
 }
 
-/// SigLIP vision tower settings (spec §1.2).
+/// SigLIP vision tower settings (`vision_config` of `config.json`, built by `create_siglip_vit`).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct VisionConfig {
     #[serde(default = "d_vision_model_name")]
@@ -194,7 +195,7 @@ impl VisionConfig {
     }
 }
 
-/// Projector settings (spec §1.3).
+/// Projector settings (`projector_config` of `config.json`, read by `MlpProjector`).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct ProjectorConfig {
     #[serde(default = "d_projector_type")]
@@ -251,7 +252,7 @@ impl ModelConfig {
     }
 }
 
-/// `processor_config.json` (spec §1.4).
+/// `processor_config.json` (the keys `DeepseekVLV2Processor` is configured with).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct ProcessorConfig {
     #[serde(default = "d_candidates")]

@@ -1,5 +1,5 @@
 //! Plain multi-head attention of DeepSeek-VL2-Tiny (`use_mla: false`), as transformers
-//! 4.38's `LlamaAttention` (reference-spec §4.2): rotate-half RoPE over the whole head.
+//! 4.38's `LlamaAttention`: rotate-half RoPE over the whole head.
 //!
 //! A step runs in three parts so a batch of sequences can share the projections:
 //! [`MhaAttention::project`] over every token of the batch, [`MhaAttention::attend`]

@@ -1,4 +1,5 @@
-//! Multi-head latent attention of DeepSeek-VL2-Small/Base (reference-spec §4.3).
+//! Multi-head latent attention of DeepSeek-VL2-Small/Base (`DeepseekV2Attention` in
+//! `modeling_deepseek.py`).
 //!
 //! Only the normalised latent `c` and the post-RoPE shared key `k_pe` are cached. A step
 //! with many tokens (prefill) expands the latents into per-head keys and values for that
@@ -18,7 +19,8 @@ use crate::error::{self, Error};
 use crate::ops::{linear, rms_norm, softmax_f32};
 use crate::weights::Weights;
 
-/// `q_a_layernorm` / `kv_a_layernorm` use this epsilon whatever `rms_norm_eps` says (§6.9).
+/// `q_a_layernorm` / `kv_a_layernorm` use this epsilon whatever `rms_norm_eps` says
+/// (`DeepseekV2Attention` builds them as `DeepseekV2RMSNorm` with its default `eps=1e-6`).
 const LATENT_NORM_EPS: f64 = 1e-6;
 
 #[derive(Debug)]

@@ -1,5 +1,5 @@
 //! The gated SiLU MLP used for dense layers, routed experts and shared experts
-//! (reference-spec §4.1: `down(silu(gate(x)) ⊙ up(x))`, no biases).
+//! (`DeepseekV2MLP` in `modeling_deepseek.py`: `down(silu(gate(x)) ⊙ up(x))`, no biases).
 
 use candle_core::{Result, Tensor};
 

@@ -1,5 +1,6 @@
 //! The decoder stack: `h += Attn(RMSNorm(h)); h += FFN(RMSNorm(h))`, final norm,
-//! LM head (reference-spec §4.1). Routed experts are computed through an
+//! LM head (`DeepseekV2DecoderLayer` / `DeepseekV2Model` / `DeepseekV2ForCausalLM` in
+//! `modeling_deepseek.py`). Routed experts are computed through an
 //! [`ExpertBackend`]; everything else is loaded here.
 
 use candle_core::{DType, Device, Tensor};
@@ -138,7 +139,8 @@ impl LanguageModel {
 
     /// Input embeddings of a multimodal prompt: token embeddings, with the rows of
     /// `image_embeds` (one row per image token, in sequence order) written over the
-    /// positions of `image_runs` (reference-spec §3.3, last paragraph).
+    /// positions of `image_runs` (as `DeepseekVLV2ForCausalLM.prepare_inputs_embeds` writes them
+    /// at the `images_seq_mask` positions).
     pub fn embed_with_images(
         &self,
         ids: &[u32],

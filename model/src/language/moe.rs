@@ -1,5 +1,5 @@
-//! The DeepSeek-V2 MoE layer (reference-spec §4.4): the gate runs here, the routed
-//! experts run behind an [`ExpertBackend`], the shared experts run here.
+//! The DeepSeek-V2 MoE layer (`DeepseekV2MoE` / `MoEGate` in `modeling_deepseek.py`): the gate
+//! runs here, the routed experts run behind an [`ExpertBackend`], the shared experts run here.
 
 use candle_core::{DType, Result, Tensor};
 

@@ -1,5 +1,8 @@
 //! Rotary position embedding tables, with the reference's scaling variants
-//! (reference-spec §4.2, §4.3: default, `linear`, `dynamic` NTK, `yarn`).
+//! (transformers 4.38's `LlamaAttention` for MHA; for MLA `DeepseekV2RotaryEmbedding`,
+//! `DeepseekV2LinearScalingRotaryEmbedding`, `DeepseekV2DynamicNTKScalingRotaryEmbedding` and
+//! `DeepseekV2YarnRotaryEmbedding` in `modeling_deepseek.py`: default, `linear`, `dynamic` NTK,
+//! `yarn`).
 //!
 //! Tables are computed in f32 exactly as the reference does (`t · inv_freq` in f32, then
 //! `cos`/`sin`), so positions far into a long prompt rotate by the same angles.

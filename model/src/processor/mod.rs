@@ -1,6 +1,7 @@
-//! The DeepSeek-VL2 image processor (reference-spec §2.1, §2.4): image bytes → RGB → global
-//! view + local tiles of 384×384 → normalised f32 tensor, bit-exact with the reference
-//! (Pillow 13 + the official `DeepseekVLV2Processor`).
+//! The DeepSeek-VL2 image processor (the image half of `DeepseekVLV2Processor`'s
+//! `tokenize_with_images`): image bytes → RGB → global view + local tiles of 384×384 →
+//! normalised f32 tensor, bit-exact with the reference (Pillow 13 + the official
+//! `DeepseekVLV2Processor`).
 //!
 //! - [`decode`]: PNG/JPEG/WebP/GIF/BMP bytes to RGB as `Image.open(..).convert("RGB")`, with
 //!   a pixel limit checked before decoding
@@ -74,7 +75,8 @@ pub fn process_image(image: &RgbImage, cfg: &ProcessorConfig, cropping: bool) ->
     }
 }
 
-/// Tiles every image of one conversation, applying the ≤2-images cropping rule (spec §2.4).
+/// Tiles every image of one conversation, applying the ≤2-images cropping rule
+/// (`cropping=len(images) <= 2` in `DeepseekVLV2Processor.process_one`).
 pub fn process_images(images: &[RgbImage], cfg: &ProcessorConfig) -> Vec<ProcessedImage> {
     let cropping = cropping_enabled(images.len());
     images

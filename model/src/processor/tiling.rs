@@ -1,4 +1,6 @@
-//! Best-resolution selection, pad-resize and 384×384 crops (reference-spec §2.1, §6.3).
+//! Best-resolution selection, pad-resize and 384×384 crops (as `DeepseekVLV2Processor`'s
+//! `tokenize_with_images` does them: pad colour `int(0.5·255)` = 127, sizes and offsets rounded
+//! half-to-even, Pillow's antialiased BICUBIC).
 //!
 //! Mirrors `select_best_resolution` of the official DeepSeek-VL2 processor and Pillow 13's
 //! `ImageOps.pad` / `ImageOps.contain` (BICUBIC, centring 0.5) in double precision.
@@ -17,9 +19,10 @@ pub fn pad_fill(mean: [f64; 3]) -> [u8; 3] {
 }
 
 /// Picks the candidate `[width, height]` that keeps the most of the image's resolution
-/// (spec §2.1 step 1): `s = min(cw/w, ch/h)`, `effective = min(int(w·s)·int(h·s), w·h)`,
-/// `wasted = cw·ch − effective`; a candidate wins on larger `effective`, or equal `effective`
-/// and strictly smaller `wasted`, so the earliest candidate wins exact ties.
+/// (the reference's `select_best_resolution`): `s = min(cw/w, ch/h)`,
+/// `effective = min(int(w·s)·int(h·s), w·h)`, `wasted = cw·ch − effective`; a candidate wins
+/// on larger `effective`, or equal `effective` and strictly smaller `wasted`, so the earliest
+/// candidate wins exact ties.
 ///
 /// An empty image or an empty candidate list gives a single tile (384×384).
 pub fn select_best_resolution(

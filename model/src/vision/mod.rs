@@ -1,4 +1,5 @@
-//! The vision half of DeepSeek-VL2 (reference-spec §3).
+//! The vision half of DeepSeek-VL2 (the reference's `create_siglip_vit`, `MlpProjector` and
+//! the image part of `DeepseekVLV2ForCausalLM.prepare_inputs_embeds`).
 //!
 //! - [`siglip`]: the SigLIP tower (tiles → 27×27 features)
 //! - [`projector`]: 2×2 merge + MLP into the language model's width

@@ -1,6 +1,7 @@
-//! The `downsample_mlp_gelu` projector (reference-spec §3.2): the 27×27 ViT feature map
-//! is zero-padded to 28×28 (after the final LayerNorm), each 2×2 neighbourhood is
-//! concatenated channel-major (`F.unfold` order), then Linear → exact-erf GELU → Linear.
+//! The `downsample_mlp_gelu` projector (`MlpProjector` in `modeling_deepseek_vl_v2.py`): the
+//! 27×27 ViT feature map is zero-padded to 28×28 (after the final LayerNorm), each 2×2
+//! neighbourhood is concatenated channel-major (`F.unfold` order), then Linear → exact-erf
+//! GELU → Linear.
 
 use candle_core::{DType, Result, Tensor};
 

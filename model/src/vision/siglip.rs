@@ -1,7 +1,7 @@
-//! The SigLIP-SO400M/14 vision tower as DeepSeek-VL2 runs it (reference-spec §3.1, timm
-//! `VisionTransformer` with `ignore_head`): a 14×14 patch convolution over the top-left
-//! 378×378 pixels of each 384×384 tile, a learned position embedding, pre-norm blocks with
-//! tanh-GELU, and a final LayerNorm. The attention-pool head is not run.
+//! The SigLIP-SO400M/14 vision tower as DeepSeek-VL2 runs it (`create_siglip_vit` in
+//! `siglip_vit.py`, a timm `VisionTransformer` with `ignore_head`): a 14×14 patch convolution
+//! over the top-left 378×378 pixels of each 384×384 tile, a learned position embedding,
+//! pre-norm blocks with tanh-GELU, and a final LayerNorm. The attention-pool head is not run.
 
 use candle_core::{Result, Tensor};
 

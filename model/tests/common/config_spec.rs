@@ -1,5 +1,7 @@
-//! The spec §1.1–§1.4 values of the three released variants and checks against them,
-//! shared by the config tests.
+//! The expected `config.json` values of the three released variants (`language_config` with
+//! the `DeepseekV2Config` defaults applied, `vision_config`, `projector_config` and the
+//! top-level layout keys; provenance in `tests/fixtures/released-configs/README.md`) and
+//! checks against them, shared by the config tests.
 
 use std::path::{Path, PathBuf};
 
@@ -23,7 +25,7 @@ pub const BASE: &str = concat!(
     "/../tests/fixtures/released-configs/deepseek-vl2/config.json"
 );
 
-/// The 23 candidate resolutions of spec §1.4, `[width, height]`, in the released order.
+/// The 23 released `candidate_resolutions`, `[width, height]`, in the released order.
 pub const CANDIDATES: [[usize; 2]; 23] = [
     [384, 384],
     [384, 768],
@@ -109,9 +111,9 @@ pub fn assert_close(actual: f64, expected: f64, what: &str) {
 }
 
 // ---------------------------------------------------------------------------------------
-// Spec §1.1 table.
+// Language model values (`language_config` after the `DeepseekV2Config` defaults).
 
-/// One column of the spec §1.1 table (plus the per-variant projector width of §1.3).
+/// One variant's language-model values (plus its projector width, `projector_config.n_embed`).
 pub struct Variant {
     pub name: &'static str,
     pub hidden: usize,
@@ -134,10 +136,11 @@ pub struct Variant {
     /// `1 / sqrt(qk head dim)`.
     pub softmax_dim: f64,
     pub kv_values: usize,
-    /// Spec totals in billions, as printed (3 decimals) and activated (2 decimals).
+    /// Parameter totals in billions computed from the released shapes, total (3 decimals) and
+    /// activated (2 decimals).
     pub total_b: f64,
     pub activated_b: f64,
-    /// State-dict key counts of spec §5.
+    /// State-dict key counts of the released safetensors.
     pub keys: usize,
 }
 
@@ -348,7 +351,7 @@ pub fn check_language(lm: &LanguageConfig, spec: &Variant) {
     );
 }
 
-/// Spec §1.2 (identical for every variant).
+/// The released `vision_config` (identical for every variant).
 pub fn check_vision(v: &VisionConfig) {
     assert_eq!(v.model_name, "siglip_so400m_patch14_384");
     assert_eq!(v.image_size, 384);
@@ -362,7 +365,7 @@ pub fn check_vision(v: &VisionConfig) {
     assert_eq!(v.mlp_hidden(), 4304);
 }
 
-/// Spec §1.3.
+/// The released `projector_config`.
 pub fn check_projector(p: &ProjectorConfig, n_embed: usize) {
     assert_eq!(p.projector_type, "downsample_mlp_gelu");
     assert_eq!(p.input_dim, 1152);
