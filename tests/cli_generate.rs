@@ -110,6 +110,65 @@ fn generate_writes_logits_with_a_chunked_prompt_on_the_mla_fixture() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// A JPEG photo and the PNG of the pixels Pillow decodes it to (`tests/fixtures/jpeg`)
+/// give the same answer and bit-identical logits: the JPEG is decoded as the reference
+/// decodes it.
+#[test]
+fn a_jpeg_photo_gives_the_logits_of_its_pillow_decoded_pixels() {
+    let model = fixture_dir("tiny-mha-softmax");
+    let dir = std::env::temp_dir().join(format!("tessera-cli-jpeg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let run = |image: &str| {
+        let logits = dir.join(format!("{image}.safetensors"));
+        let image = fixture_dir("jpeg").join(image);
+        let out = tessera(&[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "<image>\nDescribe this image.",
+            "--image",
+            image.to_str().unwrap(),
+            "--max-tokens",
+            "4",
+            "--ignore-eos",
+            "--json",
+            "--logits-out",
+            logits.to_str().unwrap(),
+        ]);
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            image.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let saved = candle_core::safetensors::load(&logits, &candle_core::Device::Cpu).unwrap();
+        let rows = |name: &str| saved[name].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        (report, rows("last_logits"), rows("step_logits"))
+    };
+    let (jpeg, jpeg_last, jpeg_steps) = run("photo_q90_420.jpg");
+    let (png, png_last, png_steps) = run("photo_q90_420.pillow.png");
+    assert_eq!(
+        jpeg["input_ids"], png["input_ids"],
+        "same tiling, same prompt"
+    );
+    assert_eq!(jpeg["output_ids"], png["output_ids"]);
+    for (what, got, want) in [
+        ("last_logits", &jpeg_last, &png_last),
+        ("step_logits", &jpeg_steps, &png_steps),
+    ] {
+        assert_eq!(got.len(), want.len(), "{what}");
+        if let Some(i) = (0..got.len()).find(|&i| got[i].to_bits() != want[i].to_bits()) {
+            panic!(
+                "{what}[{i}]: {} from the JPEG, {} from the PNG",
+                got[i], want[i]
+            );
+        }
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 #[test]
 fn prompt_with_image_draws_boxes_to_a_png() {
     let model = fixture_dir("tiny-mha-softmax");

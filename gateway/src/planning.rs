@@ -3,13 +3,10 @@
 //! expands every `<image>` tag to that tiling's number of image tokens. The
 //! vision-worker's answer is then checked against the plan.
 
-use std::io::Cursor;
-
-use image::{ImageFormat, ImageReader};
 use tessera_model::chat::{ChatTokenizer, EncodedPrompt, Message};
 use tessera_model::config::ProcessorConfig;
 use tessera_model::image_tokens::{Tiling, cropping_enabled};
-use tessera_model::processor::tiling_for;
+use tessera_model::processor::{read_header, tiling_for};
 use tessera_proto::v1::ImageTiling;
 
 use crate::error::{Error, Result};
@@ -59,38 +56,16 @@ impl Plan {
     }
 }
 
-/// Reads the width and height of image `index` from its header, refusing formats
-/// the processor does not decode, empty images and more than `max_pixels` pixels.
+/// Reads the width and height of image `index` from its header (with the decoder the
+/// vision-worker decodes it with), refusing formats the processor does not decode, empty
+/// images and more than `max_pixels` pixels.
 pub fn image_size(index: usize, data: &[u8], max_pixels: u64) -> Result<(u32, u32)> {
     let bad = |what: String| Error::invalid(format!("image {index}: {what}"));
-    let reader = ImageReader::new(Cursor::new(data))
-        .with_guessed_format()
-        .map_err(|e| bad(format!("cannot read the image data: {e}")))?;
-    match reader.format() {
-        Some(
-            ImageFormat::Png
-            | ImageFormat::Jpeg
-            | ImageFormat::WebP
-            | ImageFormat::Gif
-            | ImageFormat::Bmp,
-        ) => {}
-        Some(other) => {
-            return Err(bad(format!(
-                "{other:?} images are not supported; send PNG, JPEG, WebP, GIF or BMP"
-            )));
-        }
-        None => {
-            return Err(bad(format!(
-                "unrecognised image data ({} bytes): not a PNG, JPEG, WebP, GIF or BMP file",
-                data.len()
-            )));
-        }
-    }
-    let (width, height) = reader.into_dimensions().map_err(|e| {
-        bad(format!(
-            "cannot read the image header (corrupt or truncated): {e}"
-        ))
+    let header = read_header(data).map_err(|e| match e {
+        tessera_model::Error::Image(message) => bad(message),
+        other => bad(other.to_string()),
     })?;
+    let (width, height) = (header.width, header.height);
     if width == 0 || height == 0 {
         return Err(bad(format!("the image is empty ({width}x{height} pixels)")));
     }
@@ -133,7 +108,8 @@ mod tests {
     use super::*;
     use crate::model_files::ModelFiles;
     use crate::model_files::tests::fixture;
-    use image::{DynamicImage, RgbImage};
+    use image::{DynamicImage, ImageFormat, RgbImage};
+    use std::io::Cursor;
 
     fn png(width: u32, height: u32) -> Vec<u8> {
         let mut out = Cursor::new(Vec::new());

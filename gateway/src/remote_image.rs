@@ -6,12 +6,11 @@
 //! Refusals are reasons for the client, never the URL itself: signed URLs carry
 //! secrets in their query strings.
 
-use std::io::Cursor;
 use std::time::Duration;
 
-use image::ImageReader;
 use reqwest::redirect::Policy;
 use reqwest::{Client, Url};
+use tessera_model::processor::read_header;
 use tessera_proto::v1;
 use tokio::task::JoinSet;
 
@@ -176,19 +175,24 @@ impl Fetcher {
         let data = tokio::time::timeout(self.timeout, self.download(url))
             .await
             .map_err(|_| self.too_slow())??;
-        let format = image::guess_format(&data.bytes).map_err(|_| {
-            format!(
-                "the image URL on {host} did not return an image (it sent {} bytes of {})",
-                data.bytes.len(),
-                data.content_type.as_deref().unwrap_or("an unknown type")
-            )
+        let header = read_header(&data.bytes).map_err(|e| match e {
+            tessera_model::Error::Image(why)
+                if data.bytes.is_empty() || why.starts_with("unrecognised") =>
+            {
+                format!(
+                    "the image URL on {host} did not return an image (it sent {} bytes of {})",
+                    data.bytes.len(),
+                    data.content_type.as_deref().unwrap_or("an unknown type")
+                )
+            }
+            tessera_model::Error::Image(why) => {
+                format!("the image URL on {host} returned an unreadable image: {why}")
+            }
+            e => format!("the image URL on {host} returned an unreadable image: {e}"),
         })?;
-        ImageReader::with_format(Cursor::new(&data.bytes), format)
-            .into_dimensions()
-            .map_err(|e| format!("the image URL on {host} returned an unreadable image: {e}"))?;
         Ok(v1::Image {
             data: data.bytes.into(),
-            mime_type: format.to_mime_type().to_owned(),
+            mime_type: header.format.to_mime_type().to_owned(),
         })
     }
 

@@ -2,7 +2,8 @@
 //! preprocessing real image files: `cargo bench -p tessera-model --bench vision`.
 //!
 //! Prints seconds per tile of tower + projector for batches of 1, 5 (a 640×480 image) and
-//! 9 tiles (1200×400), and images per second of decode + tile + normalise.
+//! 9 tiles (1200×400), images per second of decode + tile + normalise (PNG and JPEG), and
+//! JPEG decoding alone for a 640×480 photo and a 12-megapixel one (made in memory).
 
 use std::path::Path;
 use std::time::Instant;
@@ -10,7 +11,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use tessera_model::config::ModelConfig;
 use tessera_model::processor::{
-    ImageLimits, load_image, normalization, process_images, tiles_to_tensor,
+    ImageLimits, decode_image, load_image, normalization, process_images, tiles_to_tensor,
 };
 use tessera_model::vision::VisionModel;
 use tessera_model::weights::{Checkpoint, LoadTarget};
@@ -104,6 +105,7 @@ fn main() {
     println!("preprocessing (decode + tile + normalise)");
     for (fixture, name) in [
         ("tiny-mha-softmax", "img_640x480.png"),
+        ("jpeg", "photo_q90_420.jpg"),
         ("small-mla-softmax", "img_1200x400.png"),
     ] {
         let path = root.join(fixture).join(name);
@@ -124,6 +126,38 @@ fn main() {
         let s = start.elapsed().as_secs_f64() / iters as f64;
         println!("  {name}: {:.1} ms/image, {:.1} images/s", s * 1e3, 1.0 / s);
     }
+
+    println!("JPEG decode (libjpeg-turbo)");
+    let photo = std::fs::read(root.join("jpeg/photo_q90_420.jpg")).unwrap();
+    let big = twelve_megapixel_jpeg(&photo);
+    for (name, bytes, iters) in [("640x480 q90", &photo, 50), ("4000x3000 q90", &big, 5)] {
+        let start = Instant::now();
+        for _ in 0..iters {
+            std::hint::black_box(decode_image(bytes, &ImageLimits::default()).unwrap());
+        }
+        let s = start.elapsed().as_secs_f64() / iters as f64;
+        println!("  {name}: {:.1} ms/image", s * 1e3);
+    }
+}
+
+/// A 4000×3000 JPEG: the fixture photo scaled up, with the fine detail a camera adds (a
+/// smooth upscale alone would compress far better than a photo), encoded at quality 90.
+fn twelve_megapixel_jpeg(photo: &[u8]) -> Vec<u8> {
+    let small = decode_image(photo, &ImageLimits::default()).unwrap();
+    let mut big = image::imageops::resize(&small, 4000, 3000, image::imageops::Triangle);
+    let mut seed = 0x9e37_79b9_u32;
+    for v in big.iter_mut() {
+        seed ^= seed << 13;
+        seed ^= seed >> 17;
+        seed ^= seed << 5;
+        *v = v.saturating_add_signed((seed % 25) as i8 - 12);
+    }
+    let mut compress = mozjpeg::Compress::new(mozjpeg::ColorSpace::JCS_RGB);
+    compress.set_size(4000, 3000);
+    compress.set_quality(90.0);
+    let mut started = compress.start_compress(Vec::new()).unwrap();
+    started.write_scanlines(big.as_raw()).unwrap();
+    started.finish().unwrap()
 }
 
 fn rayon_threads() -> String {

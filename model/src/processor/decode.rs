@@ -12,10 +12,11 @@
 //! - 16-bit grey is *clipped* to 255 (Pillow opens it as `I;16` and `convert("RGB")` clips),
 //!   where `to_rgb8` would scale.
 //!
-//! Known differences from Pillow (decoders, not conversion): JPEG (zune-jpeg vs libjpeg-turbo)
-//! and lossy WebP (image-webp vs libwebp) are not verified bit-exact; a GIF whose first frame
-//! does not cover the logical screen gets black outside the frame, where Pillow uses palette
-//! colour 0 or the transparent index's colour. EXIF orientation is ignored by both.
+//! JPEG is decoded by libjpeg-turbo, Pillow's own JPEG decoder ([`jpeg`]), so its pixels are
+//! Pillow's bit for bit; the other formats by the `image` crate. Known differences from
+//! Pillow: lossy WebP (image-webp vs libwebp) is not verified bit-exact; a GIF whose first
+//! frame does not cover the logical screen gets black outside the frame, where Pillow uses
+//! palette colour 0 or the transparent index's colour. EXIF orientation is ignored by both.
 
 use std::io::Cursor;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -25,6 +26,8 @@ use image::{DynamicImage, ImageBuffer, ImageDecoder, ImageError, ImageFormat, Im
 use image::{Pixel, Rgb, RgbImage};
 
 use crate::error::{Error, Result};
+
+mod jpeg;
 
 /// Default cap on the pixel count of one decoded image (width × height).
 pub const DEFAULT_MAX_PIXELS: u64 = 40_000_000;
@@ -105,19 +108,30 @@ fn decode_error(format: &str, e: ImageError) -> Error {
     }
 }
 
-/// Decodes an image file's bytes to RGB the way the reference loads images.
-///
-/// Errors ([`Error::Image`]) for empty or truncated data, formats other than PNG, JPEG,
-/// WebP, GIF and BMP, a zero-sized image, and more than `limits.max_pixels` pixels (checked
-/// from the header, before the pixels are decoded). Never panics, even if a decoder would.
-pub fn decode_image(bytes: &[u8], limits: &ImageLimits) -> Result<RgbImage> {
+/// What an image's header says, read without decoding any pixel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageHeader {
+    /// The format, guessed from the content (one of PNG, JPEG, WebP, GIF and BMP).
+    pub format: ImageFormat,
+    /// Width in pixels.
+    pub width: u32,
+    /// Height in pixels.
+    pub height: u32,
+}
+
+impl ImageHeader {
+    /// The format's name in messages ("JPEG", "PNG", ...).
+    pub fn format_name(&self) -> &'static str {
+        format_name(self.format).unwrap_or("image")
+    }
+}
+
+/// The format of `bytes`, guessed from the content, if it is one the processor decodes.
+fn supported_format(bytes: &[u8]) -> Result<(ImageFormat, &'static str)> {
     if bytes.is_empty() {
         return Err(Error::Image("the image data is empty (0 bytes)".into()));
     }
-    let mut reader = ImageReader::new(Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|e| Error::Image(format!("cannot read the image data: {e}")))?;
-    let format = reader.format().ok_or_else(|| {
+    let format = image::guess_format(bytes).map_err(|_| {
         Error::Image(format!(
             "unrecognised image data ({} bytes): not a {SUPPORTED} file",
             bytes.len()
@@ -128,6 +142,46 @@ pub fn decode_image(bytes: &[u8], limits: &ImageLimits) -> Result<RgbImage> {
             "unsupported image format {format:?}: the image must be {SUPPORTED}"
         ))
     })?;
+    Ok((format, name))
+}
+
+/// Reads an image's format and size from its header with the decoder [`decode_image`]
+/// uses, so that a plan made from headers (the gateway's) agrees with the decoded pixels.
+///
+/// Errors ([`Error::Image`]) for empty data, formats other than PNG, JPEG, WebP, GIF and
+/// BMP, and headers that cannot be read. No limit is applied here.
+pub fn read_header(bytes: &[u8]) -> Result<ImageHeader> {
+    let (format, name) = supported_format(bytes)?;
+    let (width, height) = if format == ImageFormat::Jpeg {
+        jpeg::dimensions(bytes)?
+    } else {
+        let read = || ImageReader::with_format(Cursor::new(bytes), format).into_dimensions();
+        catch_unwind(AssertUnwindSafe(read))
+            .unwrap_or_else(|_| {
+                Err(ImageError::IoError(std::io::Error::other(
+                    "the decoder failed on malformed data",
+                )))
+            })
+            .map_err(|e| decode_error(name, e))?
+    };
+    Ok(ImageHeader {
+        format,
+        width,
+        height,
+    })
+}
+
+/// Decodes an image file's bytes to RGB the way the reference loads images.
+///
+/// Errors ([`Error::Image`]) for empty or truncated data, formats other than PNG, JPEG,
+/// WebP, GIF and BMP, a zero-sized image, and more than `limits.max_pixels` pixels (checked
+/// from the header, before the pixels are decoded). Never panics, even if a decoder would.
+pub fn decode_image(bytes: &[u8], limits: &ImageLimits) -> Result<RgbImage> {
+    let (format, name) = supported_format(bytes)?;
+    if format == ImageFormat::Jpeg {
+        return jpeg::decode(bytes, limits);
+    }
+    let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
     reader.limits(limits.decoder_limits());
 
     let decode = || -> Result<RgbImage> {

@@ -18,7 +18,9 @@ use image::RgbImage;
 use crate::config::ProcessorConfig;
 use crate::image_tokens::{TILE_SIZE, Tiling, cropping_enabled};
 
-pub use decode::{DEFAULT_MAX_PIXELS, ImageLimits, decode_image, load_image};
+pub use decode::{
+    DEFAULT_MAX_PIXELS, ImageHeader, ImageLimits, decode_image, load_image, read_header,
+};
 pub use resize::resize_bicubic;
 pub use tiling::{PAD_FILL, pad_fill, pad_resize, pad_resize_with_fill, select_best_resolution};
 
