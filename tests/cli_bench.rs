@@ -160,7 +160,12 @@ fn bench_with_model_runs_its_own_cluster_at_a_poisson_rate() {
         tessera()
             .arg("bench")
             .args(&common)
-            .args(["--image", image.to_str().unwrap(), "--no-overlap"])
+            .args([
+                "--image",
+                image.to_str().unwrap(),
+                "--no-overlap",
+                "--fresh-images",
+            ])
             .output()
             .unwrap(),
         "tessera bench --model --image",
@@ -169,6 +174,7 @@ fn bench_with_model_runs_its_own_cluster_at_a_poisson_rate() {
     assert_eq!(with_image["failed"], 0);
     assert_eq!(with_image["output_tokens"], 16);
     assert_eq!(with_image["image_count"], 1);
+    assert_eq!(with_image["fresh_images"], true);
     assert_eq!(with_image["request_rate"], 50.0);
     assert_eq!(with_image["concurrency"], Value::Null);
     assert!(num(&with_image, "load_s") > 0.0);

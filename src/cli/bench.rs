@@ -89,6 +89,12 @@ pub struct BenchArgs {
     /// cached prompt prefix beyond the chat template's first tokens.
     #[arg(long)]
     distinct_prompts: bool,
+    /// Give every request its own copy of each --image, one pixel changed (sent as PNG),
+    /// so that no request is served from the vision-worker's embedding cache or shares a
+    /// prefix-cached image with another: the time to first token then includes the
+    /// vision tower.
+    #[arg(long)]
+    fresh_images: bool,
     /// Give up on a request after this many seconds (it counts as failed).
     #[arg(long, default_value_t = 600)]
     timeout_seconds: u64,
@@ -170,7 +176,8 @@ async fn measure(
     let progress = progress_bar(args.requests);
     let run = load::run(client, requests, pace, &progress).await;
     progress.finish_and_clear();
-    let report = Report::new(&run, pace, args.image.len(), load_s);
+    let mut report = Report::new(&run, pace, args.image.len(), load_s);
+    report.fresh_images = args.fresh_images;
     if report.requests == 0 {
         bail!(
             "all {} requests failed; the first: {}",
@@ -189,6 +196,7 @@ async fn bench(args: BenchArgs) -> anyhow::Result<Report> {
         images: &args.image,
         output_tokens: args.output_tokens,
         distinct_prompts: args.distinct_prompts,
+        fresh_images: args.fresh_images,
     })?;
     let timeout = Duration::from_secs(args.timeout_seconds);
     if let Some(addr) = &args.addr {

@@ -60,6 +60,9 @@ pub struct Report {
     pub request_rate: Option<f64>,
     pub prompt_tokens_mean: f64,
     pub image_count: usize,
+    /// Every request sent its own copy of the images (`--fresh-images`): no vision cache
+    /// hits. Without it, requests after the first reuse the cached image embeddings.
+    pub fresh_images: bool,
     /// The in-process cluster's load time (`--model`).
     pub load_s: Option<f64>,
     /// The first few distinct error messages.
@@ -120,6 +123,7 @@ impl Report {
                 prompt_tokens / ok.len() as f64
             },
             image_count,
+            fresh_images: false,
             load_s,
             errors,
         }
@@ -135,8 +139,13 @@ impl Report {
         };
         let _ = writeln!(
             t,
-            "tessera bench: {pace}, {} image(s) per request",
-            self.image_count
+            "tessera bench: {pace}, {} image(s) per request{}",
+            self.image_count,
+            match (self.image_count, self.fresh_images) {
+                (0, _) => "",
+                (_, true) => ", fresh for each request (no vision cache hits)",
+                (_, false) => ", the same for every request (vision cache hits after the first)",
+            }
         );
         if let Some(load) = self.load_s {
             let _ = writeln!(t, "{:<24}{load:>10.2} s", "cluster load");

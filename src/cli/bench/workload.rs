@@ -1,9 +1,12 @@
 //! What each benchmark request asks: the prompt, its images and how many tokens
 //! to generate, built once and stamped with each request's id.
 
+use std::io::Cursor;
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
+use image::{ImageFormat, RgbImage};
+use tessera_model::processor::{DEFAULT_MAX_PIXELS, ImageLimits, decode_image};
 
 use crate::cli::ask::{mime_of, to_parts};
 use tessera_proto::v1::{self, GenerateRequest, part};
@@ -20,6 +23,7 @@ pub struct Spec<'a> {
     pub images: &'a [PathBuf],
     pub output_tokens: u32,
     pub distinct_prompts: bool,
+    pub fresh_images: bool,
 }
 
 /// The user message every request sends (images read once), and its stopping rule.
@@ -28,6 +32,29 @@ pub struct Workload {
     parts: Vec<v1::Part>,
     output_tokens: u32,
     distinct_prompts: bool,
+    /// With `--fresh-images`: the decoded pixels of each image, in the order of the image
+    /// parts, from which every request gets its own copy.
+    fresh: Option<Vec<RgbImage>>,
+}
+
+/// A copy of `image` in which one pixel, chosen by `n`, differs by one grey level in red,
+/// encoded as PNG (lossless, so the server decodes exactly these pixels). Requests with
+/// different `n` below width × height × 255 never get the same bytes.
+fn fresh_png(image: &RgbImage, n: usize) -> Vec<u8> {
+    let mut copy = image.clone();
+    let (width, height) = copy.dimensions();
+    let pixels = width as usize * height as usize;
+    let index = n % pixels;
+    let delta = 1 + (n / pixels % 255) as u8;
+    let pixel = copy.get_pixel_mut(
+        (index % width as usize) as u32,
+        (index / width as usize) as u32,
+    );
+    pixel.0[0] = pixel.0[0].wrapping_add(delta);
+    let mut png = Cursor::new(Vec::new());
+    copy.write_to(&mut png, ImageFormat::Png)
+        .expect("PNG encoding into memory does not fail");
+    png.into_inner()
 }
 
 /// A prompt of `words` words, the words of `prompt` repeated in order. Common
@@ -76,16 +103,47 @@ impl Workload {
                 Ok((data, mime_of(path)))
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
+        let fresh = if spec.fresh_images {
+            if images.is_empty() {
+                bail!("--fresh-images changes the --image files; give at least one");
+            }
+            let limits = ImageLimits {
+                max_pixels: DEFAULT_MAX_PIXELS,
+            };
+            let decoded = spec
+                .images
+                .iter()
+                .zip(&images)
+                .map(|(path, (data, _))| {
+                    decode_image(data, &limits)
+                        .with_context(|| format!("cannot decode --image {}", path.display()))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            Some(decoded)
+        } else {
+            None
+        };
         Ok(Self {
             parts: to_parts(&text, &mut images.into_iter())?,
             output_tokens: spec.output_tokens,
             distinct_prompts: spec.distinct_prompts,
+            fresh,
         })
     }
 
     /// The request with id `id`; `n` numbers it for `--distinct-prompts`.
     pub fn request(&self, id: String, n: usize) -> GenerateRequest {
         let mut parts = self.parts.clone();
+        if let Some(fresh) = &self.fresh {
+            let images = parts.iter_mut().filter_map(|p| match &mut p.kind {
+                Some(part::Kind::Image(image)) => Some(image),
+                _ => None,
+            });
+            for (image, pixels) in images.zip(fresh) {
+                image.data = fresh_png(pixels, n).into();
+                image.mime_type = "image/png".into();
+            }
+        }
         if self.distinct_prompts {
             // In front of everything, images included, so no two prompts share a
             // prefix beyond the chat template's opening tokens.
@@ -142,6 +200,7 @@ mod tests {
             images: &[],
             output_tokens: 4,
             distinct_prompts: false,
+            fresh_images: false,
         }
     }
 
@@ -216,6 +275,58 @@ mod tests {
         })
         .unwrap_err();
         assert!(format!("{err:#}").contains("--image"), "{err:#}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn image_data(req: &GenerateRequest) -> Vec<Vec<u8>> {
+        req.messages[0]
+            .parts
+            .iter()
+            .filter_map(|p| match &p.kind {
+                Some(part::Kind::Image(image)) => Some(image.data.to_vec()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn fresh_images_differ_in_one_pixel_per_request() {
+        let dir = std::env::temp_dir().join(format!("tessera-fresh-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("grey.png");
+        let original = RgbImage::from_pixel(3, 2, image::Rgb([100, 150, 200]));
+        original.save(&path).unwrap();
+        let images = [path.clone()];
+        let w = Workload::new(&Spec {
+            images: &images,
+            fresh_images: true,
+            ..spec("Describe.")
+        })
+        .unwrap();
+        let limits = ImageLimits::default();
+        let mut seen = std::collections::HashSet::new();
+        // 6 pixels: requests 0..6 change each once, 6..12 each again by two levels.
+        for n in 0..12 {
+            let data = image_data(&w.request(format!("r{n}"), n));
+            assert_eq!(data.len(), 1);
+            assert!(seen.insert(data[0].clone()), "request {n} repeats an image");
+            let got = decode_image(&data[0], &limits).unwrap();
+            let changed: Vec<_> = got
+                .enumerate_pixels()
+                .zip(original.pixels())
+                .filter(|((_, _, a), b)| a != b)
+                .map(|((x, y, a), _)| (x, y, a.0))
+                .collect();
+            let delta = 1 + (n / 6) as u8;
+            let (x, y) = ((n % 6 % 3) as u32, (n % 6 / 3) as u32);
+            assert_eq!(changed, [(x, y, [100 + delta, 150, 200])], "request {n}");
+        }
+        let err = Workload::new(&Spec {
+            fresh_images: true,
+            ..spec("No image.")
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("--fresh-images"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
