@@ -1,5 +1,7 @@
 //! `tessera generate` end to end: the real binary on the fixture checkpoints.
 
+use std::collections::HashMap;
+use std::path::Path;
 use std::process::Command;
 
 use serde_json::Value;
@@ -79,32 +81,45 @@ fn generate_from_image_files_prints_the_reference_greedy_ids() {
     }
 }
 
+/// Runs `tessera generate` on `model` for 4 greedy tokens past end-of-sentence with
+/// `args`, writing the logits to `logits`; returns stdout and the saved tensors.
+fn generate_logits(
+    model: &Path,
+    args: &[&str],
+    logits: &Path,
+) -> (Vec<u8>, HashMap<String, candle_core::Tensor>) {
+    let common = [
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--max-tokens",
+        "4",
+        "--ignore-eos",
+        "--logits-out",
+        logits.to_str().unwrap(),
+    ];
+    let out = tessera(&[&common[..], args].concat());
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let saved = candle_core::safetensors::load(logits, &candle_core::Device::Cpu).unwrap();
+    (out.stdout, saved)
+}
+
 #[test]
 fn generate_writes_logits_with_a_chunked_prompt_on_the_mla_fixture() {
     let model = fixture_dir("small-mla-softmax");
     let dir = std::env::temp_dir().join(format!("tessera-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let logits = dir.join("logits.safetensors");
-    let out = tessera(&[
-        "generate",
-        "--model",
-        model.to_str().unwrap(),
+    let prompt = [
         "--prompt",
         "What is the capital of France?",
-        "--max-tokens",
-        "4",
-        "--ignore-eos",
         "--chunk-size",
         "5",
-        "--logits-out",
-        logits.to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "stderr: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let saved = candle_core::safetensors::load(&logits, &candle_core::Device::Cpu).unwrap();
+    ];
+    let (_, saved) = generate_logits(&model, &prompt, &dir.join("logits.safetensors"));
     assert_eq!(saved["last_logits"].dims(), &[3072]);
     assert_eq!(saved["step_logits"].dims(), &[4, 3072]);
     std::fs::remove_dir_all(&dir).ok();
@@ -118,32 +133,18 @@ fn a_jpeg_photo_gives_the_logits_of_its_pillow_decoded_pixels() {
     let model = fixture_dir("tiny-mha-softmax");
     let dir = std::env::temp_dir().join(format!("tessera-cli-jpeg-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let run = |image: &str| {
-        let logits = dir.join(format!("{image}.safetensors"));
-        let image = fixture_dir("jpeg").join(image);
-        let out = tessera(&[
-            "generate",
-            "--model",
-            model.to_str().unwrap(),
+    let run = |name: &str| {
+        let image = fixture_dir("jpeg").join(name);
+        let prompt = [
             "--prompt",
             "<image>\nDescribe this image.",
             "--image",
             image.to_str().unwrap(),
-            "--max-tokens",
-            "4",
-            "--ignore-eos",
             "--json",
-            "--logits-out",
-            logits.to_str().unwrap(),
-        ]);
-        assert!(
-            out.status.success(),
-            "{}: {}",
-            image.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let report: Value = serde_json::from_slice(&out.stdout).unwrap();
-        let saved = candle_core::safetensors::load(&logits, &candle_core::Device::Cpu).unwrap();
+        ];
+        let logits = dir.join(format!("{name}.safetensors"));
+        let (stdout, saved) = generate_logits(&model, &prompt, &logits);
+        let report: Value = serde_json::from_slice(&stdout).unwrap();
         let rows = |name: &str| saved[name].flatten_all().unwrap().to_vec1::<f32>().unwrap();
         (report, rows("last_logits"), rows("step_logits"))
     };

@@ -23,87 +23,59 @@ pub const MAX_ROWS: usize = 4;
 /// Rows of `w` per parallel task.
 const ROWS_PER_TASK: usize = 64;
 
-/// Dot product with 16 independent partial sums (vectorises without fast-math).
+/// Dot product of `a` with `b` read through `wide`, with 16 independent partial sums
+/// (vectorises without fast-math).
 #[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+fn dot<T: Copy>(a: &[f32], b: &[T], wide: impl Fn(T) -> f32) -> f32 {
     let mut acc = [0f32; 16];
     let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
     let (ra, rb) = (ca.remainder(), cb.remainder());
     for (x, y) in ca.zip(cb) {
         for i in 0..16 {
-            acc[i] += x[i] * y[i];
+            acc[i] += x[i] * wide(y[i]);
         }
     }
     let mut sum: f32 = acc.iter().sum();
-    for (x, y) in ra.iter().zip(rb) {
-        sum += x * y;
+    for (x, &y) in ra.iter().zip(rb) {
+        sum += x * wide(y);
     }
     sum
 }
 
-/// A weight element this module reads: widened to f32 a row at a time.
+/// A weight element this module reads, and how a row of it meets the rows of `x`.
 trait Widen: Copy + Send + Sync + candle_core::WithDType {
-    /// The row itself when it is already f32.
-    fn as_f32(row: &[Self]) -> Option<&[f32]>;
-    /// Writes `row` as f32 into `out` (same length).
-    fn widen(row: &[Self], out: &mut [f32]);
-    /// `x · row` widening on the fly, where that is cheaper than a widened copy.
-    fn fused_dot(_x: &[f32], _row: &[Self]) -> Option<f32> {
-        None
-    }
+    /// `outs[j] = xs[j] · row` for every row `j` of `xs` (each `row.len()` long);
+    /// `scratch` is a buffer the element may widen the row into.
+    fn row_dots(row: &[Self], xs: &[f32], outs: &mut [f32], scratch: &mut Vec<f32>);
 }
 
 impl Widen for f32 {
     #[inline(always)]
-    fn as_f32(row: &[f32]) -> Option<&[f32]> {
-        Some(row)
-    }
-    #[inline(always)]
-    fn widen(row: &[f32], out: &mut [f32]) {
-        out.copy_from_slice(row);
+    fn row_dots(row: &[f32], xs: &[f32], outs: &mut [f32], _: &mut Vec<f32>) {
+        for (x, o) in xs.chunks_exact(row.len()).zip(outs) {
+            *o = dot(x, row, |v| v);
+        }
     }
 }
 
 impl Widen for bf16 {
+    /// Widened inside the product: bf16 → f32 is a 16-bit shift.
     #[inline(always)]
-    fn as_f32(_: &[bf16]) -> Option<&[f32]> {
-        None
-    }
-    #[inline(always)]
-    fn widen(row: &[bf16], out: &mut [f32]) {
-        for (o, &v) in out.iter_mut().zip(row) {
-            *o = f32::from_bits(u32::from(v.to_bits()) << 16);
-        }
-    }
-    #[inline(always)]
-    fn fused_dot(x: &[f32], row: &[bf16]) -> Option<f32> {
+    fn row_dots(row: &[bf16], xs: &[f32], outs: &mut [f32], _: &mut Vec<f32>) {
         let bits: &[u16] = row.reinterpret_cast();
-        let mut acc = [0f32; 16];
-        let (cx, cw) = (x.chunks_exact(16), bits.chunks_exact(16));
-        let (rx, rw) = (cx.remainder(), cw.remainder());
-        for (a, b) in cx.zip(cw) {
-            let a: &[f32; 16] = a.try_into().unwrap();
-            let b: &[u16; 16] = b.try_into().unwrap();
-            for i in 0..16 {
-                acc[i] += a[i] * f32::from_bits(u32::from(b[i]) << 16);
-            }
+        for (x, o) in xs.chunks_exact(row.len()).zip(outs) {
+            *o = dot(x, bits, |v| f32::from_bits(u32::from(v) << 16));
         }
-        let mut sum: f32 = acc.iter().sum();
-        for (a, &b) in rx.iter().zip(rw) {
-            sum += a * f32::from_bits(u32::from(b) << 16);
-        }
-        Some(sum)
     }
 }
 
 impl Widen for f16 {
+    /// Widened once per row into an L1-sized buffer (F16C where the CPU has it).
     #[inline(always)]
-    fn as_f32(_: &[f16]) -> Option<&[f32]> {
-        None
-    }
-    #[inline(always)]
-    fn widen(row: &[f16], out: &mut [f32]) {
-        row.convert_to_f32_slice(out);
+    fn row_dots(row: &[f16], xs: &[f32], outs: &mut [f32], scratch: &mut Vec<f32>) {
+        scratch.resize(row.len(), 0.0);
+        row.convert_to_f32_slice(scratch);
+        f32::row_dots(scratch, xs, outs, &mut Vec::new());
     }
 }
 
@@ -120,27 +92,14 @@ impl<W: Widen> pulp::WithSimd for Rows<'_, W> {
 
     #[inline(always)]
     fn with_simd<S: pulp::Simd>(self, _simd: S) {
-        let k = self.k;
-        let m = self.xs.len() / k;
-        let mut wide = Vec::new();
-        for (row, outs) in self.w.chunks_exact(k).zip(self.out.chunks_exact_mut(m)) {
-            if W::fused_dot(&[], &[]).is_some() {
-                for (x, o) in self.xs.chunks_exact(k).zip(outs.iter_mut()) {
-                    *o = W::fused_dot(x, row).unwrap_or_default();
-                }
-                continue;
-            }
-            let row = match W::as_f32(row) {
-                Some(row) => row,
-                None => {
-                    wide.resize(k, 0.0);
-                    W::widen(row, &mut wide);
-                    &wide[..]
-                }
-            };
-            for (x, o) in self.xs.chunks_exact(k).zip(outs) {
-                *o = dot(x, row);
-            }
+        let m = self.xs.len() / self.k;
+        let mut scratch = Vec::new();
+        for (row, outs) in self
+            .w
+            .chunks_exact(self.k)
+            .zip(self.out.chunks_exact_mut(m))
+        {
+            W::row_dots(row, self.xs, outs, &mut scratch);
         }
     }
 }
