@@ -175,16 +175,14 @@ impl Fetcher {
         let data = tokio::time::timeout(self.timeout, self.download(url))
             .await
             .map_err(|_| self.too_slow())??;
+        if image::guess_format(&data.bytes).is_err() {
+            return Err(format!(
+                "the image URL on {host} did not return an image (it sent {} bytes of {})",
+                data.bytes.len(),
+                data.content_type.as_deref().unwrap_or("an unknown type")
+            ));
+        }
         let header = read_header(&data.bytes).map_err(|e| match e {
-            tessera_model::Error::Image(why)
-                if data.bytes.is_empty() || why.starts_with("unrecognised") =>
-            {
-                format!(
-                    "the image URL on {host} did not return an image (it sent {} bytes of {})",
-                    data.bytes.len(),
-                    data.content_type.as_deref().unwrap_or("an unknown type")
-                )
-            }
             tessera_model::Error::Image(why) => {
                 format!("the image URL on {host} returned an unreadable image: {why}")
             }
