@@ -14,7 +14,7 @@ use tessera_model::chat::{ChatTokenizer, Message};
 use tessera_model::generate::GenerationParams;
 use tessera_model::language::LanguageModel;
 use tessera_model::pipeline::Pipeline;
-use tessera_model::weights::{Checkpoint, LoadTarget};
+use tessera_model::weights::{Checkpoint, LoadTarget, WeightFormat};
 use tessera_proto::MAX_MESSAGE_BYTES;
 use tessera_proto::internal::v1::expert_client::ExpertClient;
 use tessera_proto::internal::v1::{ForwardRequest, InfoRequest};
@@ -151,6 +151,7 @@ fn scheduler_side(dir: &Path) -> (LanguageModel, ChatTokenizer) {
     let target = LoadTarget {
         checkpoint: &checkpoint,
         dtype: DType::F32,
+        weights: WeightFormat::Auto,
         device: &device,
     };
     let language = LanguageModel::load(&config.language, target).unwrap();
@@ -172,7 +173,7 @@ fn dispatch_matches_in_process(fixture_name: &str, case_name: &str) {
     let dir = fixture_dir(fixture_name);
     let case = case(fixture_name, case_name);
     let want = json_ids(&case["greedy"]["new_token_ids"]);
-    let pipeline = Pipeline::load(&dir, DType::F32, &Device::Cpu).unwrap();
+    let pipeline = Pipeline::load(&dir, DType::F32, WeightFormat::Auto, &Device::Cpu).unwrap();
     let prompt = case_prompt(&pipeline, &dir, &case);
     let ids = prompt.input_ids.clone();
     assert_eq!(ids, json_ids(&case["input_ids"]));

@@ -14,7 +14,7 @@ use tessera_model::config::ModelConfig;
 use tessera_model::experts::{
     ExpertBackend, ExpertRoute, ExpertSelection, LocalExperts, StepContext,
 };
-use tessera_model::weights::{Checkpoint, LoadTarget};
+use tessera_model::weights::Checkpoint;
 use tessera_proto::internal::v1::expert_server::Expert;
 use tessera_proto::internal::v1::{
     ForwardRequest, ForwardResponse, InfoRequest, InfoResponse, LayerExperts, LoadRequest,
@@ -220,11 +220,7 @@ impl ExpertService {
         tokio::task::spawn_blocking(move || {
             let model = model.get().ok_or(Error::Loading)?;
             let checkpoint = Checkpoint::open(&model.dir).map_err(Error::Load)?;
-            let target = LoadTarget {
-                checkpoint: &checkpoint,
-                dtype: model.compute.dtype,
-                device: &model.compute.device,
-            };
+            let target = model.compute.target(&checkpoint);
             LocalExperts::load(
                 &model.config.language,
                 target,

@@ -11,7 +11,7 @@ use candle_core::{DType, Device};
 use tessera_expert_worker::Config;
 use tessera_model::config::ModelConfig;
 use tessera_model::experts::{ExpertSelection, LocalExperts};
-use tessera_model::weights::{Checkpoint, LoadTarget};
+use tessera_model::weights::{Checkpoint, LoadTarget, WeightFormat};
 use tessera_proto::internal::v1::expert_client::ExpertClient;
 use tessera_proto::internal::v1::{
     InfoRequest, InfoResponse, LayerExperts, LoadRequest, UnloadRequest,
@@ -113,6 +113,7 @@ fn total_expert_bytes() -> usize {
     let target = LoadTarget {
         checkpoint: &checkpoint,
         dtype: DType::F32,
+        weights: WeightFormat::Auto,
         device: &Device::Cpu,
     };
     LocalExperts::load(&cfg.language, target, &ExpertSelection::All)

@@ -14,7 +14,7 @@ use tessera_model::processor::{
     ImageLimits, decode_image, load_image, normalization, process_images, tiles_to_tensor,
 };
 use tessera_model::vision::VisionModel;
-use tessera_model::weights::{Checkpoint, LoadTarget};
+use tessera_model::weights::{Checkpoint, LoadTarget, WeightFormat};
 
 fn random_vision_checkpoint(cfg: &ModelConfig, path: &Path) -> candle_core::Result<()> {
     let dev = Device::Cpu;
@@ -81,6 +81,7 @@ fn main() {
     let target = LoadTarget {
         checkpoint: &ckpt,
         dtype: DType::F32,
+        weights: WeightFormat::Auto,
         device: &Device::Cpu,
     };
     let vision = VisionModel::load(&cfg, target).unwrap();

@@ -32,6 +32,11 @@ pub enum Error {
         expected: Vec<usize>,
         found: Vec<usize>,
     },
+    /// A tensor in the checkpoint is stored in a dtype Tessera cannot load.
+    #[error(
+        "tensor `{name}` is stored as {dtype}, which Tessera cannot load (expected BF16, F16 or F32)"
+    )]
+    TensorDtype { name: String, dtype: String },
     /// The tokenizer could not be loaded or failed to encode/decode.
     #[error("tokenizer: {0}")]
     Tokenizer(String),

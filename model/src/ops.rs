@@ -2,24 +2,6 @@
 
 use candle_core::{D, DType, Result, Tensor};
 
-/// `x · wᵀ` for `x` of shape (rows, in) and `w` of shape (out, in): (rows, out).
-/// A few rows (decode) take the bandwidth-bound path of [`crate::gemv`]. An f32 `x` with a
-/// bf16 or f16 `w` is computed in f32 (more rows widen `w` for the product).
-pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    if let Some(out) = crate::gemv::small_rows(x, w)? {
-        return Ok(out);
-    }
-    if x.dtype() == DType::F32 && matches!(w.dtype(), DType::BF16 | DType::F16) {
-        return x.matmul(&w.to_dtype(DType::F32)?.t()?);
-    }
-    x.matmul(&w.t()?)
-}
-
-/// `x · wᵀ + b` for `x` of shape (rows, in), `w` (out, in), `b` (out).
-pub fn linear_bias(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
-    linear(x, w)?.broadcast_add(b)
-}
-
 /// LayerNorm over the last dimension with biased variance, computed in f32.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();

@@ -15,7 +15,7 @@ use crate::image_tokens::Tiling;
 use crate::language::LanguageModel;
 use crate::processor::{ProcessedImage, normalization, process_images, tiles_to_tensor};
 use crate::vision::VisionModel;
-use crate::weights::{Checkpoint, LoadTarget};
+use crate::weights::{Checkpoint, LoadTarget, WeightFormat};
 
 /// A DeepSeek-VL2 snapshot loaded for in-process generation.
 pub struct Pipeline {
@@ -63,8 +63,9 @@ impl std::fmt::Debug for Pipeline {
 }
 
 impl Pipeline {
-    /// Loads a snapshot folder with every routed expert in this process.
-    pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+    /// Loads a snapshot folder with every routed expert in this process, computing in
+    /// `dtype` with linear weights held as `weights`.
+    pub fn load(dir: &Path, dtype: DType, weights: WeightFormat, device: &Device) -> Result<Self> {
         if !dir.is_dir() {
             return Err(Error::io(
                 dir,
@@ -79,11 +80,7 @@ impl Pipeline {
         let processor = ProcessorConfig::from_dir(dir)?;
         let tokenizer = ChatTokenizer::from_dir(dir)?;
         let checkpoint = Checkpoint::open(dir)?;
-        let target = LoadTarget {
-            checkpoint: &checkpoint,
-            dtype,
-            device,
-        };
+        let target = LoadTarget::new(&checkpoint, dtype, weights, device);
         let vision = VisionModel::load(&config, target)?;
         let language = LanguageModel::load(&config.language, target)?;
         let experts = LocalExperts::load(&config.language, target, &ExpertSelection::All)?;

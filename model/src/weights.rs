@@ -1,35 +1,120 @@
-//! Memory-mapped access to a Hugging Face snapshot's safetensors (the released layout).
+//! Reading a Hugging Face snapshot's safetensors (the released layout).
 //!
-//! A [`Checkpoint`] maps every `*.safetensors` file of a snapshot (a single
-//! `model.safetensors`, or the shards named by `model.safetensors.index.json`) without
-//! reading them. Parts of the model then load exactly the tensors they need by name, so
-//! a process that does not need the routed experts never touches their bytes.
+//! A [`Checkpoint`] reads the headers of every `*.safetensors` file of a snapshot (a
+//! single `model.safetensors`, or the shards named by `model.safetensors.index.json`).
+//! Parts of the model then load exactly the tensors they need by name, each read from
+//! its file straight into the buffer the process keeps (no mapping, so a loaded
+//! tensor's bytes are counted once in the process's memory and the page cache keeps the
+//! files), and a process that does not need the routed experts never reads their bytes.
+//!
+//! How linear weights are held is the [`WeightFormat`] (`--weights`); everything else
+//! (norms, biases, position embeddings, the MoE gate) is held in the compute dtype.
 //!
 //! Loading reports its progress on stderr: a line per checkpoint that counts the shards
 //! and bytes read when stderr is a terminal that logs nothing at `info` (log lines would
 //! tear it), else an `info` event per shard reached and one when the checkpoint closes.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs::File;
 use std::io::{IsTerminal, Read};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock, PoisonError};
 use std::time::Instant;
 
-use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
+use half::{bf16, f16};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::error::{Error, Result, read_json};
+use crate::linear::Linear;
 
-/// The weights of one snapshot folder, memory-mapped.
+/// How a process holds the weights of its linear layers (`--weights`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightFormat {
+    /// As the checkpoint stores them (bf16 for the released models) when computing in
+    /// f32; in the compute dtype otherwise.
+    #[default]
+    Auto,
+    F32,
+    Bf16,
+    F16,
+    /// 8-bit integers with one f32 scale per block of 32 along each row, quantized at
+    /// load (about 1.13 bytes per weight).
+    Int8,
+}
+
+impl WeightFormat {
+    /// Every format, as written on the command line.
+    pub const NAMES: [&'static str; 5] = ["auto", "f32", "bf16", "f16", "int8"];
+
+    /// The dtype a dense linear weight stored as `stored` is held in, computing in
+    /// `compute`; `None` for [`WeightFormat::Int8`].
+    pub fn dense_dtype(self, stored: DType, compute: DType) -> Option<DType> {
+        match self {
+            Self::Auto if compute == DType::F32 && matches!(stored, DType::BF16 | DType::F16) => {
+                Some(stored)
+            }
+            Self::Auto => Some(compute),
+            Self::F32 => Some(DType::F32),
+            Self::Bf16 => Some(DType::BF16),
+            Self::F16 => Some(DType::F16),
+            Self::Int8 => None,
+        }
+    }
+}
+
+impl std::str::FromStr for WeightFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(Self::Auto),
+            "f32" => Ok(Self::F32),
+            "bf16" => Ok(Self::Bf16),
+            "f16" => Ok(Self::F16),
+            "int8" => Ok(Self::Int8),
+            other => Err(format!(
+                "unknown weight format {other:?}: expected one of {}",
+                Self::NAMES.join(", ")
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for WeightFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let i = match self {
+            Self::Auto => 0,
+            Self::F32 => 1,
+            Self::Bf16 => 2,
+            Self::F16 => 3,
+            Self::Int8 => 4,
+        };
+        f.write_str(Self::NAMES[i])
+    }
+}
+
+/// Where one tensor lies in its file.
+#[derive(Debug, Clone)]
+struct Entry {
+    shard: usize,
+    /// The safetensors dtype name (`BF16`, `F32`, …).
+    dtype: String,
+    shape: Vec<usize>,
+    /// Absolute byte range in the file.
+    start: u64,
+    end: u64,
+}
+
+/// The weights of one snapshot folder: every file's header, read once.
 pub struct Checkpoint {
     dir: PathBuf,
     files: Vec<PathBuf>,
-    tensors: MmapedSafetensors,
+    handles: Vec<File>,
+    entries: HashMap<String, Entry>,
     /// Names of the tensors loaded so far (what this process holds from it).
     loaded: Mutex<BTreeSet<String>>,
-    /// The shard (index into `files`) of each tensor, when there are several.
-    shard_of: HashMap<String, usize>,
     progress: Mutex<LoadProgress>,
 }
 
@@ -44,7 +129,7 @@ impl std::fmt::Debug for Checkpoint {
 
 #[derive(serde::Deserialize)]
 struct ShardIndex {
-    weight_map: std::collections::BTreeMap<String, String>,
+    weight_map: BTreeMap<String, String>,
 }
 
 impl Checkpoint {
@@ -53,33 +138,27 @@ impl Checkpoint {
     /// `*.safetensors` file in the folder.
     pub fn open(dir: &Path) -> Result<Self> {
         let files = Self::weight_files(dir)?;
-        for f in &files {
+        let mut handles = Vec::with_capacity(files.len());
+        let mut entries = HashMap::new();
+        for (shard, f) in files.iter().enumerate() {
             if !f.is_file() {
                 return Err(Error::io(
                     f,
                     std::io::Error::new(std::io::ErrorKind::NotFound, "weight file not found"),
                 ));
             }
-        }
-        // SAFETY: the files are mapped read-only. Like every safetensors loader, we rely on
-        // the snapshot not being modified while the process runs; candle validates the
-        // headers and bounds of every tensor view against the mapped length.
-        #[allow(unsafe_code)]
-        let tensors = unsafe { MmapedSafetensors::multi(&files)? };
-        let mut shard_of = HashMap::new();
-        if files.len() > 1 {
-            for (i, f) in files.iter().enumerate() {
-                for name in header_names(f)? {
-                    shard_of.insert(name, i);
-                }
+            let mut file = File::open(f).map_err(|e| Error::io(f, e))?;
+            for (name, entry) in read_header(f, &mut file, shard)? {
+                entries.insert(name, entry);
             }
+            handles.push(file);
         }
         Ok(Self {
             dir: dir.to_path_buf(),
             files,
-            tensors,
+            handles,
+            entries,
             loaded: Mutex::default(),
-            shard_of,
             progress: Mutex::default(),
         })
     }
@@ -120,25 +199,32 @@ impl Checkpoint {
 
     /// Whether the checkpoint has a tensor of this name.
     pub fn contains(&self, name: &str) -> bool {
-        self.tensors.get(name).is_ok()
+        self.entries.contains_key(name)
+    }
+
+    fn entry(&self, name: &str) -> Result<&Entry> {
+        self.entries.get(name).ok_or_else(|| Error::MissingTensor {
+            name: name.to_string(),
+        })
     }
 
     /// The stored shape of a tensor, or an error naming it.
     pub fn shape(&self, name: &str) -> Result<Vec<usize>> {
-        let view = self.tensors.get(name).map_err(|_| Error::MissingTensor {
+        Ok(self.entry(name)?.shape.clone())
+    }
+
+    /// The stored dtype of a tensor, or an error naming it (or its unsupported dtype).
+    pub fn stored_dtype(&self, name: &str) -> Result<DType> {
+        let entry = self.entry(name)?;
+        candle_dtype(&entry.dtype).ok_or_else(|| Error::TensorDtype {
             name: name.to_string(),
-        })?;
-        Ok(view.shape().to_vec())
+            dtype: entry.dtype.clone(),
+        })
     }
 
     /// Every tensor name in the checkpoint, sorted.
     pub fn names(&self) -> Vec<String> {
-        let mut names: Vec<String> = self
-            .tensors
-            .tensors()
-            .into_iter()
-            .map(|(name, _)| name)
-            .collect();
+        let mut names: Vec<String> = self.entries.keys().cloned().collect();
         names.sort();
         names
     }
@@ -146,10 +232,9 @@ impl Checkpoint {
     /// `(name, stored dtype, shape)` of every tensor, sorted by name.
     pub fn layout(&self) -> Vec<(String, String, Vec<usize>)> {
         let mut layout: Vec<(String, String, Vec<usize>)> = self
-            .tensors
-            .tensors()
-            .into_iter()
-            .map(|(name, view)| (name, format!("{:?}", view.dtype()), view.shape().to_vec()))
+            .entries
+            .iter()
+            .map(|(name, e)| (name.clone(), e.dtype.clone(), e.shape.clone()))
             .collect();
         layout.sort();
         layout
@@ -174,27 +259,144 @@ impl Checkpoint {
         dtype: DType,
         device: &Device,
     ) -> Result<Tensor> {
-        let found = self.shape(name)?;
-        if found != shape {
+        Ok(self.stored(name, shape, device)?.to_dtype(dtype)?)
+    }
+
+    /// Loads one tensor in its stored dtype, checking its shape: read from the file
+    /// straight into the tensor's buffer.
+    pub fn stored(&self, name: &str, shape: &[usize], device: &Device) -> Result<Tensor> {
+        let entry = self.entry(name)?;
+        if entry.shape != shape {
             return Err(Error::TensorShape {
                 name: name.to_string(),
                 expected: shape.to_vec(),
-                found,
+                found: entry.shape.clone(),
             });
         }
-        let bytes = self.tensors.get(name).map_or(0, |v| v.data().len());
-        let t = self.tensors.load(name, device)?;
+        let dtype = self.stored_dtype(name)?;
+        let len: usize = shape.iter().product();
+        let bytes = entry.end - entry.start;
+        if bytes != (len * dtype.size_in_bytes()) as u64 {
+            return Err(self.corrupt(
+                entry.shard,
+                format!("tensor {name} has {bytes} bytes for its shape {shape:?}"),
+            ));
+        }
+        let file = &self.handles[entry.shard];
+        let read = |buf: &mut [u8]| {
+            file.read_exact_at(buf, entry.start)
+                .map_err(|e| Error::io(&self.files[entry.shard], e))
+        };
+        // safetensors stores little-endian values, as every host Tessera runs on.
+        let t = match dtype {
+            DType::BF16 => {
+                let mut v = vec![bf16::ZERO; len];
+                read(bytemuck::cast_slice_mut(&mut v))?;
+                Tensor::from_vec(v, shape, device)?
+            }
+            DType::F16 => {
+                let mut v = vec![f16::ZERO; len];
+                read(bytemuck::cast_slice_mut(&mut v))?;
+                Tensor::from_vec(v, shape, device)?
+            }
+            DType::F32 => {
+                let mut v = vec![0f32; len];
+                read(bytemuck::cast_slice_mut(&mut v))?;
+                Tensor::from_vec(v, shape, device)?
+            }
+            _ => {
+                let mut v = vec![0u8; bytes as usize];
+                read(&mut v)?;
+                Tensor::from_raw_buffer(&v, dtype, shape, device)?
+            }
+        };
         self.loaded
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(name.to_string());
-        let shard = self.shard_of.get(name).copied().unwrap_or(0);
         self.progress
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .record(&self.files, shard, bytes);
-        Ok(t.to_dtype(dtype)?)
+            .record(&self.files, entry.shard, bytes as usize);
+        Ok(t)
     }
+
+    fn corrupt(&self, shard: usize, what: String) -> Error {
+        Error::io(
+            &self.files[shard],
+            std::io::Error::new(std::io::ErrorKind::InvalidData, what),
+        )
+    }
+}
+
+/// The candle dtype of a safetensors dtype name, for the ones candle holds.
+fn candle_dtype(name: &str) -> Option<DType> {
+    Some(match name {
+        "BF16" => DType::BF16,
+        "F16" => DType::F16,
+        "F32" => DType::F32,
+        "F64" => DType::F64,
+        "I64" => DType::I64,
+        "U32" => DType::U32,
+        "U8" => DType::U8,
+        _ => return None,
+    })
+}
+
+#[derive(serde::Deserialize)]
+struct HeaderEntry {
+    dtype: String,
+    shape: Vec<usize>,
+    data_offsets: [u64; 2],
+}
+
+/// The tensors a safetensors file's header (its first 8 + N bytes) describes, with
+/// their byte ranges checked against the file's length.
+fn read_header(path: &Path, file: &mut File, shard: usize) -> Result<Vec<(String, Entry)>> {
+    let bad = |what: String| {
+        Error::io(
+            path,
+            std::io::Error::new(std::io::ErrorKind::InvalidData, what),
+        )
+    };
+    let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len).map_err(|e| Error::io(path, e))?;
+    let len = u64::from_le_bytes(len);
+    if len > 100 << 20 || 8 + len > file_len {
+        return Err(bad(format!(
+            "the safetensors header claims {len} bytes in a file of {file_len}"
+        )));
+    }
+    let mut header = vec![0u8; len as usize];
+    file.read_exact(&mut header)
+        .map_err(|e| Error::io(path, e))?;
+    let mut header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
+        .map_err(|_| bad("the safetensors header is not a JSON object".into()))?;
+    header.remove("__metadata__");
+    let data = 8 + len;
+    header
+        .into_iter()
+        .map(|(name, value)| {
+            let e: HeaderEntry = serde_json::from_value(value)
+                .map_err(|err| bad(format!("tensor {name} in the header: {err}")))?;
+            let [a, b] = e.data_offsets;
+            if a > b || data + b > file_len {
+                return Err(bad(format!(
+                    "tensor {name} lies at bytes {a}..{b} of a data section of {}",
+                    file_len - data
+                )));
+            }
+            let entry = Entry {
+                shard,
+                dtype: e.dtype,
+                shape: e.shape,
+                start: data + a,
+                end: data + b,
+            };
+            Ok((name, entry))
+        })
+        .collect()
 }
 
 impl Drop for Checkpoint {
@@ -204,33 +406,6 @@ impl Drop for Checkpoint {
             .unwrap_or_else(PoisonError::into_inner)
             .finish(&self.dir, self.files.len());
     }
-}
-
-/// The tensor names in a safetensors file's header (its first 8 + N bytes).
-fn header_names(path: &Path) -> Result<Vec<String>> {
-    let bad = |what: &str| {
-        Error::io(
-            path,
-            std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string()),
-        )
-    };
-    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut len = [0u8; 8];
-    file.read_exact(&mut len).map_err(|e| Error::io(path, e))?;
-    let len = u64::from_le_bytes(len);
-    if len > 100 << 20 {
-        return Err(bad("the safetensors header is larger than 100 MB"));
-    }
-    let mut header = vec![0u8; len as usize];
-    file.read_exact(&mut header)
-        .map_err(|e| Error::io(path, e))?;
-    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
-        .map_err(|_| bad("the safetensors header is not a JSON object"))?;
-    Ok(header
-        .into_iter()
-        .map(|(name, _)| name)
-        .filter(|name| name != "__metadata__")
-        .collect())
 }
 
 /// Every load bar of the process, one line each (services load side by side).
@@ -310,11 +485,29 @@ fn gigabytes(bytes: u64) -> String {
 #[derive(Debug, Clone, Copy)]
 pub struct LoadTarget<'a> {
     pub checkpoint: &'a Checkpoint,
+    /// The compute dtype (activations, norms, biases).
     pub dtype: DType,
+    /// How linear weights are held.
+    pub weights: WeightFormat,
     pub device: &'a Device,
 }
 
 impl<'a> LoadTarget<'a> {
+    /// Computing in `dtype` on `device`, linear weights held as `weights`.
+    pub fn new(
+        checkpoint: &'a Checkpoint,
+        dtype: DType,
+        weights: WeightFormat,
+        device: &'a Device,
+    ) -> Self {
+        Self {
+            checkpoint,
+            dtype,
+            weights,
+            device,
+        }
+    }
+
     /// A loader for the tensors under `prefix` (joined with a dot).
     pub fn pp(&self, prefix: impl AsRef<str>) -> Weights<'a> {
         Weights {
@@ -360,6 +553,36 @@ impl<'a> Weights<'a> {
             .tensor(&self.path(name), shape, dtype, self.target.device)
     }
 
+    /// Loads the weight `prefix.name` of a linear layer as [`WeightFormat`] says, from
+    /// its stored dtype (a bf16 tensor kept as bf16 is never widened). `shape` is the
+    /// stored shape; the layer is (`shape[0]`, the product of the rest), so a
+    /// convolution kernel (out, c, kh, kw) becomes the matrix of its patch product.
+    pub fn linear(&self, name: &str, shape: &[usize]) -> Result<Linear> {
+        let t = &self.target;
+        let path = self.path(name);
+        let stored = t.checkpoint.stored(&path, shape, t.device)?;
+        let out = shape.first().copied().unwrap_or(1);
+        let stored = stored.reshape((out, stored.elem_count() / out.max(1)))?;
+        Ok(match t.weights.dense_dtype(stored.dtype(), t.dtype) {
+            Some(dtype) => Linear::new(stored.to_dtype(dtype)?)?,
+            None => Linear::int8(&stored)?,
+        })
+    }
+
+    /// Loads a lookup table (token embeddings) held like a linear weight but dense: in
+    /// the dtype [`WeightFormat`] gives it, int8 keeping a half-precision table as stored.
+    pub fn table(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = &self.target;
+        let stored = t.checkpoint.stored(&self.path(name), shape, t.device)?;
+        let dtype = match t.weights.dense_dtype(stored.dtype(), t.dtype) {
+            Some(dtype) => dtype,
+            None => WeightFormat::Auto
+                .dense_dtype(stored.dtype(), t.dtype)
+                .unwrap_or(t.dtype),
+        };
+        Ok(stored.to_dtype(dtype)?)
+    }
+
     /// Whether `prefix.name` exists.
     pub fn contains(&self, name: &str) -> bool {
         self.target.checkpoint.contains(&self.path(name))
@@ -393,7 +616,7 @@ mod tests {
         candle_core::safetensors::save(&second, dir.join("model-2.safetensors")).unwrap();
 
         let ckpt = Checkpoint::open(&dir).unwrap();
-        let shard = |name: &str| ckpt.shard_of[name];
+        let shard = |name: &str| ckpt.entries[name].shard;
         assert_eq!((shard("a"), shard("b"), shard("c")), (0, 0, 1));
         ckpt.tensor("b", &[2], DType::F32, &Device::Cpu).unwrap();
         ckpt.tensor("c", &[8], DType::F16, &Device::Cpu).unwrap();

@@ -14,7 +14,7 @@ use serde_json::Value;
 use tessera_model::config::ModelConfig;
 use tessera_model::image_tokens::Tiling;
 use tessera_model::vision::VisionModel;
-use tessera_model::weights::{Checkpoint, LoadTarget};
+use tessera_model::weights::{Checkpoint, LoadTarget, WeightFormat};
 
 /// Max abs difference allowed on vision outputs (fixture README: ~1e-4 for f32).
 const TOL: f32 = 1e-4;
@@ -55,6 +55,7 @@ fn check_fixture(name: &str) {
     let target = LoadTarget {
         checkpoint: &ckpt,
         dtype: DType::F32,
+        weights: WeightFormat::Auto,
         device: &Device::Cpu,
     };
     let vision = VisionModel::load(&cfg, target).unwrap();
@@ -122,6 +123,7 @@ fn assembly_length_equals_the_token_count_for_every_candidate_grid() {
     let target = LoadTarget {
         checkpoint: &ckpt,
         dtype: DType::F32,
+        weights: WeightFormat::Auto,
         device: &Device::Cpu,
     };
     let vision = VisionModel::load(&cfg, target).unwrap();

@@ -11,12 +11,13 @@ use one_sequence::OneSequence;
 use tessera_model::chat::{Message, Role};
 use tessera_model::config::AttentionConfig;
 use tessera_model::pipeline::Pipeline;
+use tessera_model::weights::WeightFormat;
 
 fn load(name: &str) -> Pipeline {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../tests/fixtures")
         .join(name);
-    Pipeline::load(&dir, DType::F32, &Device::Cpu).unwrap()
+    Pipeline::load(&dir, DType::F32, WeightFormat::Auto, &Device::Cpu).unwrap()
 }
 
 /// Prefills a short prompt into a cache with room for `capacity` tokens and returns

@@ -14,7 +14,7 @@ use tessera_model::config::ModelConfig;
 use tessera_model::experts::{ExpertBackend, ExpertSelection, LocalExperts};
 use tessera_model::language::{ForwardTrace, LanguageModel};
 use tessera_model::pipeline::Pipeline;
-use tessera_model::weights::{Checkpoint, LoadTarget};
+use tessera_model::weights::{Checkpoint, LoadTarget, WeightFormat};
 
 /// Files of a snapshot other than the weights.
 const NON_WEIGHT_FILES: [&str; 5] = [
@@ -220,8 +220,14 @@ fn sharded_snapshot_loads_the_same_model_as_a_single_file() {
     );
     drop((original_ckpt, sharded_ckpt));
 
-    let original = Pipeline::load(&fixture(SMALL), DType::F32, &Device::Cpu).unwrap();
-    let sharded = Pipeline::load(&dir, DType::F32, &Device::Cpu).unwrap();
+    let original = Pipeline::load(
+        &fixture(SMALL),
+        DType::F32,
+        WeightFormat::Auto,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let sharded = Pipeline::load(&dir, DType::F32, WeightFormat::Auto, &Device::Cpu).unwrap();
     assert_eq!(sharded.config, original.config);
     assert_eq!(sharded.experts.len(), original.experts.len());
     assert_eq!(sharded.experts.bytes(), original.experts.bytes());
@@ -243,7 +249,7 @@ fn sharded_snapshot_loads_the_same_model_as_a_single_file() {
     // A shard named by the index but absent is an error naming that file.
     let missing = shard_name(1, SHARDS);
     std::fs::remove_file(dir.join(&missing)).unwrap();
-    let err = Pipeline::load(&dir, DType::F32, &Device::Cpu).unwrap_err();
+    let err = Pipeline::load(&dir, DType::F32, WeightFormat::Auto, &Device::Cpu).unwrap_err();
     assert!(
         err.to_string().contains(&missing),
         "error does not name the missing shard {missing}: {err}"
@@ -264,7 +270,7 @@ fn missing_tensor_is_reported_by_name() {
     assert!(matches!(ckpt.shape(name), Err(Error::MissingTensor { name: n }) if n == name));
     drop(ckpt);
 
-    let err = Pipeline::load(&dir, DType::F32, &Device::Cpu).unwrap_err();
+    let err = Pipeline::load(&dir, DType::F32, WeightFormat::Auto, &Device::Cpu).unwrap_err();
     let message = err.to_string();
     assert!(
         matches!(&err, Error::MissingTensor { name: n } if n == name),
@@ -286,7 +292,7 @@ fn mis_shaped_tensor_is_reported_with_both_shapes() {
     );
     let dir = snapshot(tmp.path(), "misshaped", SMALL, &tensors);
 
-    let err = Pipeline::load(&dir, DType::F32, &Device::Cpu).unwrap_err();
+    let err = Pipeline::load(&dir, DType::F32, WeightFormat::Auto, &Device::Cpu).unwrap_err();
     let message = err.to_string();
     match &err {
         Error::TensorShape {
@@ -315,6 +321,7 @@ fn selective_expert_loading_counts_and_bytes() {
     let target = LoadTarget {
         checkpoint: &ckpt,
         dtype: DType::F32,
+        weights: WeightFormat::Auto,
         device: &Device::Cpu,
     };
     let per_expert = 3 * cfg.hidden_size * moe.moe_intermediate_size * 4;
@@ -351,6 +358,7 @@ fn forward_with_missing_experts_fails_and_leaves_the_cache_unchanged() {
     let target = LoadTarget {
         checkpoint: &ckpt,
         dtype: DType::F32,
+        weights: WeightFormat::Auto,
         device: &Device::Cpu,
     };
     let lm = LanguageModel::load(cfg, target).unwrap();
@@ -440,6 +448,7 @@ fn routed_expert_tensors_are_only_read_when_selected() {
     let target = LoadTarget {
         checkpoint: &ckpt,
         dtype: DType::F32,
+        weights: WeightFormat::Auto,
         device: &Device::Cpu,
     };
 
@@ -454,12 +463,18 @@ fn routed_expert_tensors_are_only_read_when_selected() {
         "expected MissingTensor {{ {first} }}, got {err:?}"
     );
     assert!(err.to_string().contains(first), "{err}");
-    let err = Pipeline::load(&dir, DType::F32, &Device::Cpu).unwrap_err();
+    let err = Pipeline::load(&dir, DType::F32, WeightFormat::Auto, &Device::Cpu).unwrap_err();
     assert!(err.to_string().contains(".mlp.experts."), "{err}");
 
     // The model loaded without routed experts is the full model's: with the experts of the
     // original snapshot it gives bitwise the same logits.
-    let original = Pipeline::load(&fixture(SMALL), DType::F32, &Device::Cpu).unwrap();
+    let original = Pipeline::load(
+        &fixture(SMALL),
+        DType::F32,
+        WeightFormat::Auto,
+        &Device::Cpu,
+    )
+    .unwrap();
     let ids = prompt_ids(&original.tokenizer, PROMPT);
     let want = run_chunks(&original.language, &original.experts, &[&ids]);
     let got = run_chunks(&lm, &original.experts, &[&ids]);
@@ -484,6 +499,7 @@ fn routed_expert_tensors_are_only_read_when_selected() {
     let target = LoadTarget {
         checkpoint: &ckpt,
         dtype: DType::F32,
+        weights: WeightFormat::Auto,
         device: &Device::Cpu,
     };
     LanguageModel::load(cfg, target).unwrap();
@@ -506,7 +522,7 @@ fn reduced_precision_dtypes_track_f32() {
 
 fn check_dtypes(name: &str) {
     let dir = fixture(name);
-    let reference = Pipeline::load(&dir, DType::F32, &Device::Cpu).unwrap();
+    let reference = Pipeline::load(&dir, DType::F32, WeightFormat::Auto, &Device::Cpu).unwrap();
     assert_eq!(reference.language.dtype(), DType::F32);
     let ids = prompt_ids(&reference.tokenizer, "Hello there");
     let want = run_chunks(&reference.language, &reference.experts, &[&ids]).remove(0);
@@ -518,7 +534,7 @@ fn check_dtypes(name: &str) {
         .allocated_bytes();
 
     for (dtype, tol) in [(DType::F16, F16_TOL), (DType::BF16, BF16_TOL)] {
-        let p = Pipeline::load(&dir, dtype, &Device::Cpu).unwrap();
+        let p = Pipeline::load(&dir, dtype, WeightFormat::Auto, &Device::Cpu).unwrap();
         assert_eq!(p.language.dtype(), dtype);
         assert_eq!(p.experts.len(), reference.experts.len());
         assert_eq!(p.experts.bytes() * 2, reference.experts.bytes());
@@ -571,6 +587,7 @@ fn the_language_model_loads_no_routed_expert_and_the_checkpoint_says_so() {
     let target = LoadTarget {
         checkpoint: &checkpoint,
         dtype: DType::F32,
+        weights: WeightFormat::Auto,
         device: &device,
     };
     let is_routed = |n: &String| n.contains(".mlp.experts.");

@@ -1,7 +1,7 @@
-//! Where a member computes and in what precision: `--device` and `--dtype`,
-//! parsed once ([`ComputeArgs`]) and turned into a candle device in one place
-//! ([`ComputeArgs::select`]). Every role, `tessera up`, `generate` and `bench`
-//! take these two flags; nothing else names a device.
+//! Where a member computes, in what precision, and how it holds its weights:
+//! `--device`, `--dtype` and `--weights`, parsed once ([`ComputeArgs`]) and turned
+//! into a candle device in one place ([`ComputeArgs::select`]). Every role,
+//! `tessera up`, `generate` and `bench` take these flags; nothing else names a device.
 //!
 //! The CPU is the only device for now. `cuda:N` parses (so a deployment can be
 //! written ahead) and is refused at start-up with a message that says so.
@@ -10,6 +10,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use candle_core::{DType, Device};
+pub use tessera_model::weights::WeightFormat;
 
 /// A device named on the command line: `cpu`, `cuda` (= `cuda:0`) or `cuda:N`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -84,22 +85,36 @@ pub struct DeviceError {
     pub reason: &'static str,
 }
 
-/// `--device` and `--dtype`, shared by every command that loads weights.
+/// `--device`, `--dtype` and `--weights`, shared by every command that loads weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::Args)]
 pub struct ComputeArgs {
     /// Device to run on: `cpu` (`cuda:N` is not built into this binary yet).
     #[arg(long, env = "TESSERA_DEVICE", default_value_t = DeviceSpec::Cpu)]
     pub device: DeviceSpec,
-    /// Precision of the weights and activations (f32 is fastest on the CPU).
+    /// Precision of the activations, norms and biases (f32 is fastest on the CPU).
     #[arg(long, env = "TESSERA_DTYPE", value_enum, default_value_t = Precision::F32)]
     pub dtype: Precision,
+    /// How linear weights (every projection, the experts, the LM head; the token
+    /// embeddings alike) are held in memory; products compute in f32 from them.
+    /// `auto`: as the checkpoint stores them (bf16 for the released models) with
+    /// `--dtype f32`, else in `--dtype`. `f32`, `bf16`, `f16`: converted at load.
+    /// `int8`: quantized at load, one f32 scale per 32 weights of a row.
+    /// Memory ≈ parameters × bytes per weight (4, 2, 2, 1.125).
+    #[arg(long, env = "TESSERA_WEIGHTS", default_value_t = WeightFormat::Auto,
+          value_parser = parse_weights)]
+    pub weights: WeightFormat,
 }
 
-/// The device and dtype a member loads its weights onto.
+fn parse_weights(s: &str) -> Result<WeightFormat, String> {
+    s.parse()
+}
+
+/// The device and dtype a member loads its weights onto, and how it holds them.
 #[derive(Debug, Clone)]
 pub struct Compute {
     pub device: Device,
     pub dtype: DType,
+    pub weights: WeightFormat,
 }
 
 impl ComputeArgs {
@@ -108,6 +123,7 @@ impl ComputeArgs {
         Self {
             device: DeviceSpec::Cpu,
             dtype,
+            weights: WeightFormat::Auto,
         }
     }
 
@@ -127,17 +143,27 @@ impl ComputeArgs {
         Ok(Compute {
             device,
             dtype: self.dtype.dtype(),
+            weights: self.weights,
         })
     }
 }
 
 impl Compute {
+    /// Where `checkpoint`'s tensors load to: this device, dtype and weight format.
+    pub fn target<'a>(
+        &'a self,
+        checkpoint: &'a tessera_model::weights::Checkpoint,
+    ) -> tessera_model::weights::LoadTarget<'a> {
+        tessera_model::weights::LoadTarget::new(checkpoint, self.dtype, self.weights, &self.device)
+    }
+
     /// The host CPU in f32: for tensors that never touch a model (decoded
     /// request payloads, files written for inspection).
     pub fn host() -> Self {
         Self {
             device: Device::Cpu,
             dtype: DType::F32,
+            weights: WeightFormat::Auto,
         }
     }
 }
@@ -176,6 +202,14 @@ mod tests {
             .select()
             .unwrap();
         assert_eq!(bf16.dtype, DType::BF16);
+        assert_eq!(bf16.weights, WeightFormat::Auto);
+        let int8 = Cli::parse_from(["t", "--weights", "int8"]).compute;
+        assert_eq!(int8.weights, WeightFormat::Int8);
+        let err = Cli::try_parse_from(["t", "--weights", "q4"])
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(err.contains("auto, f32, bf16, f16, int8"), "{err}");
         let cuda = Cli::parse_from(["t", "--device", "cuda:1"]).compute;
         let err = cuda.select().unwrap_err().to_string();
         assert!(

@@ -43,7 +43,7 @@ use std::sync::Arc;
 use tessera_model::chat::ChatTokenizer;
 use tessera_model::config::ModelConfig;
 use tessera_model::language::LanguageModel;
-use tessera_model::weights::{Checkpoint, LoadTarget};
+use tessera_model::weights::Checkpoint;
 use tessera_proto::Limited;
 use tessera_proto::internal::v1::scheduler_server::SchedulerServer;
 use tessera_runtime::device::Compute;
@@ -79,11 +79,7 @@ pub fn load(dir: &std::path::Path, compute: &Compute) -> Result<Loaded> {
     };
     let config = ModelConfig::from_dir(dir).map_err(fail)?;
     let checkpoint = Checkpoint::open(dir).map_err(fail)?;
-    let target = LoadTarget {
-        checkpoint: &checkpoint,
-        dtype: compute.dtype,
-        device: &compute.device,
-    };
+    let target = compute.target(&checkpoint);
     let model = LanguageModel::load(&config.language, target).map_err(fail)?;
     let tokenizer = ChatTokenizer::from_dir(dir).map_err(fail)?;
     let fingerprint = tessera_model::fingerprint(dir).map_err(fail)?;

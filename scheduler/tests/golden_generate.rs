@@ -18,6 +18,7 @@ use golden::{Images, as_u32s as ids, assert_close, case, images, messages, tenso
 use serde_json::Value;
 use tessera_model::generate::GenerationParams;
 use tessera_model::pipeline::Pipeline;
+use tessera_model::weights::WeightFormat;
 use tessera_scheduler::EngineConfig;
 use tessera_scheduler::local::{LocalEngine, Prompt};
 
@@ -50,7 +51,7 @@ impl Golden {
             experts,
             tokenizer,
             ..
-        } = Pipeline::load(&self.dir, DType::F32, &Device::Cpu).unwrap();
+        } = Pipeline::load(&self.dir, DType::F32, WeightFormat::Auto, &Device::Cpu).unwrap();
         let positions = language.config().max_position_embeddings;
         let cfg = EngineConfig::single(positions, language.cache_bytes_per_token(), chunk);
         LocalEngine::start(language, tokenizer, Arc::new(experts), cfg).unwrap()

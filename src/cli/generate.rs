@@ -187,7 +187,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let model = model.path;
 
     let loading = Instant::now();
-    let pipeline = Pipeline::load(&model, compute.dtype, &compute.device)
+    let pipeline = Pipeline::load(&model, compute.dtype, compute.weights, &compute.device)
         .with_context(|| format!("cannot load the model from {}", model.display()))?;
     let load_s = loading.elapsed().as_secs_f64();
 

@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use tessera_model::config::{ModelConfig, ProcessorConfig};
 use tessera_model::image_tokens::Tiling;
 use tessera_model::vision::VisionModel;
-use tessera_model::weights::{Checkpoint, LoadTarget};
+use tessera_model::weights::Checkpoint;
 use tessera_proto::internal::v1 as pb;
 use tessera_proto::tensor;
 use tessera_runtime::device::Compute;
@@ -132,11 +132,7 @@ fn load(model: &Path, compute: &Compute) -> Result<(VisionModel, Loaded)> {
     let config = ModelConfig::from_dir(model).map_err(Error::Load)?;
     let processor = ProcessorConfig::from_dir(model).map_err(Error::Load)?;
     let checkpoint = Checkpoint::open(model).map_err(Error::Load)?;
-    let target = LoadTarget {
-        checkpoint: &checkpoint,
-        dtype: compute.dtype,
-        device: &compute.device,
-    };
+    let target = compute.target(&checkpoint);
     let vision = VisionModel::load(&config, target).map_err(Error::Load)?;
     let fingerprint = tessera_model::fingerprint(model).map_err(Error::Load)?;
     Ok((

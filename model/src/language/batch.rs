@@ -17,7 +17,7 @@ use super::moe::MoePending;
 use super::paged::PagedKvCache;
 use crate::error::{Error, Result};
 use crate::experts::{ExpertBackend, StepContext};
-use crate::ops::{linear, rms_norm};
+use crate::ops::rms_norm;
 
 /// One sequence's share of a step.
 #[derive(Debug, Clone)]
@@ -277,7 +277,9 @@ impl LanguageModel {
         if let Some(tr) = trace {
             tr.hidden_last.push(normed.narrow(0, 0, 1)?.squeeze(0)?);
         }
-        let logits = linear(&normed, &self.lm_head)?
+        let logits = self
+            .lm_head
+            .forward(&normed)?
             .to_dtype(DType::F32)?
             .to_vec2::<f32>()?;
         let wanted = segments

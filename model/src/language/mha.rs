@@ -10,15 +10,15 @@ use candle_core::{Result, Tensor};
 
 use super::attention::attend;
 use crate::error;
-use crate::ops::linear;
+use crate::linear::Linear;
 use crate::weights::Weights;
 
 #[derive(Debug)]
 pub struct MhaAttention {
-    q_proj: Tensor,
-    k_proj: Tensor,
-    v_proj: Tensor,
-    o_proj: Tensor,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
     heads: usize,
     head_dim: usize,
     scale: f64,
@@ -34,10 +34,10 @@ impl MhaAttention {
     ) -> error::Result<Self> {
         let width = heads * head_dim;
         Ok(Self {
-            q_proj: w.get("q_proj.weight", &[width, hidden])?,
-            k_proj: w.get("k_proj.weight", &[width, hidden])?,
-            v_proj: w.get("v_proj.weight", &[width, hidden])?,
-            o_proj: w.get("o_proj.weight", &[hidden, width])?,
+            q_proj: w.linear("q_proj.weight", &[width, hidden])?,
+            k_proj: w.linear("k_proj.weight", &[width, hidden])?,
+            v_proj: w.linear("v_proj.weight", &[width, hidden])?,
+            o_proj: w.linear("o_proj.weight", &[hidden, width])?,
             heads,
             head_dim,
             scale,
@@ -59,10 +59,10 @@ impl MhaAttention {
     pub fn project(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<(Tensor, [Tensor; 2])> {
         let t = x.dim(0)?;
         let q =
-            candle_nn::rotary_emb::rope(&self.split_heads(&linear(x, &self.q_proj)?)?, cos, sin)?;
+            candle_nn::rotary_emb::rope(&self.split_heads(&self.q_proj.forward(x)?)?, cos, sin)?;
         let k =
-            candle_nn::rotary_emb::rope(&self.split_heads(&linear(x, &self.k_proj)?)?, cos, sin)?;
-        let v = linear(x, &self.v_proj)?;
+            candle_nn::rotary_emb::rope(&self.split_heads(&self.k_proj.forward(x)?)?, cos, sin)?;
+        let v = self.v_proj.forward(x)?;
         // (1, heads, t, head_dim) → (t, heads·head_dim)
         let k = k
             .squeeze(0)?
@@ -95,6 +95,6 @@ impl MhaAttention {
 
     /// (tokens, heads·head_dim) → (tokens, hidden).
     pub fn output(&self, o: &Tensor) -> Result<Tensor> {
-        linear(o, &self.o_proj)
+        self.o_proj.forward(o)
     }
 }

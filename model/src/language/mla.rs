@@ -16,7 +16,8 @@ use candle_core::{D, Result, Tensor};
 use super::attention::attend;
 use crate::config::AttentionConfig;
 use crate::error::{self, Error};
-use crate::ops::{linear, rms_norm, softmax_f32};
+use crate::linear::Linear;
+use crate::ops::{rms_norm, softmax_f32};
 use crate::weights::Weights;
 
 /// `q_a_layernorm` / `kv_a_layernorm` use this epsilon whatever `rms_norm_eps` says
@@ -25,8 +26,8 @@ const LATENT_NORM_EPS: f64 = 1e-6;
 
 #[derive(Debug)]
 enum QueryProjection {
-    Direct(Tensor),
-    LowRank { a: Tensor, norm: Tensor, b: Tensor },
+    Direct(Linear),
+    LowRank { a: Linear, norm: Tensor, b: Linear },
 }
 
 /// The queries of a step: the no-RoPE part and the rotated part, per head.
@@ -51,14 +52,16 @@ impl MlaQueries {
 #[derive(Debug)]
 pub struct MlaAttention {
     q: QueryProjection,
-    kv_a_proj: Tensor,
+    kv_a_proj: Linear,
     kv_a_norm: Tensor,
-    kv_b_proj: Tensor,
+    /// Held in the compute dtype: attention also reads it per head, as `w_uk` and
+    /// `w_uv_t` (heads·(nope+v)·rank values, a few MB per layer).
+    kv_b_proj: Linear,
     /// W_UK per head: (heads, nope, rank), a view into `kv_b_proj` (no copy).
     w_uk: Tensor,
     /// W_UVᵀ per head: (heads, rank, v), a view into `kv_b_proj` (no copy).
     w_uv_t: Tensor,
-    o_proj: Tensor,
+    o_proj: Linear,
     heads: usize,
     nope: usize,
     rope: usize,
@@ -90,11 +93,11 @@ impl MlaAttention {
         };
         let q_width = heads * (nope + rope);
         let q = match q_lora_rank {
-            None => QueryProjection::Direct(w.get("q_proj.weight", &[q_width, hidden])?),
+            None => QueryProjection::Direct(w.linear("q_proj.weight", &[q_width, hidden])?),
             Some(qr) => QueryProjection::LowRank {
-                a: w.get("q_a_proj.weight", &[qr, hidden])?,
+                a: w.linear("q_a_proj.weight", &[qr, hidden])?,
                 norm: w.get("q_a_layernorm.weight", &[qr])?,
-                b: w.get("q_b_proj.weight", &[q_width, qr])?,
+                b: w.linear("q_b_proj.weight", &[q_width, qr])?,
             },
         };
         let kv_b_proj = w.get("kv_b_proj.weight", &[heads * (nope + v), rank])?;
@@ -104,12 +107,12 @@ impl MlaAttention {
         let w_uv_t = per_head.narrow(1, nope, v)?.transpose(1, 2)?;
         Ok(Self {
             q,
-            kv_a_proj: w.get("kv_a_proj_with_mqa.weight", &[rank + rope, hidden])?,
+            kv_a_proj: w.linear("kv_a_proj_with_mqa.weight", &[rank + rope, hidden])?,
             kv_a_norm: w.get("kv_a_layernorm.weight", &[rank])?,
-            kv_b_proj,
+            kv_b_proj: Linear::new(kv_b_proj)?,
             w_uk,
             w_uv_t,
-            o_proj: w.get("o_proj.weight", &[hidden, heads * v])?,
+            o_proj: w.linear("o_proj.weight", &[hidden, heads * v])?,
             heads,
             nope,
             rope,
@@ -139,9 +142,9 @@ impl MlaAttention {
         let t = x.dim(0)?;
         let (h, dq) = (self.heads, self.nope + self.rope);
         let q = match &self.q {
-            QueryProjection::Direct(w) => linear(x, w)?,
+            QueryProjection::Direct(w) => w.forward(x)?,
             QueryProjection::LowRank { a, norm, b } => {
-                linear(&rms_norm(&linear(x, a)?, norm, LATENT_NORM_EPS)?, b)?
+                b.forward(&rms_norm(&a.forward(x)?, norm, LATENT_NORM_EPS)?)?
             }
         };
         let q = q.reshape((t, h, dq))?.transpose(0, 1)?; // (heads, t, nope+rope)
@@ -152,7 +155,7 @@ impl MlaAttention {
             .unsqueeze(0)?;
         let pe = candle_nn::rotary_emb::rope_i(&q_pe, cos, sin)?.squeeze(0)?; // (heads, t, rope)
 
-        let kv_a = linear(x, &self.kv_a_proj)?; // (t, rank+rope)
+        let kv_a = self.kv_a_proj.forward(x)?; // (t, rank+rope)
         let c = rms_norm(
             &kv_a.narrow(1, 0, self.rank)?,
             &self.kv_a_norm,
@@ -186,7 +189,7 @@ impl MlaAttention {
 
     /// (tokens, heads·v_head_dim) → (tokens, hidden).
     pub fn output(&self, o: &Tensor) -> Result<Tensor> {
-        linear(o, &self.o_proj)
+        self.o_proj.forward(o)
     }
 
     /// Per-head K/V for this step only: (heads, t, v).
@@ -199,7 +202,9 @@ impl MlaAttention {
         mask: Option<&Tensor>,
     ) -> Result<Tensor> {
         let (h, s) = (self.heads, c.dim(0)?);
-        let kv = linear(c, &self.kv_b_proj)?
+        let kv = self
+            .kv_b_proj
+            .forward(c)?
             .reshape((s, h, self.nope + self.v))?
             .transpose(0, 1)?; // (heads, s, nope+v)
         let k_nope = kv.narrow(D::Minus1, 0, self.nope)?;

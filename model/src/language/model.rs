@@ -14,6 +14,7 @@ use super::paged::{CacheLayout, PagedKvCache};
 use super::rope::RotaryEmbedding;
 use crate::config::{AttentionConfig, LanguageConfig};
 use crate::error::{Error, Result};
+use crate::linear::Linear;
 use crate::weights::LoadTarget;
 
 #[derive(Debug)]
@@ -47,7 +48,7 @@ pub struct LanguageModel {
     embed_tokens: Tensor,
     pub(super) layers: Vec<DecoderLayer>,
     pub(super) norm: Tensor,
-    pub(super) lm_head: Tensor,
+    pub(super) lm_head: Linear,
     pub(super) rope: RotaryEmbedding,
     pub(super) dtype: DType,
     pub(super) device: Device,
@@ -94,9 +95,9 @@ impl LanguageModel {
             });
         }
         Ok(Self {
-            embed_tokens: m.get("embed_tokens.weight", &[v, h])?,
+            embed_tokens: m.table("embed_tokens.weight", &[v, h])?,
             norm: m.get("norm.weight", &[h])?,
-            lm_head: w.get("lm_head.weight", &[v, h])?,
+            lm_head: w.linear("lm_head.weight", &[v, h])?,
             layers,
             rope: RotaryEmbedding::new(
                 cfg.rope_dim(),
@@ -134,7 +135,10 @@ impl LanguageModel {
             )));
         }
         let idx = Tensor::from_slice(ids, ids.len(), &self.device)?;
-        Ok(self.embed_tokens.index_select(&idx, 0)?)
+        Ok(self
+            .embed_tokens
+            .index_select(&idx, 0)?
+            .to_dtype(self.dtype)?)
     }
 
     /// Input embeddings of a multimodal prompt: token embeddings, with the rows of

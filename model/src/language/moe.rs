@@ -7,7 +7,8 @@ use super::mlp::Mlp;
 use crate::config::{MoeConfig, ScoringFunc, TopkMethod};
 use crate::error;
 use crate::experts::{ExpertBackend, ExpertRoute, PendingExperts, StepContext};
-use crate::ops::{linear, sigmoid_in_place, softmax_in_place, top_k};
+use crate::linear::Linear;
+use crate::ops::{sigmoid_in_place, softmax_in_place, top_k};
 use crate::weights::Weights;
 
 /// The routed experts of a batch of tokens for one MoE layer.
@@ -54,8 +55,9 @@ impl Routing {
 /// `mlp.gate`: scores every routed expert and picks the top-k.
 #[derive(Debug)]
 pub struct Gate {
-    /// (experts, hidden), always f32: the reference computes gate logits in f32.
-    weight: Tensor,
+    /// (experts, hidden), always f32 whatever `--weights` says: the reference computes
+    /// gate logits in f32.
+    weight: Linear,
     /// `e_score_correction_bias` (noaux_tc only).
     bias: Option<Vec<f32>>,
     cfg: MoeConfig,
@@ -64,7 +66,7 @@ pub struct Gate {
 impl Gate {
     pub fn new(w: &Weights, hidden: usize, cfg: &MoeConfig) -> error::Result<Self> {
         let e = cfg.n_routed_experts;
-        let weight = w.get_as("weight", &[e, hidden], DType::F32)?;
+        let weight = Linear::new(w.get_as("weight", &[e, hidden], DType::F32)?)?;
         let bias = match cfg.topk_method {
             TopkMethod::NoauxTc => Some(
                 w.get_as("e_score_correction_bias", &[e], DType::F32)?
@@ -81,7 +83,10 @@ impl Gate {
 
     /// Routes `x` (tokens, hidden).
     pub fn route(&self, x: &Tensor) -> Result<Routing> {
-        let logits = linear(&x.to_dtype(DType::F32)?, &self.weight)?.to_vec2::<f32>()?;
+        let logits = self
+            .weight
+            .forward(&x.to_dtype(DType::F32)?)?
+            .to_vec2::<f32>()?;
         let k = self.cfg.num_experts_per_tok;
         let mut experts = Vec::with_capacity(logits.len() * k);
         let mut weights = Vec::with_capacity(logits.len() * k);

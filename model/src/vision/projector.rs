@@ -7,14 +7,14 @@ use candle_core::{DType, Result, Tensor};
 
 use crate::config::ProjectorConfig;
 use crate::error::{self, Error};
-use crate::ops::linear_bias;
+use crate::linear::Linear;
 use crate::weights::Weights;
 
 #[derive(Debug)]
 pub struct Projector {
-    w1: Tensor,
+    w1: Linear,
     b1: Tensor,
-    w2: Tensor,
+    w2: Linear,
     b2: Tensor,
     ratio: usize,
 }
@@ -31,9 +31,9 @@ impl Projector {
         let r = cfg.downsample_ratio;
         let (inp, d) = (vision_width * r * r, cfg.n_embed);
         Ok(Self {
-            w1: w.get("layers.0.weight", &[d, inp])?,
+            w1: w.linear("layers.0.weight", &[d, inp])?,
             b1: w.get("layers.0.bias", &[d])?,
-            w2: w.get("layers.2.weight", &[d, d])?,
+            w2: w.linear("layers.2.weight", &[d, d])?,
             b2: w.get("layers.2.bias", &[d])?,
             ratio: r,
         })
@@ -65,8 +65,10 @@ impl Projector {
             .reshape((n, side, r, side, r, c))?
             .permute((0, 1, 3, 5, 2, 4))?
             .reshape((n * side * side, c * r * r))?;
-        let h = linear_bias(&v, &self.w1, &self.b1)?;
+        let h = self.w1.forward_bias(&v, &self.b1)?;
         let h = h.to_dtype(DType::F32)?.gelu_erf()?.to_dtype(h.dtype())?;
-        linear_bias(&h, &self.w2, &self.b2)?.reshape((n, side * side, ()))
+        self.w2
+            .forward_bias(&h, &self.b2)?
+            .reshape((n, side * side, ()))
     }
 }

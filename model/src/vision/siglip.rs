@@ -7,7 +7,8 @@ use candle_core::{Result, Tensor};
 
 use crate::config::VisionConfig;
 use crate::error;
-use crate::ops::{layer_norm, linear_bias, softmax_f32};
+use crate::linear;
+use crate::ops::{layer_norm, softmax_f32};
 use crate::weights::Weights;
 
 const LN_EPS: f64 = 1e-6;
@@ -33,20 +34,20 @@ impl LayerNorm {
 
 #[derive(Debug)]
 struct Linear {
-    weight: Tensor,
+    weight: linear::Linear,
     bias: Tensor,
 }
 
 impl Linear {
     fn new(w: &Weights, out: usize, inp: usize) -> error::Result<Self> {
         Ok(Self {
-            weight: w.get("weight", &[out, inp])?,
+            weight: w.linear("weight", &[out, inp])?,
             bias: w.get("bias", &[out])?,
         })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        linear_bias(x, &self.weight, &self.bias)
+        self.weight.forward_bias(x, &self.bias)
     }
 }
 
@@ -108,7 +109,7 @@ impl Block {
 /// The SigLIP tower.
 #[derive(Debug)]
 pub struct SigLip {
-    patch_weight: Tensor,
+    patch_weight: linear::Linear,
     patch_bias: Tensor,
     pos_embed: Tensor,
     blocks: Vec<Block>,
@@ -128,9 +129,7 @@ impl SigLip {
             .collect::<error::Result<Vec<_>>>()?;
         Ok(Self {
             // Conv2d(3 → C, k=p, s=p) as a matmul over flattened (channel, row, col) patches.
-            patch_weight: w
-                .get("patch_embed.proj.weight", &[c, 3, p, p])?
-                .reshape((c, 3 * p * p))?,
+            patch_weight: w.linear("patch_embed.proj.weight", &[c, 3, p, p])?,
             patch_bias: w.get("patch_embed.proj.bias", &[c])?,
             pos_embed: w.get("pos_embed", &[1, grid * grid, c])?.squeeze(0)?,
             blocks,
@@ -162,7 +161,9 @@ impl SigLip {
             .reshape((n, ch, g, p, g, p))?
             .permute((0, 2, 4, 1, 3, 5))? // (n, row, col, channel, kh, kw)
             .reshape((n * g * g, ch * p * p))?;
-        let x = linear_bias(&patches, &self.patch_weight, &self.patch_bias)?
+        let x = self
+            .patch_weight
+            .forward_bias(&patches, &self.patch_bias)?
             .reshape((n, g * g, self.width))?
             .broadcast_add(&self.pos_embed)?;
         let mut x = x;

@@ -12,6 +12,7 @@ use serde_json::Value;
 use tessera_model::chat::Message;
 use tessera_model::image_tokens::Tiling;
 use tessera_model::pipeline::Pipeline;
+use tessera_model::weights::WeightFormat;
 
 /// A fixture folder under `tests/fixtures`.
 pub fn fixture(name: &str) -> PathBuf {
@@ -109,6 +110,6 @@ pub fn images(dir: &Path, messages: &[Message]) -> Vec<image::RgbImage> {
 /// A fixture checkpoint loaded whole, in f32 on the CPU.
 pub fn load(name: &str) -> (PathBuf, Pipeline) {
     let dir = fixture(name);
-    let pipeline = Pipeline::load(&dir, DType::F32, &Device::Cpu).unwrap();
+    let pipeline = Pipeline::load(&dir, DType::F32, WeightFormat::Auto, &Device::Cpu).unwrap();
     (dir, pipeline)
 }

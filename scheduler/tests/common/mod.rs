@@ -11,6 +11,7 @@ use candle_core::{DType, Device};
 use serde_json::Value;
 use tessera_model::chat::Message;
 use tessera_model::pipeline::Pipeline;
+use tessera_model::weights::WeightFormat;
 use tessera_proto::MAX_MESSAGE_BYTES;
 use tessera_proto::internal::v1::scheduler_client::SchedulerClient;
 use tessera_proto::internal::v1::token_event::Event;
@@ -207,7 +208,8 @@ pub async fn case_request(fixture: &str, name: &str) -> (SubmitRequest, Vec<u32>
     } else {
         let dir = fixture_dir(fixture);
         let prepare = move || {
-            let pipeline = Pipeline::load(&dir, DType::F32, &Device::Cpu).unwrap();
+            let pipeline =
+                Pipeline::load(&dir, DType::F32, WeightFormat::Auto, &Device::Cpu).unwrap();
             let images: Vec<image::RgbImage> = messages
                 .iter()
                 .flat_map(|m| &m.images)

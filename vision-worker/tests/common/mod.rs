@@ -11,6 +11,7 @@ use serde_json::Value;
 use tessera_model::chat::Message;
 use tessera_model::pipeline::{Pipeline, PreparedPrompt};
 use tessera_model::processor::{ImageLimits, decode_image};
+use tessera_model::weights::WeightFormat;
 use tessera_proto::MAX_MESSAGE_BYTES;
 use tessera_proto::internal::v1::vision_client::VisionClient;
 use tessera_proto::internal::v1::{EncodeRequest, EncodeResponse, EncodedImage, ImageInput};
@@ -69,7 +70,7 @@ pub fn request(names: &[&str]) -> EncodeRequest {
 
 /// The reference: `Pipeline::prepare` in one process.
 pub fn prepare(dtype: DType, messages: &[Message], names: &[String]) -> PreparedPrompt {
-    let pipeline = Pipeline::load(&fixture(), dtype, &Device::Cpu).unwrap();
+    let pipeline = Pipeline::load(&fixture(), dtype, WeightFormat::Auto, &Device::Cpu).unwrap();
     let images: Vec<_> = names
         .iter()
         .map(|n| decode_image(&image_bytes(n), &ImageLimits::default()).unwrap())

@@ -1,0 +1,61 @@
+//! Linear products at Tiny's widths (`cargo bench -p tessera-model --bench linear`):
+//! candle's f32 matrix multiply against [`Linear::forward`] with the weight held as
+//! f32, bf16, f16 and int8, for 1–64 rows of `x`. Prints milliseconds per product and
+//! the weight bytes streamed per second by each.
+//!
+//! Up to [`gemv::MAX_ROWS`] rows `Linear` runs the decode kernel; above, bf16/f16/int8
+//! weights go through the widened panels and f32 through candle's multiply.
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use tessera_model::linear::{Linear, gemv};
+
+fn time(iters: usize, mut f: impl FnMut() -> candle_core::Result<()>) -> candle_core::Result<f64> {
+    f()?;
+    let start = Instant::now();
+    for _ in 0..iters {
+        f()?;
+    }
+    Ok(start.elapsed().as_secs_f64() * 1e3 / iters as f64)
+}
+
+fn main() -> candle_core::Result<()> {
+    let dev = Device::Cpu;
+    println!(
+        "rows ≤ {} use the decode kernel; GB/s = weight bytes held / time",
+        gemv::MAX_ROWS
+    );
+    // lm_head, attention projection, expert up/gate and down at Tiny's widths.
+    for (n, k) in [
+        (129280usize, 1280usize),
+        (1280, 1280),
+        (896, 1280),
+        (1280, 896),
+    ] {
+        let w = Tensor::randn(0f32, 0.02, (n, k), &dev)?;
+        let layers = [
+            Linear::new(w.clone())?,
+            Linear::new(w.to_dtype(DType::BF16)?)?,
+            Linear::new(w.to_dtype(DType::F16)?)?,
+            Linear::int8(&w)?,
+        ];
+        let iters = if n > 10_000 { 3 } else { 100 };
+        for m in [1usize, 2, 4, 8, 16, 32, 64] {
+            let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
+            let wt = w.t()?;
+            let blocked = time(iters, || x.matmul(&wt).map(drop))?;
+            let mut line = format!("({m:>2} × {k}) · ({n} × {k})ᵀ  candle f32 {blocked:8.3} ms");
+            for layer in &layers {
+                let ms = time(iters, || layer.forward(&x).map(drop))?;
+                let gbs = layer.bytes() as f64 / (ms * 1e-3) / 1e9;
+                line.push_str(&format!(
+                    "  {} {ms:8.3} ms ({gbs:5.1} GB/s)",
+                    layer.format()
+                ));
+            }
+            println!("{line}");
+        }
+    }
+    Ok(())
+}
