@@ -27,6 +27,7 @@ pub mod experts;
 pub mod fingerprint;
 pub mod generate;
 pub mod grounding;
+pub mod held;
 pub mod image_tokens;
 pub mod language;
 pub mod linear;

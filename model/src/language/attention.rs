@@ -132,3 +132,12 @@ impl Attention {
         }
     }
 }
+
+impl crate::held::Held for Attention {
+    fn held_bytes(&self) -> usize {
+        match self {
+            Attention::Mha(a) => a.held_bytes(),
+            Attention::Mla(a) => a.held_bytes(),
+        }
+    }
+}

@@ -98,3 +98,9 @@ impl MhaAttention {
         self.o_proj.forward(o)
     }
 }
+
+impl crate::held::Held for MhaAttention {
+    fn held_bytes(&self) -> usize {
+        crate::held::held!(self.q_proj, self.k_proj, self.v_proj, self.o_proj)
+    }
+}

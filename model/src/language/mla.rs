@@ -241,3 +241,14 @@ impl MlaAttention {
         o_c.matmul(&self.w_uv_t) // (heads, t, v)
     }
 }
+
+impl crate::held::Held for MlaAttention {
+    /// `w_uk` and `w_uv_t` are views into `kv_b_proj`'s weight and are not counted.
+    fn held_bytes(&self) -> usize {
+        let q = match &self.q {
+            QueryProjection::Direct(l) => crate::held::held!(l),
+            QueryProjection::LowRank { a, norm, b } => crate::held::held!(a, norm, b),
+        };
+        q + crate::held::held!(self.kv_a_proj, self.kv_a_norm, self.kv_b_proj, self.o_proj)
+    }
+}

@@ -40,3 +40,9 @@ impl Mlp {
             .sum()
     }
 }
+
+impl crate::held::Held for Mlp {
+    fn held_bytes(&self) -> usize {
+        self.bytes()
+    }
+}

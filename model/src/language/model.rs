@@ -3,6 +3,7 @@
 //! `modeling_deepseek.py`). Routed experts are computed through an
 //! [`ExpertBackend`]; everything else is loaded here.
 
+use crate::held::{Held, held};
 use candle_core::{DType, Device, Tensor};
 
 use super::attention::Attention;
@@ -222,5 +223,26 @@ impl LanguageModel {
             self.dtype,
             &self.device,
         )?)
+    }
+}
+
+impl Held for DecoderLayer {
+    fn held_bytes(&self) -> usize {
+        let ffn = match &self.ffn {
+            FeedForward::Dense(mlp) => mlp.held_bytes(),
+            FeedForward::Moe(moe) => moe.held_bytes(),
+        };
+        ffn + held!(
+            self.input_layernorm,
+            self.post_attention_layernorm,
+            self.attention
+        )
+    }
+}
+
+impl Held for LanguageModel {
+    /// Every weight but the routed experts (see [`crate::experts::LocalExperts::bytes`]).
+    fn held_bytes(&self) -> usize {
+        held!(self.embed_tokens, self.layers, self.norm, self.lm_head)
     }
 }

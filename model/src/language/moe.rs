@@ -222,3 +222,10 @@ impl MoePending<'_> {
         })
     }
 }
+
+impl crate::held::Held for MoeBlock {
+    /// The gate and the shared experts; routed experts are held by an expert backend.
+    fn held_bytes(&self) -> usize {
+        crate::held::held!(self.gate.weight, self.gate.bias, self.shared)
+    }
+}

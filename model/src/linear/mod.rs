@@ -4,8 +4,7 @@
 //! | weight | rows of `x` | kernel |
 //! |---|---|---|
 //! | any | 1 – [`gemv::MAX_ROWS`] | [`gemv`]: each weight row streamed once, widened inside the dot product |
-//! | bf16, f16, int8 | more | [`panels`]: weight panels widened to f32 in L2-sized blocks, f32 `gemm` |
-//! | f32 | more | candle's matrix multiply |
+//! | any | more | [`panels`]: weight panels widened to f32 in L2-sized blocks (f32 read in place), f32 `gemm` |
 //!
 //! `x` in f32 gives f32 out; any other `x` dtype is computed the same way in f32 and the
 //! result cast back, except when `x` and a dense weight share the dtype (candle's product).
@@ -142,12 +141,7 @@ impl Linear {
             candle_core::bail!("linear: x has {k} columns, the weight ({n}, {k_w})");
         }
         if let Weight::Dense(w) = &self.weight {
-            let f32_matmul =
-                x.dtype() == DType::F32 && w.dtype() == DType::F32 && m > gemv::MAX_ROWS;
-            if f32_matmul
-                || (x.dtype() == w.dtype() && x.dtype() != DType::F32)
-                || !x.device().is_cpu()
-            {
+            if (x.dtype() == w.dtype() && x.dtype() != DType::F32) || !x.device().is_cpu() {
                 return x.matmul(&w.to_dtype(x.dtype())?.t()?);
             }
         }
@@ -168,6 +162,9 @@ impl Linear {
 
 /// The kernel for `m` rows.
 fn product<R: WeightRows>(xs: &[f32], m: usize, w: &R) -> Vec<f32> {
+    if m == 0 || w.rows() == 0 || w.cols() == 0 {
+        return vec![0f32; m * w.rows()];
+    }
     if m <= gemv::MAX_ROWS {
         gemv::small_rows(xs, w)
     } else {
@@ -185,4 +182,167 @@ fn with_f32<T>(x: &Tensor, f: impl FnOnce(&[f32]) -> Result<T>) -> Result<T> {
         candle_core::bail!("linear: x is not on the CPU");
     };
     f(&cpu.as_slice::<f32>()?[start..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Device;
+
+    use super::*;
+
+    /// Deterministic values in [-1, 1) (a 64-bit LCG).
+    fn values(len: usize, seed: u64) -> Vec<f32> {
+        let mut state = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (0..len)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((state >> 40) as f32 / (1u64 << 23) as f32) - 1.0
+            })
+            .collect()
+    }
+
+    fn tensor(rows: usize, cols: usize, seed: u64) -> Tensor {
+        Tensor::from_vec(values(rows * cols, seed), (rows, cols), &Device::Cpu).unwrap()
+    }
+
+    /// The layers under test for one f32 weight: as f32, bf16, f16 and int8.
+    fn layers(w: &Tensor) -> Vec<Linear> {
+        vec![
+            Linear::new(w.clone()).unwrap(),
+            Linear::new(w.to_dtype(DType::BF16).unwrap()).unwrap(),
+            Linear::new(w.to_dtype(DType::F16).unwrap()).unwrap(),
+            Linear::int8(w).unwrap(),
+        ]
+    }
+
+    /// `forward` equals candle's f32 product of the widened weight, for the decode
+    /// kernel (m ≤ 4) and the panels (m > 4), at widths that are not multiples of the
+    /// SIMD width, the int8 block or the panel.
+    #[test]
+    fn every_format_equals_the_product_of_its_widened_weight() {
+        for (n, k) in [
+            (1usize, 1usize),
+            (7, 31),
+            (70, 133),
+            (37, 588),
+            (530, 97),
+            (20, 4304),
+        ] {
+            let w = tensor(n, k, (n * 1000 + k) as u64);
+            for layer in layers(&w) {
+                let dense = layer.to_dense().unwrap().to_dtype(DType::F32).unwrap();
+                for m in [1usize, 2, 3, 4, 5, 17, 40, 600] {
+                    let x = tensor(m, k, m as u64);
+                    let got = layer.forward(&x).unwrap();
+                    assert_eq!(got.dims2().unwrap(), (m, n));
+                    let want = x.matmul(&dense.t().unwrap()).unwrap();
+                    let bound = x
+                        .abs()
+                        .unwrap()
+                        .matmul(&dense.abs().unwrap().t().unwrap())
+                        .unwrap();
+                    let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                    let want = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                    let bound = bound.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                    for (i, ((g, w), b)) in got.iter().zip(&want).zip(&bound).enumerate() {
+                        // Both sum the same f32 products in different orders.
+                        let tol = 1e-6 * (k as f32).sqrt() * b.max(1.0);
+                        assert!(
+                            (g - w).abs() <= tol,
+                            "{} weight ({n}, {k}), m {m}: element {i} is {g}, the product {w} (tolerance {tol})",
+                            layer.format()
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Every int8 value is within half a step of its block's scale of the weight, the
+    /// scale is the block's absmax / 127, and an all-zero block stays zero.
+    #[test]
+    fn int8_round_trip_is_within_half_a_step_of_each_block() {
+        let (n, k) = (9usize, 100usize);
+        let mut w = values(n * k, 7);
+        w[k..2 * k].fill(0.0);
+        w[5 * k + 3] = 40.0; // one large value only coarsens its own block
+        let t = Tensor::from_vec(w.clone(), (n, k), &Device::Cpu).unwrap();
+        let layer = Linear::int8(&t).unwrap();
+        assert_eq!(layer.format(), "int8");
+        assert_eq!(layer.bytes(), n * k + 4 * n * k.div_ceil(rows::INT8_BLOCK));
+        let back = layer
+            .to_dense()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        for r in 0..n {
+            for (b, block) in w[r * k..(r + 1) * k].chunks(rows::INT8_BLOCK).enumerate() {
+                let max = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let step = max / 127.0;
+                for (c, &v) in block.iter().enumerate() {
+                    let i = r * k + b * rows::INT8_BLOCK + c;
+                    assert!(
+                        (back[i] - v).abs() <= step / 2.0 + 1e-7,
+                        "row {r} column {}: {v} came back as {}",
+                        b * rows::INT8_BLOCK + c,
+                        back[i]
+                    );
+                }
+            }
+        }
+        assert!(back[k..2 * k].iter().all(|&v| v == 0.0));
+        assert_eq!(back[5 * k + 3], 40.0);
+    }
+
+    /// Held bytes follow the format; bf16 and f16 hold the tensor itself, not a copy.
+    #[test]
+    fn held_bytes_follow_the_format() {
+        let w = tensor(64, 96, 3);
+        let sizes: Vec<_> = layers(&w).iter().map(|l| (l.format(), l.bytes())).collect();
+        assert_eq!(
+            sizes,
+            [
+                ("f32", 64 * 96 * 4),
+                ("bf16", 64 * 96 * 2),
+                ("f16", 64 * 96 * 2),
+                ("int8", 64 * 96 + 64 * 3 * 4)
+            ]
+        );
+    }
+
+    /// An `x` in another dtype is computed in f32 and returned in its own dtype; a
+    /// width mismatch is an error naming both widths.
+    #[test]
+    fn other_input_dtypes_and_wrong_widths() {
+        let w = tensor(12, 40, 11);
+        let x = tensor(6, 40, 12);
+        for layer in layers(&w) {
+            let want = layer.forward(&x).unwrap();
+            for dtype in [DType::BF16, DType::F16] {
+                let got = layer.forward(&x.to_dtype(dtype).unwrap()).unwrap();
+                assert_eq!(got.dtype(), dtype);
+                let diff = (got.to_dtype(DType::F32).unwrap() - &want)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert!(
+                    diff < 0.1,
+                    "{} weight, {dtype:?} x: off by {diff}",
+                    layer.format()
+                );
+            }
+            let err = layer.forward(&tensor(2, 41, 1)).unwrap_err().to_string();
+            assert!(err.contains("41") && err.contains("40"), "{err}");
+        }
+    }
 }

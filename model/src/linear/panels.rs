@@ -1,5 +1,6 @@
 //! `x · wᵀ` for many rows of `x` (prefill: the vision tower, the language prompt, the
-//! projector, experts with many routed rows) from weights stored as bf16, f16 or int8.
+//! projector, experts with many routed rows) from weights stored as f32, bf16, f16 or
+//! int8.
 //!
 //! The weights are widened to f32 one panel of rows at a time into a buffer sized for
 //! the L2 cache, and each panel is multiplied with a block of rows of `x` by the `gemm`
@@ -9,6 +10,10 @@
 //! the vec-dot type chunk by chunk), here with whole panels so that the widening cost,
 //! one pass over the stored weights per block of rows of `x`, is small against the
 //! product's `2·m·n·k` flops. No f32 copy of the whole matrix is ever made.
+//!
+//! f32 weights go through the same panels, read in place: a bf16 weight and an f32 copy
+//! of its values give bit-identical products, so a checkpoint's precision is the only
+//! thing that changes when it is held at its own size.
 
 use rayon::prelude::*;
 
@@ -46,10 +51,16 @@ pub fn product<R: WeightRows>(xs: &[f32], w: &R) -> Vec<f32> {
             let (p, c) = (task / chunks, task % chunks);
             let (j0, i0) = (p * nb, c * mb);
             let (cols, rows) = (nb.min(n - j0), mb.min(m - i0));
-            panel.resize(cols * k, 0.0);
-            for (j, row) in panel.chunks_exact_mut(k).enumerate() {
-                w.widen_row(j0 + j, row);
-            }
+            let panel: &[f32] = match w.f32_rows(j0, cols) {
+                Some(rows) => rows,
+                None => {
+                    panel.resize(cols * k, 0.0);
+                    for (j, row) in panel.chunks_exact_mut(k).enumerate() {
+                        w.widen_row(j0 + j, row);
+                    }
+                    panel
+                }
+            };
             let x = &xs[i0 * k..(i0 + rows) * k];
             // SAFETY: `gemm` reads `rows × k` values of `x` (row stride k, column stride 1)
             // and `k × cols` values of the panel (element (kk, j) at `j·k + kk`), both in

@@ -20,6 +20,35 @@ pub trait WeightRows: Sync {
     fn row_dots(&self, r: usize, xs: &[f32], outs: &mut [f32], scratch: &mut Vec<f32>);
     /// Row `r` widened to f32 into `out` (k long).
     fn widen_row(&self, r: usize, out: &mut [f32]);
+    /// Rows `first..first + count` as they are, when the weight already holds f32 (the
+    /// panel kernel then reads them in place instead of widening a copy).
+    fn f32_rows(&self, _first: usize, _count: usize) -> Option<&[f32]> {
+        None
+    }
+}
+
+/// Element types of dense weights.
+pub trait Elem: Copy + Send + Sync {
+    /// The slice itself when the elements are f32.
+    fn as_f32(values: &[Self]) -> Option<&[f32]>;
+}
+
+impl Elem for f32 {
+    fn as_f32(values: &[Self]) -> Option<&[f32]> {
+        Some(values)
+    }
+}
+
+impl Elem for bf16 {
+    fn as_f32(_: &[Self]) -> Option<&[f32]> {
+        None
+    }
+}
+
+impl Elem for f16 {
+    fn as_f32(_: &[Self]) -> Option<&[f32]> {
+        None
+    }
 }
 
 /// Dot product of `a` with `b` read through `wide`, with 16 independent partial sums
@@ -71,6 +100,9 @@ macro_rules! dense_rows {
             fn widen_row(&self, r: usize, $out: &mut [f32]) {
                 let $wrow = self.row(r);
                 $widen
+            }
+            fn f32_rows(&self, first: usize, count: usize) -> Option<&[f32]> {
+                <$t as Elem>::as_f32(&self.data[first * self.k..(first + count) * self.k])
             }
         }
     };

@@ -126,3 +126,14 @@ impl VisionModel {
         Ok(out)
     }
 }
+
+impl crate::held::Held for VisionModel {
+    fn held_bytes(&self) -> usize {
+        crate::held::held!(
+            self.tower,
+            self.projector,
+            self.image_newline,
+            self.view_separator
+        )
+    }
+}

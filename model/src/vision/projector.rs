@@ -72,3 +72,9 @@ impl Projector {
             .reshape((n, side * side, ()))
     }
 }
+
+impl crate::held::Held for Projector {
+    fn held_bytes(&self) -> usize {
+        crate::held::held!(self.w1, self.b1, self.w2, self.b2)
+    }
+}

@@ -3,6 +3,7 @@
 //! over the top-left 378×378 pixels of each 384×384 tile, a learned position embedding,
 //! pre-norm blocks with tanh-GELU, and a final LayerNorm. The attention-pool head is not run.
 
+use crate::held::{Held, held};
 use candle_core::{Result, Tensor};
 
 use crate::config::VisionConfig;
@@ -188,5 +189,37 @@ mod tests {
                 * (1.0 + ((2.0 / std::f32::consts::PI).sqrt() * (v + 0.044715 * v * v * v)).tanh());
             assert!((g - t).abs() < 1e-6, "{g} vs {t}");
         }
+    }
+}
+
+impl Held for LayerNorm {
+    fn held_bytes(&self) -> usize {
+        held!(self.weight, self.bias)
+    }
+}
+
+impl Held for Linear {
+    fn held_bytes(&self) -> usize {
+        held!(self.weight, self.bias)
+    }
+}
+
+impl Held for Block {
+    fn held_bytes(&self) -> usize {
+        held!(
+            self.norm1, self.qkv, self.proj, self.norm2, self.fc1, self.fc2
+        )
+    }
+}
+
+impl Held for SigLip {
+    fn held_bytes(&self) -> usize {
+        held!(
+            self.patch_weight,
+            self.patch_bias,
+            self.pos_embed,
+            self.blocks,
+            self.norm
+        )
     }
 }
