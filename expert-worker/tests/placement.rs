@@ -2,12 +2,12 @@
 //! in-process discovery. Each worker holds exactly its share, about 1/N of the
 //! expert memory, and the shares move when workers join or leave.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use tessera_expert_worker::Config;
 use tessera_model::config::ModelConfig;
 use tessera_model::experts::{ExpertSelection, LocalExperts};
@@ -39,9 +39,14 @@ struct Worker {
 }
 
 async fn start(discovery: &Arc<MemoryDiscovery>, id: &str) -> Worker {
+    start_with(discovery, id, fixture()).await
+}
+
+/// A worker serving the snapshot in `model`.
+async fn start_with(discovery: &Arc<MemoryDiscovery>, id: &str, model: PathBuf) -> Worker {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let mut cfg = Config::new(fixture());
+    let mut cfg = Config::new(model);
     cfg.member.id = Some(id.to_string());
     cfg.member.grace_seconds = 5;
     let stop = CancellationToken::new();
@@ -212,6 +217,91 @@ async fn a_workers_memory_is_its_share_of_the_experts() {
             w.id, i.held_bytes
         );
     }
+    for w in workers {
+        w.stop.cancel();
+        w.task.await.unwrap().unwrap();
+    }
+}
+
+/// A copy of the fixture with every tensor rounded to bf16, in `dir`, removed on drop.
+struct Bf16Snapshot(PathBuf);
+
+impl Bf16Snapshot {
+    fn new(test: &str) -> Self {
+        let dir =
+            std::env::temp_dir().join(format!("tessera-expert-{}-{test}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        for entry in std::fs::read_dir(fixture()).unwrap() {
+            let entry = entry.unwrap();
+            if entry.file_type().unwrap().is_file() && entry.file_name() != "model.safetensors" {
+                std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
+            }
+        }
+        let tensors =
+            candle_core::safetensors::load(fixture().join("model.safetensors"), &Device::Cpu)
+                .unwrap();
+        let bf16: HashMap<String, Tensor> = tensors
+            .into_iter()
+            .map(|(name, t)| (name, t.to_dtype(DType::BF16).unwrap()))
+            .collect();
+        candle_core::safetensors::save(&bf16, dir.join("model.safetensors")).unwrap();
+        Self(dir)
+    }
+
+    /// Bytes the checkpoint stores for the routed experts in `pairs`.
+    fn stored_bytes(&self, pairs: &BTreeSet<(usize, usize)>) -> usize {
+        let tensors =
+            candle_core::safetensors::load(self.0.join("model.safetensors"), &Device::Cpu).unwrap();
+        let mut bytes = 0;
+        for (layer, expert) in pairs {
+            for m in ["gate_proj", "up_proj", "down_proj"] {
+                let name = format!("language.model.layers.{layer}.mlp.experts.{expert}.{m}.weight");
+                let t = &tensors[&name];
+                assert_eq!(t.dtype(), DType::BF16);
+                bytes += t.elem_count() * 2;
+            }
+        }
+        bytes
+    }
+}
+
+impl Drop for Bf16Snapshot {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Given a bf16 checkpoint, a worker holds its share in bf16: the bytes it reports are
+/// the checkpoint's stored bytes of exactly the experts it holds (half of an f32 worker's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_on_a_bf16_checkpoint_holds_its_share_at_bf16_size() {
+    let snapshot = Bf16Snapshot::new("bf16-share");
+    let discovery = Arc::new(MemoryDiscovery::new());
+    let workers = [
+        start_with(&discovery, "h0", snapshot.0.clone()).await,
+        start_with(&discovery, "h1", snapshot.0.clone()).await,
+    ];
+    let refs: Vec<&Worker> = workers.iter().collect();
+    settled(&discovery, &refs, 1).await;
+    let total = total_expert_bytes();
+    let mut sum = 0;
+    for w in &refs {
+        let i = info(w).await;
+        let held = pairs(&i.held);
+        assert!(!held.is_empty());
+        let want = snapshot.stored_bytes(&held);
+        println!(
+            "worker {}: {} experts, {} bytes held, {want} stored in bf16",
+            w.id,
+            held.len(),
+            i.held_bytes
+        );
+        assert_eq!(i.held_bytes as usize, want, "worker {}", w.id);
+        sum += want;
+    }
+    // Together they hold every expert, at half the f32 bytes.
+    assert_eq!(2 * sum, total);
     for w in workers {
         w.stop.cancel();
         w.task.await.unwrap().unwrap();
