@@ -1,7 +1,8 @@
 //! DeepSeek-VL2 in candle: everything that runs the model, nothing that serves it.
 //!
 //! - [`config`]: the released `config.json` / `processor_config.json` with reference defaults
-//! - [`weights`]: memory-mapped safetensors snapshots, loaded by name
+//! - [`weights`]: safetensors snapshots, each tensor read by name into its stored dtype;
+//!   [`weights::WeightFormat`] says how linear weights are held
 //! - [`fingerprint`]: a short hash of a snapshot's config and tensor layout
 //! - [`chat`]: tokenizer, processor special tokens and the `deepseek` chat template
 //! - [`image_tokens`]: how many image tokens a tiling expands to
@@ -17,7 +18,9 @@
 //!   prompt ids and image embeddings
 //! - [`processor`]: image bytes → RGB → 384×384 tiles → normalised tensor, bit-exact with the reference processor
 //! - [`vision`]: the SigLIP tower, the projector and the image-token assembly
-//! - [`ops`]: small tensor helpers; [`gemv`]: the bandwidth-bound product for decode steps
+//! - [`linear`]: linear layers over f32/bf16/f16/int8 weights computing in f32 (decode
+//!   and prefill kernels); [`held`]: the bytes of weights each part holds
+//! - [`ops`]: small tensor helpers
 
 pub mod chat;
 pub mod config;

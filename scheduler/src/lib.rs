@@ -133,6 +133,8 @@ impl member::Service for Scheduler {
         tracing::info!(
             tensors = snapshot.weight_tensors,
             routed_expert_tensors = snapshot.routed_expert_tensors,
+            weights = %ctx.compute.weights,
+            held_bytes = tessera_model::held::Held::held_bytes(&loaded.model),
             "scheduler weights loaded (routed experts live on expert-workers)"
         );
         // Routing follows the placement until the drain is over: in-flight

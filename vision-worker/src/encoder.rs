@@ -103,6 +103,8 @@ fn model_thread(
     tracing::info!(
         model = %model.display(),
         ?dtype,
+        weights = %compute.weights,
+        held_bytes = tessera_model::held::Held::held_bytes(&vision),
         fingerprint = %info.fingerprint,
         seconds = started.elapsed().as_secs_f64(),
         "vision model loaded"
