@@ -98,3 +98,24 @@ mod tests {
         Ok(())
     }
 }
+
+/// Runs `f` on the values of two contiguous f32 CPU tensors.
+pub fn with_f32_slices<T>(
+    a: &Tensor,
+    b: &Tensor,
+    f: impl FnOnce(&[f32], &[f32]) -> T,
+) -> Result<T> {
+    let (sa, la) = a.storage_and_layout();
+    let (sb, lb) = b.storage_and_layout();
+    let (Some((a0, a1)), Some((b0, b1))) = (la.contiguous_offsets(), lb.contiguous_offsets())
+    else {
+        candle_core::bail!("with_f32_slices: a tensor is not contiguous");
+    };
+    let (candle_core::Storage::Cpu(ca), candle_core::Storage::Cpu(cb)) = (&*sa, &*sb) else {
+        candle_core::bail!("with_f32_slices: a tensor is not on the CPU");
+    };
+    Ok(f(
+        &ca.as_slice::<f32>()?[a0..a1],
+        &cb.as_slice::<f32>()?[b0..b1],
+    ))
+}

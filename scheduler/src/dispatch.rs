@@ -83,10 +83,18 @@ pub enum Failure {
 }
 
 /// Whether a worker's error status is one a newer routing table can fix: the
-/// worker is gone or unreachable, or its placement moved on.
+/// worker is gone or unreachable, or its placement moved on. An INTERNAL status that
+/// carries a source error was made by this side's transport (the connection or stream
+/// broke: tonic reports a peer's stream reset as INTERNAL "h2 protocol error"), not
+/// sent by the worker, and counts as the worker being gone.
 pub fn classify(layer: usize, worker: &str, status: tonic::Status) -> Failure {
     use tonic::Code;
+    let transport = std::error::Error::source(&status).is_some();
     match status.code() {
+        Code::Internal if transport => Failure::Retry(format!(
+            "layer {layer}: expert-worker {worker}: the connection broke: {}",
+            status.message()
+        )),
         Code::Unavailable
         | Code::FailedPrecondition
         | Code::Unknown
@@ -140,6 +148,21 @@ mod tests {
     use std::collections::BTreeSet;
 
     use super::*;
+
+    #[test]
+    fn a_broken_stream_is_retried_and_a_workers_internal_error_is_not() {
+        let mut broken = tonic::Status::internal("h2 protocol error: stream reset");
+        broken.set_source(std::sync::Arc::new(std::io::Error::other("reset by peer")));
+        assert!(
+            matches!(classify(1, "w", broken), Failure::Retry(m) if m.contains("connection broke"))
+        );
+        let answered = tonic::Status::internal("the worker's own failure");
+        assert!(matches!(classify(1, "w", answered), Failure::Fatal(_)));
+        assert!(matches!(
+            classify(1, "w", tonic::Status::unavailable("gone")),
+            Failure::Retry(_)
+        ));
+    }
 
     fn placement() -> Placement {
         let workers: Vec<String> = vec!["a".into(), "b".into()];

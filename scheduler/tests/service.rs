@@ -149,7 +149,13 @@ async fn bad_requests_are_refused_and_the_next_request_works() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_is_resource_exhausted() {
-    let cluster = Cluster::start("tiny-mha-softmax", 1, |c| c.max_queue = 1).await;
+    // One sequence runs at a time, so the second request waits and the third finds
+    // the queue full, however fast the first one's steps are.
+    let cluster = Cluster::start("tiny-mha-softmax", 1, |c| {
+        c.max_queue = 1;
+        c.engine.max_seqs = 1;
+    })
+    .await;
     let ids = json_ids(&case("tiny-mha-softmax", "text_only")["input_ids"]);
     let mut accepted = Vec::new();
     let mut refused = Vec::new();
@@ -162,7 +168,7 @@ async fn a_full_queue_is_resource_exhausted() {
             Err(status) => refused.push(status),
         }
     }
-    // One runs or waits, one waits; the queue holds one.
+    // One runs, one waits in the queue of one.
     assert!(!refused.is_empty(), "3 requests with a queue of 1");
     for status in &refused {
         assert_eq!(status.code(), Code::ResourceExhausted);

@@ -81,6 +81,11 @@ impl MhaAttention {
         mask: Option<&Tensor>,
     ) -> Result<Tensor> {
         let (t, s) = (q.dim(1)?, keys.dim(0)?);
+        if t == 1 && mask.is_none() {
+            if let Some(out) = self.attend_one(q, keys, values)? {
+                return Ok(out);
+            }
+        }
         // (s, heads·head_dim) → (heads, s, head_dim)
         let keys = keys
             .reshape((s, self.heads, self.head_dim))?
@@ -91,6 +96,47 @@ impl MhaAttention {
         let out = attend(q, &keys, &values, self.scale, mask)?; // (heads, t, head_dim)
         out.transpose(0, 1)?
             .reshape((t, self.heads * self.head_dim))
+    }
+
+    /// One query token (a decode step) in f32 on the CPU: each head's scores are dot
+    /// products with the cached rows read in place, so the keys and values are
+    /// streamed once, without the transposed copies a batched matrix multiply of one
+    /// row needs. `None` for other dtypes or devices (the general path then runs).
+    fn attend_one(&self, q: &Tensor, keys: &Tensor, values: &Tensor) -> Result<Option<Tensor>> {
+        use rayon::prelude::*;
+        let f32_cpu = |t: &Tensor| t.dtype() == candle_core::DType::F32 && t.device().is_cpu();
+        if !(f32_cpu(q) && f32_cpu(keys) && f32_cpu(values)) {
+            return Ok(None);
+        }
+        let (hd, width) = (self.head_dim, self.heads * self.head_dim);
+        let q = q.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let (keys, values) = (keys.contiguous()?, values.contiguous()?);
+        let out = crate::ops::with_f32_slices(&keys, &values, |k, v| {
+            let s = k.len() / width;
+            let mut out = vec![0f32; width];
+            out.par_chunks_mut(hd).enumerate().for_each(|(h, out)| {
+                let qh = &q[h * hd..(h + 1) * hd];
+                let mut scores: Vec<f32> = (0..s)
+                    .map(|j| {
+                        let kj = &k[j * width + h * hd..j * width + (h + 1) * hd];
+                        crate::linear::rows::dot(qh, kj, |x| x) * self.scale as f32
+                    })
+                    .collect();
+                crate::ops::softmax_in_place(&mut scores);
+                for (j, p) in scores.iter().enumerate() {
+                    let vj = &v[j * width + h * hd..j * width + (h + 1) * hd];
+                    for (o, x) in out.iter_mut().zip(vj) {
+                        *o += p * x;
+                    }
+                }
+            });
+            out
+        })?;
+        Ok(Some(Tensor::from_vec(
+            out,
+            (1, width),
+            &candle_core::Device::Cpu,
+        )?))
     }
 
     /// (tokens, heads·head_dim) → (tokens, hidden).
