@@ -3,8 +3,8 @@
 //! f32, bf16, f16 and int8, for 1–64 rows of `x`. Prints milliseconds per product and
 //! the weight bytes streamed per second by each.
 //!
-//! Up to [`gemv::MAX_ROWS`] rows `Linear` runs the decode kernel; above, bf16/f16/int8
-//! weights go through the widened panels and f32 through candle's multiply.
+//! Up to [`gemv::max_rows`] rows (32 with AVX2, else 4) `Linear` runs the decode
+//! kernel; above, every format goes through the widened panels.
 
 use std::time::Instant;
 
@@ -23,8 +23,8 @@ fn time(iters: usize, mut f: impl FnMut() -> candle_core::Result<()>) -> candle_
 fn main() -> candle_core::Result<()> {
     let dev = Device::Cpu;
     println!(
-        "rows ≤ {} use the decode kernel; GB/s = weight bytes held / time",
-        gemv::MAX_ROWS
+        "rows ≤ {} use the decode kernel on this CPU; GB/s = weight bytes held / time",
+        gemv::max_rows()
     );
     // lm_head, attention projection, expert up/gate and down at Tiny's widths.
     for (n, k) in [

@@ -10,7 +10,7 @@ use candle_core::{Result, Tensor};
 
 use super::attention::attend;
 use crate::error;
-use crate::linear::Linear;
+use crate::linear::{Linear, simd};
 use crate::weights::Weights;
 
 #[derive(Debug)]
@@ -116,19 +116,13 @@ impl MhaAttention {
             let mut out = vec![0f32; width];
             out.par_chunks_mut(hd).enumerate().for_each(|(h, out)| {
                 let qh = &q[h * hd..(h + 1) * hd];
-                let mut scores: Vec<f32> = (0..s)
-                    .map(|j| {
-                        let kj = &k[j * width + h * hd..j * width + (h + 1) * hd];
-                        crate::linear::rows::dot(qh, kj, |x| x) * self.scale as f32
-                    })
-                    .collect();
-                crate::ops::softmax_in_place(&mut scores);
-                for (j, p) in scores.iter().enumerate() {
-                    let vj = &v[j * width + h * hd..j * width + (h + 1) * hd];
-                    for (o, x) in out.iter_mut().zip(vj) {
-                        *o += p * x;
-                    }
+                let mut scores = vec![0f32; s];
+                simd::strided_dots(qh, &k[h * hd..], width, &mut scores);
+                for v in &mut scores {
+                    *v *= self.scale as f32;
                 }
+                crate::ops::softmax_in_place(&mut scores);
+                simd::strided_axpys(&scores, &v[h * hd..], width, out);
             });
             out
         })?;

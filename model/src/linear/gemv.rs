@@ -1,24 +1,34 @@
-//! `x · wᵀ` for a few rows of `x` (decode steps): each row of `w` is read once and
-//! multiplied with every row of `x`, split over threads by rows of `w`, compiled for
-//! the widest SIMD the CPU has (chosen at run time through `pulp`). For a handful of
-//! rows the product is bound by reading `w` from memory, which this does at close to the
-//! machine's bandwidth (Tiny's lm_head, 662 MB in f32: 36–40 ms against 70–78 ms for the
-//! blocked matrix multiply on 2 cores; 331 MB in bf16: about 26 ms).
+//! `x · wᵀ` for a few rows of `x` (decode steps, small batches): each row of `w` is
+//! read once and multiplied with every row of `x`, split over threads by blocks of rows
+//! of `w`. Where the CPU has AVX2/FMA/F16C the hand-written kernels of [`super::simd`]
+//! run (up to [`super::simd::MAX_ROWS`] rows of `x`); elsewhere a portable loop compiled
+//! for the widest SIMD the CPU has (chosen at run time through `pulp`) takes up to
+//! [`MAX_ROWS`]. For a handful of rows the product is bound by reading `w` from memory.
 //!
 //! Weights stored as bf16, f16 or int8 are read at their own size and widened to f32
-//! inside the product ([`WeightRows::row_dots`]), as llama.cpp's and candle's quantized
-//! vec-dot kernels widen one block at a time. The result is exactly the f32 product of
-//! the widened weights.
+//! inside the product ([`WeightRows::block_dots`], [`WeightRows::row_dots`]), as
+//! llama.cpp's and candle's quantized vec-dot kernels widen one block at a time. The
+//! result is exactly the f32 product of the widened weights.
 
 use rayon::prelude::*;
 
 use super::rows::WeightRows;
 
-/// Most rows of `x` handled here; more go to the panel kernel or the matrix multiply.
+/// Most rows of `x` the portable loop takes; more go to the panel kernel.
 pub const MAX_ROWS: usize = 4;
 
-/// Rows of `w` per parallel task.
+/// Rows of `w` per parallel task (a block a core keeps in L2 while every group of rows
+/// of `x` passes over it).
 const ROWS_PER_TASK: usize = 64;
+
+/// Most rows of `x` handled here on this CPU.
+pub fn max_rows() -> usize {
+    if super::simd::available() {
+        super::simd::MAX_ROWS
+    } else {
+        MAX_ROWS
+    }
+}
 
 /// One task: `out` (rows of `w`, m) = `w[first..]` · `xs`ᵀ.
 struct Rows<'a, R> {
@@ -41,7 +51,8 @@ impl<R: WeightRows> pulp::WithSimd for Rows<'_, R> {
     }
 }
 
-/// `xs` (m, k) row-major f32 times `w` (n, k) transposed: (m, n) row-major.
+/// `xs` (m, k) row-major f32 times `w` (n, k) transposed: (m, n) row-major, for
+/// m ≤ [`max_rows`].
 pub fn small_rows<R: WeightRows>(xs: &[f32], w: &R) -> Vec<f32> {
     let (n, k) = (w.rows(), w.cols());
     let m = xs.len() / k;
@@ -51,21 +62,19 @@ pub fn small_rows<R: WeightRows>(xs: &[f32], w: &R) -> Vec<f32> {
     out.par_chunks_mut(ROWS_PER_TASK * m)
         .enumerate()
         .for_each(|(task, out)| {
-            arch.dispatch(Rows {
-                xs,
-                w,
-                first: task * ROWS_PER_TASK,
-                out,
-            });
+            let first = task * ROWS_PER_TASK;
+            if !w.block_dots(first, xs, out) {
+                arch.dispatch(Rows { xs, w, first, out });
+            }
         });
     if m == 1 {
         return out;
     }
     let mut t = vec![0f32; n * m];
-    for (j, col) in out.chunks_exact(m).enumerate() {
-        for (i, &v) in col.iter().enumerate() {
-            t[i * n + j] = v;
+    t.par_chunks_mut(n).enumerate().for_each(|(i, row)| {
+        for (j, v) in row.iter_mut().enumerate() {
+            *v = out[j * m + i];
         }
-    }
+    });
     t
 }

@@ -3,7 +3,7 @@
 //!
 //! | weight | rows of `x` | kernel |
 //! |---|---|---|
-//! | any | 1 – [`gemv::MAX_ROWS`] | [`gemv`]: each weight row streamed once, widened inside the dot product |
+//! | any | 1 – [`simd::MAX_ROWS`] (AVX2), 1 – [`gemv::MAX_ROWS`] (other CPUs) | [`gemv`]: each weight row streamed once, widened in registers, register tiles of up to 4 rows of `x` × 3 weight rows ([`simd`]) |
 //! | any | more | [`panels`]: weight panels widened to f32 in L2-sized blocks (f32 read in place), f32 `gemm` |
 //!
 //! `x` in f32 gives f32 out; any other `x` dtype is computed the same way in f32 and the
@@ -12,6 +12,7 @@
 pub mod gemv;
 pub mod panels;
 pub mod rows;
+pub mod simd;
 
 use std::sync::Arc;
 
@@ -165,7 +166,7 @@ fn product<R: WeightRows>(xs: &[f32], m: usize, w: &R) -> Vec<f32> {
     if m == 0 || w.rows() == 0 || w.cols() == 0 {
         return vec![0f32; m * w.rows()];
     }
-    if m <= gemv::MAX_ROWS {
+    if m <= gemv::max_rows() {
         gemv::small_rows(xs, w)
     } else {
         panels::product(xs, w)
@@ -220,7 +221,8 @@ mod tests {
     }
 
     /// `forward` equals candle's f32 product of the widened weight, for the decode
-    /// kernel (m ≤ 4) and the panels (m > 4), at widths that are not multiples of the
+    /// kernel (every register tile shape: groups of 1–4 rows of `x`, weight rows in
+    /// threes with one or two left over) and the panels (m > 32), at widths that are not multiples of the
     /// SIMD width, the int8 block or the panel.
     #[test]
     fn every_format_equals_the_product_of_its_widened_weight() {
@@ -235,7 +237,7 @@ mod tests {
             let w = tensor(n, k, (n * 1000 + k) as u64);
             for layer in layers(&w) {
                 let dense = layer.to_dense().unwrap().to_dtype(DType::F32).unwrap();
-                for m in [1usize, 2, 3, 4, 5, 17, 40, 600] {
+                for m in [1usize, 2, 3, 4, 5, 6, 7, 17, 32, 33, 64, 600] {
                     let x = tensor(m, k, m as u64);
                     let got = layer.forward(&x).unwrap();
                     assert_eq!(got.dims2().unwrap(), (m, n));

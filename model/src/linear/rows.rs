@@ -18,6 +18,12 @@ pub trait WeightRows: Sync {
     /// `outs[j] = xs[j] · row r` for every row `j` of `xs` (each k long); `scratch` is a
     /// buffer the kind may widen the row into.
     fn row_dots(&self, r: usize, xs: &[f32], outs: &mut [f32], scratch: &mut Vec<f32>);
+    /// `out[(r - first) * m + j] = xs[j] · row r` for the `out.len() / m` rows from
+    /// `first` with one of the hand-written kernels ([`super::simd`]); false, computing
+    /// nothing, where none runs on this CPU.
+    fn block_dots(&self, _first: usize, _xs: &[f32], _out: &mut [f32]) -> bool {
+        false
+    }
     /// Row `r` widened to f32 into `out` (k long).
     fn widen_row(&self, r: usize, out: &mut [f32]);
     /// Rows `first..first + count` as they are, when the weight already holds f32 (the
@@ -96,6 +102,11 @@ macro_rules! dense_rows {
             fn row_dots(&self, r: usize, $xs: &[f32], $outs: &mut [f32], $scratch: &mut Vec<f32>) {
                 let $row = self.row(r);
                 $dots
+            }
+            fn block_dots(&self, first: usize, xs: &[f32], out: &mut [f32]) -> bool {
+                let count = out.len() / (xs.len() / self.k);
+                let w = &self.data[first * self.k..(first + count) * self.k];
+                super::simd::dense_dots(w, self.k, xs, out)
             }
             fn widen_row(&self, r: usize, $out: &mut [f32]) {
                 let $wrow = self.row(r);
@@ -240,6 +251,13 @@ impl WeightRows for Int8Rows {
         for (x, o) in xs.chunks_exact(self.k).zip(outs) {
             *o = dot_int8(x, q, scales);
         }
+    }
+    fn block_dots(&self, first: usize, xs: &[f32], out: &mut [f32]) -> bool {
+        let count = out.len() / (xs.len() / self.k);
+        let bpr = Self::blocks_per_row(self.k);
+        let q = &self.q[first * self.k..(first + count) * self.k];
+        let scales = &self.scales[first * bpr..(first + count) * bpr];
+        super::simd::int8_dots(q, scales, self.k, xs, out)
     }
     fn widen_row(&self, r: usize, out: &mut [f32]) {
         let (q, scales) = self.row(r);
