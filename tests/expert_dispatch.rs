@@ -245,6 +245,58 @@ fn dispatch_matches_in_process(fixture_name: &str, case_name: &str) {
     }
 }
 
+/// `--expert-wire bf16`: the hidden states go out and the sums come back in bf16
+/// (the workers compute in f32 between), so the rows' bytes halve in both directions.
+/// Prints the bytes per token per MoE layer of both.
+#[test]
+fn bf16_hidden_states_on_the_wire_halve_the_bytes_per_token_per_layer() {
+    let (fixture_name, case_name) = ("tiny-mha-softmax", "text_only");
+    let dir = fixture_dir(fixture_name);
+    let case = case(fixture_name, case_name);
+    let pipeline = Pipeline::load(&dir, DType::F32, WeightFormat::Auto, &Device::Cpu).unwrap();
+    let prompt = case_prompt(&pipeline, &dir, &case);
+    let hidden = pipeline.config.language.hidden_size;
+    let n_layers = pipeline.config.language.moe_layers().len() as f64;
+    let eos = pipeline.config.language.eos_token_id;
+    let params = GenerationParams {
+        ignore_eos: true,
+        ..GenerationParams::greedy(NEW_TOKENS, eos)
+    };
+    drop(pipeline);
+    let tokens = (prompt.input_ids.len() + NEW_TOKENS - 1) as f64;
+    let cluster = Cluster::start(&dir, 2);
+    let mut per_token = Vec::new();
+    for wire in [DType::F32, DType::BF16] {
+        let remote = Arc::new(cluster.remote_experts().with_wire(wire));
+        let (language, tokenizer) = scheduler_side(&dir);
+        let cfg = engine_config(&language, &prompt);
+        let mut engine = LocalEngine::start(language, tokenizer, remote.clone(), cfg).unwrap();
+        let out = engine.generate(&prompt, &params).unwrap().output_ids;
+        drop(engine);
+        assert_eq!(out.len(), NEW_TOKENS, "{wire:?} on the wire");
+        let sent = remote.bytes_sent() as f64 / (tokens * n_layers);
+        let received = remote.bytes_received() as f64 / (tokens * n_layers);
+        println!(
+            "{fixture_name}/{case_name}, 2 workers, hidden {hidden}, {wire:?} on the wire: \
+             {sent:.0} B sent, {received:.0} B received per token per MoE layer"
+        );
+        per_token.push((sent, received));
+    }
+    let [(sent_f32, received_f32), (sent_bf16, received_bf16)] = per_token[..] else {
+        unreachable!()
+    };
+    // A response is the sums tensor alone; a request also carries the routes.
+    assert!(
+        received_bf16 < 0.55 * received_f32,
+        "received per token per layer: bf16 {received_bf16:.0} B, f32 {received_f32:.0} B"
+    );
+    assert!(
+        sent_bf16 < 0.75 * sent_f32,
+        "sent per token per layer: bf16 {sent_bf16:.0} B, f32 {sent_f32:.0} B"
+    );
+    cluster.stop();
+}
+
 #[test]
 fn tiny_mha_text_only_through_expert_workers_matches_in_process() {
     dispatch_matches_in_process("tiny-mha-softmax", "text_only");

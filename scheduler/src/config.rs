@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use candle_core::DType;
 use tessera_runtime::MemberArgs;
 
 use crate::error::{Error, Result};
@@ -58,6 +59,34 @@ pub struct EngineConfig {
     /// (0: no limit; a client's gRPC deadline applies too).
     #[arg(long, env = "TESSERA_REQUEST_TIMEOUT_SECONDS", default_value_t = 0)]
     pub request_timeout_seconds: u64,
+    /// Precision of the hidden states sent to expert-workers and of the sums they
+    /// answer with: `auto` is bf16 when the routed experts' weights are held in bf16
+    /// (half the bytes of f32), otherwise the compute dtype.
+    #[arg(long, env = "TESSERA_EXPERT_WIRE", value_enum, default_value_t = WireDtype::Auto)]
+    pub expert_wire: WireDtype,
+}
+
+/// `--expert-wire`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum WireDtype {
+    /// bf16 when the experts' weights are held in bf16, else the compute dtype.
+    #[default]
+    Auto,
+    F32,
+    Bf16,
+}
+
+impl WireDtype {
+    /// The dtype sent, given how the routed experts' weights are held (`None`: no
+    /// dense experts, e.g. int8) and the compute dtype.
+    pub fn resolve(self, experts: Option<DType>, compute: DType) -> DType {
+        match self {
+            Self::Auto if experts == Some(DType::BF16) => DType::BF16,
+            Self::Auto => compute,
+            Self::F32 => DType::F32,
+            Self::Bf16 => DType::BF16,
+        }
+    }
 }
 
 impl Default for EngineConfig {
@@ -71,6 +100,7 @@ impl Default for EngineConfig {
             no_overlap: false,
             no_prefix_cache: false,
             request_timeout_seconds: 0,
+            expert_wire: WireDtype::Auto,
         }
     }
 }
@@ -141,5 +171,21 @@ mod tests {
         assert_eq!(cli.config.engine, new.engine);
         let cli = Cli::parse_from(["t", "--model", "/m", "--prefill-chunk", "0"]);
         assert!(cli.config.validate().is_err());
+    }
+
+    #[test]
+    fn the_expert_wire_follows_the_experts_weights_unless_told() {
+        let cli = Cli::parse_from(["t", "--model", "/m", "--expert-wire", "bf16"]);
+        assert_eq!(cli.config.engine.expert_wire, WireDtype::Bf16);
+        let auto = WireDtype::Auto;
+        assert_eq!(auto.resolve(Some(DType::BF16), DType::F32), DType::BF16);
+        assert_eq!(auto.resolve(Some(DType::F32), DType::F32), DType::F32);
+        assert_eq!(auto.resolve(None, DType::F32), DType::F32);
+        assert_eq!(
+            WireDtype::F32.resolve(Some(DType::BF16), DType::F32),
+            DType::F32
+        );
+        assert_eq!(WireDtype::Bf16.resolve(None, DType::F32), DType::BF16);
+        assert!(Cli::try_parse_from(["t", "--model", "/m", "--expert-wire", "int8"]).is_err());
     }
 }

@@ -54,7 +54,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-pub use config::{Config, EngineConfig};
+pub use config::{Config, EngineConfig, WireDtype};
 pub use error::{Error, Result};
 pub use remote_experts::{RemoteExperts, RoutingTable};
 pub use service::SchedulerService;
@@ -68,6 +68,9 @@ pub struct Loaded {
     pub fingerprint: String,
     /// Names of the tensors taken from the checkpoint.
     pub loaded: Vec<String>,
+    /// The dtype routed experts' dense weights are held in wherever this compute
+    /// loads them (`None`: no MoE layer, or int8).
+    pub experts_dtype: Option<candle_core::DType>,
 }
 
 /// Loads what a scheduler holds from the snapshot `dir` onto `compute`: the
@@ -84,12 +87,18 @@ pub fn load(dir: &std::path::Path, compute: &Compute) -> Result<Loaded> {
     let tokenizer = ChatTokenizer::from_dir(dir).map_err(fail)?;
     let fingerprint = tessera_model::fingerprint(dir).map_err(fail)?;
     let loaded = checkpoint.loaded();
+    let experts_dtype = config.language.moe_layers().first().and_then(|l| {
+        let name = format!("language.model.layers.{l}.mlp.experts.0.gate_proj.weight");
+        let stored = checkpoint.stored_dtype(&name).ok()?;
+        compute.weights.dense_dtype(stored, compute.dtype)
+    });
     Ok(Loaded {
         config,
         model,
         tokenizer,
         fingerprint,
         loaded,
+        experts_dtype,
     })
 }
 
@@ -152,12 +161,20 @@ impl member::Service for Scheduler {
             loaded.fingerprint.clone(),
             background,
         ));
-        let experts = Arc::new(RemoteExperts::following(
-            tables,
-            tokio::runtime::Handle::current(),
-            loaded.fingerprint.clone(),
-            self.cfg.expert_wait(),
-        ));
+        let wire = (self.cfg.engine.expert_wire).resolve(loaded.experts_dtype, ctx.compute.dtype);
+        tracing::info!(
+            expert_wire = wire.as_str(),
+            "hidden states to expert-workers"
+        );
+        let experts = Arc::new(
+            RemoteExperts::following(
+                tables,
+                tokio::runtime::Handle::current(),
+                loaded.fingerprint.clone(),
+                self.cfg.expert_wait(),
+            )
+            .with_wire(wire),
+        );
         let (vocab_size, hidden_size) = (language.vocab_size, language.hidden_size);
         let (max_positions, eos_token_id) =
             (language.max_position_embeddings, language.eos_token_id);

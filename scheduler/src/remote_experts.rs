@@ -80,6 +80,8 @@ pub struct RemoteExperts {
     bytes_received: AtomicU64,
     /// Layers sent, first tries and retries.
     attempts: AtomicU64,
+    /// The dtype hidden states travel in (`None`: as computed).
+    wire: Option<DType>,
 }
 
 impl std::fmt::Debug for RemoteExperts {
@@ -91,6 +93,7 @@ impl std::fmt::Debug for RemoteExperts {
             .field("bytes_sent", &self.bytes_sent())
             .field("bytes_received", &self.bytes_received())
             .field("attempts", &self.attempts())
+            .field("wire", &self.wire)
             .finish_non_exhaustive()
     }
 }
@@ -145,7 +148,15 @@ impl RemoteExperts {
             bytes_sent: AtomicU64::new(0),
             bytes_received: AtomicU64::new(0),
             attempts: AtomicU64::new(0),
+            wire: None,
         }
+    }
+
+    /// Sends hidden states in `dtype` (workers compute in their own dtype and answer
+    /// in this one; the sums are added up in f32 here).
+    pub fn with_wire(mut self, dtype: DType) -> Self {
+        self.wire = Some(dtype);
+        self
     }
 
     /// Encoded bytes of every `ForwardRequest` sent so far.
@@ -352,7 +363,10 @@ impl RemoteExperts {
         let n = batch.rows.len();
         let model = |e: candle_core::Error| Error::Model(e.into());
         let idx = Tensor::from_vec(batch.rows.clone(), n, xs.device()).map_err(model)?;
-        let rows = xs.index_select(&idx, 0).map_err(model)?; // (n, hidden)
+        let mut rows = xs.index_select(&idx, 0).map_err(model)?; // (n, hidden)
+        if let Some(wire) = self.wire.filter(|&d| d != rows.dtype()) {
+            rows = rows.to_dtype(wire).map_err(model)?;
+        }
         let rows = tensor::encode(&rows)
             .map_err(|e| Error::Model(tessera_model::Error::experts(e.to_string())))?;
         Ok(ForwardRequest {
