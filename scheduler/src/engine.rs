@@ -227,7 +227,10 @@ impl Worker {
                     Err(_) => break,
                 }
             }
-            loop {
+            // Jobs are taken from the bounded queue only while they could run
+            // (`max_seqs`); the rest wait there, so a full queue refuses new requests
+            // however fast steps run and nothing here grows without bound.
+            while self.running.len() + self.waiting.len() < self.cfg.max_seqs {
                 match queue.try_recv() {
                     Ok(job) => self.accept(job),
                     Err(TryRecvError::Empty) => break,
