@@ -57,5 +57,39 @@ fn main() -> candle_core::Result<()> {
             println!("{line}");
         }
     }
+    // Prefill products: the SigLIP tower over one request's five tiles (5 × 729 rows,
+    // width 1152, MLP 4304) and the language prefill of a one-image prompt (1036 rows).
+    println!("prefill products; GFLOP/s = 2·m·n·k / time");
+    for (m, n, k) in [
+        (3645usize, 3456usize, 1152usize),
+        (3645, 1152, 1152),
+        (3645, 4304, 1152),
+        (3645, 1152, 4304),
+        (1036, 1280, 1280),
+        (1036, 6848, 1280),
+        (1036, 1280, 6848),
+    ] {
+        let w = Tensor::randn(0f32, 0.02, (n, k), &dev)?;
+        let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
+        let flop = 2.0 * (m * n * k) as f64;
+        let wt = w.t()?;
+        let blocked = time(2, || x.matmul(&wt).map(drop))?;
+        let mut line = format!(
+            "({m} × {k}) · ({n} × {k})ᵀ  candle f32 {blocked:8.1} ms ({:5.1} GFLOP/s)",
+            flop / (blocked * 1e-3) / 1e9
+        );
+        for layer in [
+            Linear::new(w.clone())?,
+            Linear::new(w.to_dtype(DType::BF16)?)?,
+        ] {
+            let ms = time(2, || layer.forward(&x).map(drop))?;
+            line.push_str(&format!(
+                "  {} {ms:8.1} ms ({:5.1} GFLOP/s)",
+                layer.format(),
+                flop / (ms * 1e-3) / 1e9
+            ));
+        }
+        println!("{line}");
+    }
     Ok(())
 }

@@ -242,7 +242,9 @@ impl ExpertBackend for LocalExperts {
         routes: &[ExpertRoute],
     ) -> Result<Tensor> {
         let (rows, hidden) = xs.dims2()?;
-        let mut acc = Tensor::zeros((rows, hidden), DType::F32, xs.device())?;
+        // Each expert's rows in one product; its weighted outputs are added into `acc`
+        // in place (no copy of the whole batch per expert).
+        let mut acc = vec![0f32; rows * hidden];
         for (expert, (row_ids, weights)) in group_by_expert(routes) {
             let mlp = self.experts.get(&(layer, expert as usize)).ok_or_else(|| {
                 Error::experts(format!(
@@ -255,12 +257,21 @@ impl ExpertBackend for LocalExperts {
                 )));
             }
             let n = row_ids.len();
-            let idx = Tensor::from_vec(row_ids, n, xs.device())?;
-            let w = Tensor::from_vec(weights, (n, 1), xs.device())?;
-            let out = mlp.forward(&xs.index_select(&idx, 0)?)?; // (n, hidden)
-            let weighted = out.to_dtype(DType::F32)?.broadcast_mul(&w)?;
-            acc = acc.index_add(&idx, &weighted, 0)?;
+            let idx = Tensor::from_slice(&row_ids, n, xs.device())?;
+            let out = mlp
+                .forward(&xs.index_select(&idx, 0)?)? // (n, hidden)
+                .to_dtype(DType::F32)?
+                .contiguous()?;
+            crate::ops::with_f32_slice(&out, |out| {
+                for ((&r, &w), y) in row_ids.iter().zip(&weights).zip(out.chunks_exact(hidden)) {
+                    let dst = &mut acc[r as usize * hidden..(r as usize + 1) * hidden];
+                    for (d, y) in dst.iter_mut().zip(y) {
+                        *d += w * y;
+                    }
+                }
+            })?;
         }
+        let acc = Tensor::from_vec(acc, (rows, hidden), xs.device())?;
         Ok(acc.to_dtype(xs.dtype())?)
     }
 }

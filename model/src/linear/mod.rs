@@ -175,14 +175,7 @@ fn product<R: WeightRows>(xs: &[f32], m: usize, w: &R) -> Vec<f32> {
 
 /// Runs `f` on the values of a contiguous f32 CPU tensor.
 fn with_f32<T>(x: &Tensor, f: impl FnOnce(&[f32]) -> Result<T>) -> Result<T> {
-    let (storage, layout) = x.storage_and_layout();
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        candle_core::bail!("linear: x is not contiguous");
-    };
-    let Storage::Cpu(cpu) = &*storage else {
-        candle_core::bail!("linear: x is not on the CPU");
-    };
-    f(&cpu.as_slice::<f32>()?[start..end])
+    crate::ops::with_f32_slice(x, f)?
 }
 
 #[cfg(test)]

@@ -4,7 +4,8 @@
 //!
 //! The weights are widened to f32 one panel of rows at a time into a buffer sized for
 //! the L2 cache, and each panel is multiplied with a block of rows of `x` by the `gemm`
-//! crate's f32 kernel (the packed micro-kernel design of BLIS / Goto & van de Geijn,
+//! crate's f32 kernel (AVX-512 where the CPU has it, through `gemm`'s `x86-v4` feature;
+//! else AVX2/FMA; the packed micro-kernel design of BLIS / Goto & van de Geijn,
 //! "Anatomy of high-performance matrix multiplication"). This is how llama.cpp's CPU
 //! backend runs half-precision weights through an f32 product (it converts `src0` rows to
 //! the vec-dot type chunk by chunk), here with whole panels so that the widening cost,
@@ -19,8 +20,11 @@ use rayon::prelude::*;
 
 use super::rows::WeightRows;
 
-/// f32 bytes of one widened panel: fits a core's L2 with room for a block of `x`.
-const PANEL_BYTES: usize = 384 << 10;
+/// f32 bytes of one widened panel: fits a core's L2 (2 MB on current Xeons) with room
+/// for the product's packed block of `x`. Panels keep at least 64 rows even for the
+/// widest `k` (the expert and MLP down projections): narrower ones leave the product's
+/// micro-kernel starved (127 against 226 GFLOP/s at k = 4304 here).
+const PANEL_BYTES: usize = 1 << 20;
 
 /// Rows of `x` per task at most (the product's own blocking takes it from there).
 const X_ROWS_PER_TASK: usize = 512;
@@ -34,7 +38,7 @@ pub fn product<R: WeightRows>(xs: &[f32], w: &R) -> Vec<f32> {
         return out;
     }
     // Panels of `nb` rows of `w`, a multiple of 16 (the micro-kernel's width).
-    let nb = (PANEL_BYTES / (4 * k)).clamp(16, 512) / 16 * 16;
+    let nb = (PANEL_BYTES / (4 * k)).clamp(64, 512) / 16 * 16;
     let panels = n.div_ceil(nb);
     // Enough tasks to keep every thread busy: split the rows of `x` as well.
     let threads = rayon::current_num_threads();
@@ -95,17 +99,18 @@ pub fn product<R: WeightRows>(xs: &[f32], w: &R) -> Vec<f32> {
     out
 }
 
-/// The output's base pointer, shared by tasks that write disjoint blocks.
+/// An output's base pointer, shared by parallel tasks that write disjoint blocks of it.
 #[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
+pub(crate) struct SendPtr(pub(crate) *mut f32);
 
 impl SendPtr {
-    fn get(self) -> *mut f32 {
+    pub(crate) fn get(self) -> *mut f32 {
         self.0
     }
 }
 
-// SAFETY: each task writes only its own block of the output (see `product`).
+// SAFETY: its users give each task its own block of the output (see `product` and
+// `vision::attention::blocked`).
 #[allow(unsafe_code)]
 unsafe impl Send for SendPtr {}
 #[allow(unsafe_code)]

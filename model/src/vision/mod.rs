@@ -6,6 +6,7 @@
 //! - [`VisionModel`]: both, plus the assembly of global/local grids with the learned
 //!   newline and view-separator vectors into one image-token sequence per image
 
+mod attention;
 pub mod projector;
 pub mod siglip;
 

@@ -4,12 +4,12 @@
 //! pre-norm blocks with tanh-GELU, and a final LayerNorm. The attention-pool head is not run.
 
 use crate::held::{Held, held};
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 
 use crate::config::VisionConfig;
 use crate::error;
 use crate::linear;
-use crate::ops::{layer_norm, softmax_f32};
+use crate::ops::{gelu_tanh, layer_norm, softmax_f32};
 use crate::weights::Weights;
 
 const LN_EPS: f64 = 1e-6;
@@ -80,10 +80,20 @@ impl Block {
     /// x: (tiles, patches, width) → same.
     fn attention(&self, x: &Tensor) -> Result<Tensor> {
         let (n, p, c) = x.dims3()?;
+        let qkv = self.qkv.forward(&x.reshape((n * p, c))?)?; // (tiles·patches, 3·width)
+        let out = if qkv.dtype() == DType::F32 && qkv.device().is_cpu() {
+            super::attention::blocked(&qkv, n, p, self.heads)?
+        } else {
+            self.attention_tensors(&qkv, n, p)?
+        };
+        self.proj.forward(&out)?.reshape((n, p, c))
+    }
+
+    /// The same attention as whole-batch tensor products (other dtypes and devices).
+    fn attention_tensors(&self, qkv: &Tensor, n: usize, p: usize) -> Result<Tensor> {
+        let c = qkv.dim(1)? / 3;
         let hd = c / self.heads;
-        let qkv = self
-            .qkv
-            .forward(&x.reshape((n * p, c))?)?
+        let qkv = qkv
             .reshape((n, p, 3, self.heads, hd))?
             .permute((2, 0, 3, 1, 4))?; // (3, tiles, heads, patches, head_dim)
         let q = qkv.get(0)?.reshape((n * self.heads, p, hd))?;
@@ -91,18 +101,16 @@ impl Block {
         let v = qkv.get(2)?.reshape((n * self.heads, p, hd))?;
         let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?; // (tiles·heads, p, p)
         let out = softmax_f32(&scores)?.matmul(&v)?; // (tiles·heads, p, head_dim)
-        let out = out
-            .reshape((n, self.heads, p, hd))?
+        out.reshape((n, self.heads, p, hd))?
             .transpose(1, 2)?
-            .reshape((n * p, c))?;
-        self.proj.forward(&out)?.reshape((n, p, c))
+            .reshape((n * p, c))
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (n, p, c) = x.dims3()?;
         let x = (x + self.attention(&self.norm1.forward(x)?)?)?;
         let h = self.norm2.forward(&x)?.reshape((n * p, c))?;
-        let h = self.fc2.forward(&self.fc1.forward(&h)?.gelu()?)?; // tanh-approximate GELU
+        let h = self.fc2.forward(&gelu_tanh(&self.fc1.forward(&h)?)?)?;
         x + h.reshape((n, p, c))?
     }
 }
