@@ -117,16 +117,18 @@ pub fn int8_dots(q: &[i8], scales: &[f32], k: usize, xs: &[f32], out: &mut [f32]
     true
 }
 
+/// Panics unless `rows` rows of `len` values at `stride` fit in `base_len` values.
+fn check_strided(rows: usize, stride: usize, len: usize, base_len: usize) {
+    if let Some(last) = rows.checked_sub(1) {
+        assert!(last * stride + len <= base_len, "strided rows past the end");
+    }
+}
+
 /// `out[j] = q · base[j * stride..][..q.len()]` for every `j < out.len()`: one query
 /// against rows read in place at a stride (one head's keys in a cache row of all heads).
 pub fn strided_dots(q: &[f32], base: &[f32], stride: usize, out: &mut [f32]) {
     let len = q.len();
-    if let Some(last) = out.len().checked_sub(1) {
-        assert!(
-            last * stride + len <= base.len(),
-            "strided rows past the end"
-        );
-    }
+    check_strided(out.len(), stride, len, base.len());
     #[cfg(target_arch = "x86_64")]
     if available() {
         // SAFETY: the features are checked; every row read lies within `base` (asserted).
@@ -146,12 +148,7 @@ pub fn strided_dots(q: &[f32], base: &[f32], stride: usize, out: &mut [f32]) {
 /// place at a stride (one head's values).
 pub fn strided_axpys(p: &[f32], base: &[f32], stride: usize, out: &mut [f32]) {
     let len = out.len();
-    if let Some(last) = p.len().checked_sub(1) {
-        assert!(
-            last * stride + len <= base.len(),
-            "strided rows past the end"
-        );
-    }
+    check_strided(p.len(), stride, len, base.len());
     #[cfg(target_arch = "x86_64")]
     if available() {
         // SAFETY: as in `strided_dots`.
