@@ -60,7 +60,7 @@ impl Elem for f16 {
 /// Dot product of `a` with `b` read through `wide`, with 16 independent partial sums
 /// (vectorises without fast-math).
 #[inline(always)]
-pub(crate) fn dot<T: Copy>(a: &[f32], b: &[T], wide: impl Fn(T) -> f32) -> f32 {
+fn dot<T: Copy>(a: &[f32], b: &[T], wide: impl Fn(T) -> f32) -> f32 {
     let mut acc = [0f32; 16];
     let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
     let (ra, rb) = (ca.remainder(), cb.remainder());

@@ -18,6 +18,8 @@
 
 use half::{bf16, f16};
 
+use super::rows::INT8_BLOCK;
+
 /// Element types the kernels widen: f32, bf16, f16.
 pub trait Lanes: Copy {
     /// The element as f32 (the scalar tail of a row).
@@ -96,7 +98,7 @@ pub fn int8_dots(q: &[i8], scales: &[f32], k: usize, xs: &[f32], out: &mut [f32]
     );
     assert_eq!(
         scales.len(),
-        q.len() / k * k.div_ceil(32),
+        q.len() / k * k.div_ceil(INT8_BLOCK),
         "int8_dots: scales"
     );
     #[cfg(target_arch = "x86_64")]
@@ -108,7 +110,7 @@ pub fn int8_dots(q: &[i8], scales: &[f32], k: usize, xs: &[f32], out: &mut [f32]
                 q,
                 scales,
                 k,
-                bpr: k.div_ceil(32),
+                bpr: k.div_ceil(INT8_BLOCK),
             },
             xs,
             out,
