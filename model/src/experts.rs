@@ -245,6 +245,7 @@ impl ExpertBackend for LocalExperts {
         // Each expert's rows in one product; its weighted outputs are added into `acc`
         // in place (no copy of the whole batch per expert).
         let mut acc = vec![0f32; rows * hidden];
+        let mut groups = Vec::new();
         for (expert, (row_ids, weights)) in group_by_expert(routes) {
             let mlp = self.experts.get(&(layer, expert as usize)).ok_or_else(|| {
                 Error::experts(format!(
@@ -256,20 +257,59 @@ impl ExpertBackend for LocalExperts {
                     "route row {bad} is outside the batch of {rows} rows"
                 )));
             }
+            groups.push((mlp, row_ids, weights));
+        }
+        let add = |acc: &mut [f32], row_ids: &[u32], weights: &[f32], out: &[f32]| {
+            for ((&r, &w), y) in row_ids.iter().zip(weights).zip(out.chunks_exact(hidden)) {
+                let dst = &mut acc[r as usize * hidden..(r as usize + 1) * hidden];
+                for (d, y) in dst.iter_mut().zip(y) {
+                    *d += w * y;
+                }
+            }
+        };
+        // A few rows per expert (decode steps): every expert's products in two parallel
+        // passes ([`Mlp::forward_small`]), the same sums as one expert at a time.
+        let small = groups
+            .iter()
+            .all(|g| g.1.len() <= crate::linear::gemv::max_rows());
+        if small && xs.dtype() == DType::F32 && xs.device().is_cpu() {
+            let xs = xs.contiguous()?;
+            let done = crate::ops::with_f32_slice(&xs, |x| -> Result<bool> {
+                let gathered: Vec<Vec<f32>> = groups
+                    .iter()
+                    .map(|(_, row_ids, _)| {
+                        row_ids
+                            .iter()
+                            .flat_map(|&r| &x[r as usize * hidden..(r as usize + 1) * hidden])
+                            .copied()
+                            .collect()
+                    })
+                    .collect();
+                let jobs: Vec<_> = groups
+                    .iter()
+                    .zip(&gathered)
+                    .map(|((mlp, _, _), g)| (*mlp, &g[..]))
+                    .collect();
+                let Some(outs) = Mlp::forward_small(&jobs)? else {
+                    return Ok(false);
+                };
+                for ((_, row_ids, weights), out) in groups.iter().zip(&outs) {
+                    add(&mut acc, row_ids, weights, out);
+                }
+                Ok(true)
+            })??;
+            if done {
+                return Ok(Tensor::from_vec(acc, (rows, hidden), xs.device())?);
+            }
+        }
+        for (mlp, row_ids, weights) in groups {
             let n = row_ids.len();
             let idx = Tensor::from_slice(&row_ids, n, xs.device())?;
             let out = mlp
                 .forward(&xs.index_select(&idx, 0)?)? // (n, hidden)
                 .to_dtype(DType::F32)?
                 .contiguous()?;
-            crate::ops::with_f32_slice(&out, |out| {
-                for ((&r, &w), y) in row_ids.iter().zip(&weights).zip(out.chunks_exact(hidden)) {
-                    let dst = &mut acc[r as usize * hidden..(r as usize + 1) * hidden];
-                    for (d, y) in dst.iter_mut().zip(y) {
-                        *d += w * y;
-                    }
-                }
-            })?;
+            crate::ops::with_f32_slice(&out, |out| add(&mut acc, &row_ids, &weights, out))?;
         }
         let acc = Tensor::from_vec(acc, (rows, hidden), xs.device())?;
         Ok(acc.to_dtype(xs.dtype())?)

@@ -27,9 +27,50 @@ impl Mlp {
 
     /// `xs`: (rows, hidden) → (rows, hidden).
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let (rows, hidden) = xs.dims2()?;
+        if xs.dtype() == candle_core::DType::F32 && xs.device().is_cpu() {
+            let xs = xs.contiguous()?;
+            let out = crate::ops::with_f32_slice(&xs, |x| Self::forward_small(&[(self, x)]))??;
+            if let Some(mut out) = out {
+                let out = out.pop().expect("one MLP");
+                return Tensor::from_vec(out, (rows, hidden), xs.device());
+            }
+        }
         let gate = candle_nn::ops::silu(&self.gate_proj.forward(xs)?)?;
         let up = self.up_proj.forward(xs)?;
         self.down_proj.forward(&(gate * up)?)
+    }
+
+    /// Several MLPs, each on its own few rows (`(mlp, xs)` with `xs` (m, hidden)
+    /// row-major f32, m ≤ [`crate::linear::gemv::max_rows`]), in two parallel passes:
+    /// every gate and up product, then every down product
+    /// ([`crate::linear::small_products`]). The same values as each one's
+    /// [`forward`](Self::forward); `None` when some rows are outside that range.
+    pub fn forward_small(mlps: &[(&Mlp, &[f32])]) -> Result<Option<Vec<Vec<f32>>>> {
+        let jobs: Vec<_> = mlps
+            .iter()
+            .flat_map(|&(mlp, xs)| [(&mlp.gate_proj, xs), (&mlp.up_proj, xs)])
+            .collect();
+        let Some(gate_up) = crate::linear::small_products(&jobs)? else {
+            return Ok(None);
+        };
+        // silu(gate) ⊙ up, with candle's f32 silu: v / (1 + e^−v).
+        let hidden: Vec<Vec<f32>> = gate_up
+            .chunks_exact(2)
+            .map(|pair| {
+                pair[0]
+                    .iter()
+                    .zip(&pair[1])
+                    .map(|(&g, &u)| g / (1.0 + (-g).exp()) * u)
+                    .collect()
+            })
+            .collect();
+        let jobs: Vec<_> = mlps
+            .iter()
+            .zip(&hidden)
+            .map(|(&(mlp, _), h)| (&mlp.down_proj, &h[..]))
+            .collect();
+        crate::linear::small_products(&jobs)
     }
 
     /// Bytes held by the three matrices.

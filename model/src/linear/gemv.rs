@@ -19,7 +19,7 @@ pub const MAX_ROWS: usize = 4;
 
 /// Rows of `w` per parallel task (a block a core keeps in L2 while every group of rows
 /// of `x` passes over it).
-const ROWS_PER_TASK: usize = 64;
+pub const ROWS_PER_TASK: usize = 64;
 
 /// Most rows of `x` handled here on this CPU.
 pub fn max_rows() -> usize {
@@ -56,17 +56,11 @@ impl<R: WeightRows> pulp::WithSimd for Rows<'_, R> {
 pub fn small_rows<R: WeightRows>(xs: &[f32], w: &R) -> Vec<f32> {
     let (n, k) = (w.rows(), w.cols());
     let m = xs.len() / k;
-    let arch = pulp::Arch::new();
     // Computed as (n, m), each task a run of rows of `w`.
     let mut out = vec![0f32; n * m];
     out.par_chunks_mut(ROWS_PER_TASK * m)
         .enumerate()
-        .for_each(|(task, out)| {
-            let first = task * ROWS_PER_TASK;
-            if !w.block_dots(first, xs, out) {
-                arch.dispatch(Rows { xs, w, first, out });
-            }
-        });
+        .for_each(|(task, out)| block(w, xs, task * ROWS_PER_TASK, out));
     if m == 1 {
         return out;
     }
@@ -77,4 +71,65 @@ pub fn small_rows<R: WeightRows>(xs: &[f32], w: &R) -> Vec<f32> {
         }
     });
     t
+}
+
+/// One task of [`small_rows`]: `out[(r - first) * m + j] = xs[j] · w[r]` for the
+/// `out.len() / m` rows of `w` from `first`.
+pub fn block<R: WeightRows>(w: &R, xs: &[f32], first: usize, out: &mut [f32]) {
+    if !w.block_dots(first, xs, out) {
+        pulp::Arch::new().dispatch(Rows { xs, w, first, out });
+    }
+}
+
+/// `(n, m)` → `(m, n)`.
+pub fn transpose(a: &[f32], n: usize, m: usize) -> Vec<f32> {
+    if m == 1 {
+        return a.to_vec();
+    }
+    let mut t = vec![0f32; n * m];
+    for (i, row) in t.chunks_exact_mut(n).enumerate() {
+        for (j, v) in row.iter_mut().enumerate() {
+            *v = a[j * m + i];
+        }
+    }
+    t
+}
+
+/// `xs` (m, k) times `w` (n, k) transposed, (m, n) row-major, for a middling number of
+/// rows (an expert's share of a prompt, a batch of decode steps): each task widens its
+/// block of [`ROWS_PER_TASK`] weight rows to f32 once (f32 weights are read in place)
+/// into a buffer that stays in L2, and every group of eight rows of `x` passes over it
+/// with the 512-bit register tiles ([`super::simd::f32_dots512`]). None without AVX-512.
+pub fn widened_rows<R: WeightRows>(xs: &[f32], w: &R) -> Option<Vec<f32>> {
+    if !super::simd::available512() {
+        return None;
+    }
+    let (n, k) = (w.rows(), w.cols());
+    let m = xs.len() / k;
+    let mut out = vec![0f32; n * m];
+    out.par_chunks_mut(ROWS_PER_TASK * m)
+        .enumerate()
+        .for_each_init(Vec::new, |buf, (task, out)| {
+            let first = task * ROWS_PER_TASK;
+            let count = out.len() / m;
+            let block = match w.f32_rows(first, count) {
+                Some(rows) => rows,
+                None => {
+                    buf.resize(count * k, 0.0);
+                    for (i, row) in buf.chunks_exact_mut(k).enumerate() {
+                        w.widen_row(first + i, row);
+                    }
+                    &buf[..]
+                }
+            };
+            let done = super::simd::f32_dots512(block, k, xs, out);
+            debug_assert!(done, "checked above");
+        });
+    let mut t = vec![0f32; n * m];
+    t.par_chunks_mut(n).enumerate().for_each(|(i, row)| {
+        for (j, v) in row.iter_mut().enumerate() {
+            *v = out[j * m + i];
+        }
+    });
+    Some(t)
 }

@@ -4,6 +4,7 @@
 //! | weight | rows of `x` | kernel |
 //! |---|---|---|
 //! | any | 1 – [`simd::MAX_ROWS`] (AVX2), 1 – [`gemv::MAX_ROWS`] (other CPUs) | [`gemv`]: each weight row streamed once, widened in registers, register tiles of up to 4 rows of `x` × 3 weight rows ([`simd`]) |
+//! | any | more, up to 128, weights up to 16 M elements, AVX-512 | [`gemv::widened_rows`]: each block of 64 weight rows widened to f32 once in L2, 512-bit register tiles of 8 rows of `x` × 3 weight rows |
 //! | any | more | [`panels`]: weight panels widened to f32 in L2-sized blocks (f32 read in place), f32 `gemm` |
 //!
 //! `x` in f32 gives f32 out; any other `x` dtype is computed the same way in f32 and the
@@ -161,6 +162,62 @@ impl Linear {
     }
 }
 
+/// The products `xs · wᵀ` of several layers with a few rows of `x` each (every routed
+/// expert of a decode step, an MLP's gate and up), computed in one parallel pass over
+/// the blocks of all their weights: the same kernel and the same sums as each one's
+/// [`Linear::forward`], without a hand-off between threads per product. Each `xs` is
+/// (m, k) row-major f32 with 1 ≤ m ≤ [`gemv::max_rows`]; each result is (m, n).
+/// `None` when some product is outside that range (the caller then runs them one by one).
+pub fn small_products(jobs: &[(&Linear, &[f32])]) -> Result<Option<Vec<Vec<f32>>>> {
+    use rayon::prelude::*;
+    let mut shapes = Vec::with_capacity(jobs.len());
+    for (w, xs) in jobs {
+        let (n, k) = w.dims();
+        let m = xs.len().checked_div(k).unwrap_or(0);
+        let cpu = match &w.weight {
+            Weight::Dense(t) => t.device().is_cpu(),
+            Weight::Int8(_) => true,
+        };
+        if !cpu || n == 0 || m == 0 || m * k != xs.len() || m > gemv::max_rows() {
+            return Ok(None);
+        }
+        shapes.push((n, m));
+    }
+    let mut outs: Vec<Vec<f32>> = shapes.iter().map(|&(n, m)| vec![0f32; n * m]).collect();
+    let mut tasks = Vec::new();
+    for (j, out) in outs.iter_mut().enumerate() {
+        let m = shapes[j].1;
+        for (t, chunk) in out.chunks_mut(gemv::ROWS_PER_TASK * m).enumerate() {
+            tasks.push((j, t * gemv::ROWS_PER_TASK, chunk));
+        }
+    }
+    tasks
+        .into_par_iter()
+        .try_for_each(|(j, first, out)| -> Result<()> {
+            let (layer, xs) = jobs[j];
+            match &layer.weight {
+                Weight::Dense(w) => with_dense!(w, |rows| gemv::block(rows, xs, first, out)),
+                Weight::Int8(q) => gemv::block(q.as_ref(), xs, first, out),
+            }
+            Ok(())
+        })?;
+    Ok(Some(
+        outs.iter()
+            .zip(&shapes)
+            .map(|(o, &(n, m))| gemv::transpose(o, n, m))
+            .collect(),
+    ))
+}
+
+/// Most rows of `x` for [`gemv::widened_rows`]: up to here (an expert's share of a
+/// prompt) it runs the expert-sized products 1.2–1.7× faster than the panels
+/// (`cargo bench -p tessera-model --bench linear`); at 256 rows the panels catch up.
+const WIDENED_MAX_ROWS: usize = 128;
+
+/// Largest weight (elements) for [`gemv::widened_rows`]: on the LM head the panels stay
+/// ahead.
+const WIDENED_MAX_WEIGHTS: usize = 1 << 24;
+
 /// The kernel for `m` rows.
 fn product<R: WeightRows>(xs: &[f32], m: usize, w: &R) -> Vec<f32> {
     if m == 0 || w.rows() == 0 || w.cols() == 0 {
@@ -168,6 +225,11 @@ fn product<R: WeightRows>(xs: &[f32], m: usize, w: &R) -> Vec<f32> {
     }
     if m <= gemv::max_rows() {
         gemv::small_rows(xs, w)
+    } else if m <= WIDENED_MAX_ROWS
+        && w.rows() * w.cols() <= WIDENED_MAX_WEIGHTS
+        && let Some(out) = gemv::widened_rows(xs, w)
+    {
+        out
     } else {
         panels::product(xs, w)
     }
@@ -215,8 +277,9 @@ mod tests {
 
     /// `forward` equals candle's f32 product of the widened weight, for the decode
     /// kernel (every register tile shape: groups of 1–4 rows of `x`, weight rows in
-    /// threes with one or two left over) and the panels (m > 32), at widths that are not multiples of the
-    /// SIMD width, the int8 block or the panel.
+    /// threes with one or two left over), the widened rows (33 ≤ m ≤ 128 with AVX-512)
+    /// and the panels, at widths that are not multiples of the SIMD width, the int8
+    /// block or the panel.
     #[test]
     fn every_format_equals_the_product_of_its_widened_weight() {
         for (n, k) in [
@@ -230,7 +293,7 @@ mod tests {
             let w = tensor(n, k, (n * 1000 + k) as u64);
             for layer in layers(&w) {
                 let dense = layer.to_dense().unwrap().to_dtype(DType::F32).unwrap();
-                for m in [1usize, 2, 3, 4, 5, 6, 7, 17, 32, 33, 64, 600] {
+                for m in [1usize, 2, 3, 4, 5, 6, 7, 17, 32, 33, 64, 127, 128, 129, 600] {
                     let x = tensor(m, k, m as u64);
                     let got = layer.forward(&x).unwrap();
                     assert_eq!(got.dims2().unwrap(), (m, n));
@@ -255,6 +318,40 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Products computed together give each product's own [`Linear::forward`] bit for
+    /// bit, for every format and a different number of rows each; more rows than the
+    /// decode kernel takes are refused.
+    #[test]
+    fn small_products_equal_each_forward() {
+        let k = 133;
+        let layers: Vec<Linear> = layers(&tensor(70, k, 1))
+            .into_iter()
+            .chain(layers(&tensor(530, k, 2)))
+            .collect();
+        let xs: Vec<Vec<f32>> = (0..layers.len())
+            .map(|i| values((i % 5 + 1) * k, i as u64 + 40))
+            .collect();
+        let jobs: Vec<_> = layers.iter().zip(&xs).map(|(l, x)| (l, &x[..])).collect();
+        let got = small_products(&jobs).unwrap().unwrap();
+        for ((layer, x), got) in jobs.iter().zip(&got) {
+            let m = x.len() / k;
+            let x = Tensor::from_vec(x.to_vec(), (m, k), &Device::Cpu).unwrap();
+            let want = layer.forward(&x).unwrap().flatten_all().unwrap();
+            assert_eq!(
+                got,
+                &want.to_vec1::<f32>().unwrap(),
+                "{} weight, m {m}",
+                layer.format()
+            );
+        }
+        let many = values((gemv::max_rows() + 1) * k, 9);
+        assert!(
+            small_products(&[(&layers[0], &many[..])])
+                .unwrap()
+                .is_none()
+        );
     }
 
     /// Every int8 value is within half a step of its block's scale of the weight, the
