@@ -49,18 +49,24 @@ pub fn product<R: WeightRows>(xs: &[f32], w: &R) -> Vec<f32> {
         .max(1);
     let chunks = m.div_ceil(mb);
     let out_ptr = SendPtr(out.as_mut_ptr());
-    (0..panels * chunks)
-        .into_par_iter()
-        .for_each_init(Vec::new, |panel: &mut Vec<f32>, task| {
+    // Tasks run panel-major, and a thread takes a contiguous run of them, so it keeps
+    // its last widened panel for the next block of rows of `x` (one widening per panel
+    // and thread rather than per task).
+    (0..panels * chunks).into_par_iter().for_each_init(
+        || (Vec::new(), None),
+        |(panel, widened): &mut (Vec<f32>, Option<usize>), task| {
             let (p, c) = (task / chunks, task % chunks);
             let (j0, i0) = (p * nb, c * mb);
             let (cols, rows) = (nb.min(n - j0), mb.min(m - i0));
             let panel: &[f32] = match w.f32_rows(j0, cols) {
                 Some(rows) => rows,
                 None => {
-                    panel.resize(cols * k, 0.0);
-                    for (j, row) in panel.chunks_exact_mut(k).enumerate() {
-                        w.widen_row(j0 + j, row);
+                    if *widened != Some(p) {
+                        panel.resize(cols * k, 0.0);
+                        for (j, row) in panel.chunks_exact_mut(k).enumerate() {
+                            w.widen_row(j0 + j, row);
+                        }
+                        *widened = Some(p);
                     }
                     panel
                 }
@@ -95,7 +101,8 @@ pub fn product<R: WeightRows>(xs: &[f32], w: &R) -> Vec<f32> {
                     gemm::Parallelism::None,
                 );
             }
-        });
+        },
+    );
     out
 }
 
