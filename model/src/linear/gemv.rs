@@ -99,9 +99,9 @@ pub fn transpose(a: &[f32], n: usize, m: usize) -> Vec<f32> {
 /// rows (an expert's share of a prompt, a batch of decode steps): each task widens its
 /// block of [`ROWS_PER_TASK`] weight rows to f32 once (f32 weights are read in place)
 /// into a buffer that stays in L2, and every group of eight rows of `x` passes over it
-/// with the 512-bit register tiles ([`super::simd::f32_dots512`]). None without AVX-512.
+/// with the 512-bit register tiles ([`super::simd512::f32_dots512`]). None without AVX-512.
 pub fn widened_rows<R: WeightRows>(xs: &[f32], w: &R) -> Option<Vec<f32>> {
-    if !super::simd::available512() {
+    if !super::simd512::available512() {
         return None;
     }
     let (n, k) = (w.rows(), w.cols());
@@ -122,7 +122,7 @@ pub fn widened_rows<R: WeightRows>(xs: &[f32], w: &R) -> Option<Vec<f32>> {
                     &buf[..]
                 }
             };
-            let done = super::simd::f32_dots512(block, k, xs, out);
+            let done = super::simd512::f32_dots512(block, k, xs, out);
             debug_assert!(done, "checked above");
         });
     let mut t = vec![0f32; n * m];

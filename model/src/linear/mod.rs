@@ -4,7 +4,7 @@
 //! | weight | rows of `x` | kernel |
 //! |---|---|---|
 //! | any | 1 – [`simd::MAX_ROWS`] (AVX2), 1 – [`gemv::MAX_ROWS`] (other CPUs) | [`gemv`]: each weight row streamed once, widened in registers, register tiles of up to 4 rows of `x` × 3 weight rows ([`simd`]) |
-//! | any | more, up to 128, weights up to 16 M elements, AVX-512 | [`gemv::widened_rows`]: each block of 64 weight rows widened to f32 once in L2, 512-bit register tiles of 8 rows of `x` × 3 weight rows |
+//! | any | more, up to 128, weights up to 16 M elements, AVX-512 | [`gemv::widened_rows`]: each block of 64 weight rows widened to f32 once in L2, 512-bit register tiles of 8 rows of `x` × 3 weight rows ([`simd512`]) |
 //! | any | more | [`panels`]: weight panels widened to f32 in L2-sized blocks (f32 read in place), f32 `gemm` |
 //!
 //! `x` in f32 gives f32 out; any other `x` dtype is computed the same way in f32 and the
@@ -14,6 +14,7 @@ pub mod gemv;
 pub mod panels;
 pub mod rows;
 pub mod simd;
+pub mod simd512;
 
 use std::sync::Arc;
 
