@@ -61,6 +61,11 @@ pub fn small_rows<R: WeightRows>(xs: &[f32], w: &R) -> Vec<f32> {
     out.par_chunks_mut(ROWS_PER_TASK * m)
         .enumerate()
         .for_each(|(task, out)| block(w, xs, task * ROWS_PER_TASK, out));
+    transpose_par(out, n, m)
+}
+
+/// `(n, m)` → `(m, n)`, rows of the result in parallel.
+fn transpose_par(out: Vec<f32>, n: usize, m: usize) -> Vec<f32> {
     if m == 1 {
         return out;
     }
@@ -125,11 +130,5 @@ pub fn widened_rows<R: WeightRows>(xs: &[f32], w: &R) -> Option<Vec<f32>> {
             let done = super::simd512::f32_dots512(block, k, xs, out);
             debug_assert!(done, "checked above");
         });
-    let mut t = vec![0f32; n * m];
-    t.par_chunks_mut(n).enumerate().for_each(|(i, row)| {
-        for (j, v) in row.iter_mut().enumerate() {
-            *v = out[j * m + i];
-        }
-    });
-    Some(t)
+    Some(transpose_par(out, n, m))
 }
