@@ -6,7 +6,9 @@
 //! Up to [`gemv::max_rows`] rows (32 with AVX2, else 4) `Linear` runs the decode
 //! kernel; above, with AVX-512 and up to 128 rows, the widened rows (each block of
 //! weight rows widened to f32 once, 512-bit tiles) for weights up to 16 M elements;
-//! beyond, every format goes through the widened panels.
+//! beyond, every format goes through the widened panels. On AVX-512 CPUs the language
+//! model holds its weights packed in panels of 16 rows for the outer-product kernel
+//! (`linear::packed`): the "bf16 packed" column, up to 128 rows, then the panels.
 
 use std::time::Instant;
 
@@ -36,12 +38,17 @@ fn main() -> candle_core::Result<()> {
         (1280, 896),
     ] {
         let w = Tensor::randn(0f32, 0.02, (n, k), &dev)?;
-        let layers = [
+        let mut layers = vec![
             Linear::new(w.clone())?,
             Linear::new(w.to_dtype(DType::BF16)?)?,
             Linear::new(w.to_dtype(DType::F16)?)?,
             Linear::int8(&w)?,
         ];
+        // The language model's layout on AVX-512 CPUs.
+        let packed = Linear::pack(&w.to_dtype(DType::BF16)?)?;
+        if packed.is_packed() {
+            layers.push(packed);
+        }
         let iters = if n > 10_000 { 3 } else { 30 };
         for m in [1usize, 2, 4, 8, 16, 32, 64, 128, 256] {
             let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
@@ -51,8 +58,9 @@ fn main() -> candle_core::Result<()> {
             for layer in &layers {
                 let ms = time(iters, || layer.forward(&x).map(drop))?;
                 let gbs = layer.bytes() as f64 / (ms * 1e-3) / 1e9;
+                let packed = if layer.is_packed() { " packed" } else { "" };
                 line.push_str(&format!(
-                    "  {} {ms:8.3} ms ({gbs:5.1} GB/s)",
+                    "  {}{packed} {ms:8.3} ms ({gbs:5.1} GB/s)",
                     layer.format()
                 ));
             }
@@ -83,10 +91,12 @@ fn main() -> candle_core::Result<()> {
         for layer in [
             Linear::new(w.clone())?,
             Linear::new(w.to_dtype(DType::BF16)?)?,
+            Linear::pack(&w.to_dtype(DType::BF16)?)?,
         ] {
             let ms = time(2, || layer.forward(&x).map(drop))?;
+            let packed = if layer.is_packed() { " packed" } else { "" };
             line.push_str(&format!(
-                "  {} {ms:8.1} ms ({:5.1} GFLOP/s)",
+                "  {}{packed} {ms:8.1} ms ({:5.1} GFLOP/s)",
                 layer.format(),
                 flop / (ms * 1e-3) / 1e9
             ));

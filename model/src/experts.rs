@@ -271,7 +271,7 @@ impl ExpertBackend for LocalExperts {
         // passes ([`Mlp::forward_small`]), the same sums as one expert at a time.
         let small = groups
             .iter()
-            .all(|g| g.1.len() <= crate::linear::gemv::max_rows());
+            .all(|g| g.1.len() <= crate::linear::small_products_max_rows());
         if small && xs.dtype() == DType::F32 && xs.device().is_cpu() {
             let xs = xs.contiguous()?;
             let done = crate::ops::with_f32_slice(&xs, |x| -> Result<bool> {

@@ -265,6 +265,56 @@ impl Checkpoint {
     /// Loads one tensor in its stored dtype, checking its shape: read from the file
     /// straight into the tensor's buffer.
     pub fn stored(&self, name: &str, shape: &[usize], device: &Device) -> Result<Tensor> {
+        let rows = shape.first().copied().unwrap_or(1);
+        self.stored_rows(name, shape, 0..rows, device)
+    }
+
+    /// Rows `rows` (along the first dimension) of the tensor `name` of shape `shape`, in
+    /// its stored dtype: (rows.len(), shape[1..]). Reading a tensor a block of rows at a
+    /// time lets a caller lay it out anew without a second whole copy; the tensor counts
+    /// as loaded (and its bytes as read) when its first row is read.
+    pub fn stored_rows(
+        &self,
+        name: &str,
+        shape: &[usize],
+        rows: std::ops::Range<usize>,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let dtype = self.stored_dtype(name)?;
+        let mut block = shape.to_vec();
+        if let Some(first) = block.first_mut() {
+            *first = rows.len();
+        }
+        let block = block.as_slice();
+        Ok(match dtype {
+            DType::BF16 => Tensor::from_vec(
+                self.stored_values::<bf16>(name, shape, rows)?,
+                block,
+                device,
+            )?,
+            DType::F16 => {
+                Tensor::from_vec(self.stored_values::<f16>(name, shape, rows)?, block, device)?
+            }
+            DType::F32 => {
+                Tensor::from_vec(self.stored_values::<f32>(name, shape, rows)?, block, device)?
+            }
+            _ => Tensor::from_raw_buffer(
+                &self.stored_values::<u8>(name, shape, rows)?,
+                dtype,
+                block,
+                device,
+            )?,
+        })
+    }
+
+    /// Rows `rows` of the tensor `name` as stored, read straight into a vector of `T`:
+    /// the stored element type itself, or `u8` for the raw bytes.
+    pub fn stored_values<T: bytemuck::Pod>(
+        &self,
+        name: &str,
+        shape: &[usize],
+        rows: std::ops::Range<usize>,
+    ) -> Result<Vec<T>> {
         let entry = self.entry(name)?;
         if entry.shape != shape {
             return Err(Error::TensorShape {
@@ -274,6 +324,12 @@ impl Checkpoint {
             });
         }
         let dtype = self.stored_dtype(name)?;
+        let size = size_of::<T>();
+        if size != 1 && size != dtype.size_in_bytes() {
+            return Err(Error::Request(format!(
+                "tensor {name} is stored as {dtype:?}, not as {size}-byte values"
+            )));
+        }
         let len: usize = shape.iter().product();
         let bytes = entry.end - entry.start;
         if bytes != (len * dtype.size_in_bytes()) as u64 {
@@ -282,34 +338,22 @@ impl Checkpoint {
                 format!("tensor {name} has {bytes} bytes for its shape {shape:?}"),
             ));
         }
-        let file = &self.handles[entry.shard];
-        let read = |buf: &mut [u8]| {
-            file.read_exact_at(buf, entry.start)
-                .map_err(|e| Error::io(&self.files[entry.shard], e))
-        };
+        let all_rows = shape.first().copied().unwrap_or(1);
+        if rows.start > rows.end || rows.end > all_rows {
+            return Err(Error::Request(format!(
+                "rows {rows:?} of tensor {name} with {all_rows} rows"
+            )));
+        }
+        let row_bytes = (len / all_rows.max(1)) * dtype.size_in_bytes();
+        let offset = entry.start + (rows.start * row_bytes) as u64;
         // safetensors stores little-endian values, as every host Tessera runs on.
-        let t = match dtype {
-            DType::BF16 => {
-                let mut v = vec![bf16::ZERO; len];
-                read(bytemuck::cast_slice_mut(&mut v))?;
-                Tensor::from_vec(v, shape, device)?
-            }
-            DType::F16 => {
-                let mut v = vec![f16::ZERO; len];
-                read(bytemuck::cast_slice_mut(&mut v))?;
-                Tensor::from_vec(v, shape, device)?
-            }
-            DType::F32 => {
-                let mut v = vec![0f32; len];
-                read(bytemuck::cast_slice_mut(&mut v))?;
-                Tensor::from_vec(v, shape, device)?
-            }
-            _ => {
-                let mut v = vec![0u8; bytes as usize];
-                read(&mut v)?;
-                Tensor::from_raw_buffer(&v, dtype, shape, device)?
-            }
-        };
+        let mut values = vec![T::zeroed(); rows.len() * row_bytes / size];
+        self.handles[entry.shard]
+            .read_exact_at(bytemuck::cast_slice_mut(&mut values), offset)
+            .map_err(|e| Error::io(&self.files[entry.shard], e))?;
+        if rows.start > 0 {
+            return Ok(values);
+        }
         self.loaded
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -318,7 +362,7 @@ impl Checkpoint {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .record(&self.files, entry.shard, bytes as usize);
-        Ok(t)
+        Ok(values)
     }
 
     fn corrupt(&self, shard: usize, what: String) -> Error {
@@ -567,6 +611,56 @@ impl<'a> Weights<'a> {
             Some(dtype) => Linear::new(stored.to_dtype(dtype)?)?,
             None => Linear::int8(&stored)?,
         })
+    }
+
+    /// As [`linear`](Self::linear), packed for the outer-product kernel
+    /// ([`crate::linear::packed`]) where it runs: for a layer that meets from one to a
+    /// few dozen rows of `x` at a time (the LM head). The tensor is read a block of rows
+    /// at a time into the packed layout, so loading holds no second copy of it. Int8,
+    /// a compute dtype other than f32, another device or a CPU without AVX-512F load
+    /// the ordinary layout.
+    pub fn linear_packed(&self, name: &str, shape: &[usize]) -> Result<Linear> {
+        let t = &self.target;
+        let path = self.path(name);
+        let stored = t.checkpoint.stored_dtype(&path)?;
+        let dtype = t.weights.dense_dtype(stored, t.dtype);
+        let packable = matches!(dtype, Some(DType::F32 | DType::BF16 | DType::F16));
+        if !packable
+            || t.dtype != DType::F32
+            || !t.device.is_cpu()
+            || !crate::linear::packed::available()
+        {
+            return self.linear(name, shape);
+        }
+        let dtype = dtype.expect("checked above");
+        let n = shape.first().copied().unwrap_or(1);
+        let k = shape.iter().skip(1).product::<usize>();
+        // Rows as `T`: read straight into the vector when stored as `T`, else converted.
+        fn rows<T: bytemuck::Pod + candle_core::WithDType>(
+            t: &LoadTarget<'_>,
+            path: &str,
+            shape: &[usize],
+            stored: DType,
+            rows: std::ops::Range<usize>,
+        ) -> Result<Vec<T>> {
+            if stored == T::DTYPE {
+                return t.checkpoint.stored_values(path, shape, rows);
+            }
+            let block = t.checkpoint.stored_rows(path, shape, rows, &Device::Cpu)?;
+            Ok(block.flatten_all()?.to_dtype(T::DTYPE)?.to_vec1::<T>()?)
+        }
+        let rows_of = |f: usize, c: usize| f..f + c;
+        match dtype {
+            DType::BF16 => Linear::packed(n, k, |f, c| {
+                rows::<bf16>(t, &path, shape, stored, rows_of(f, c))
+            }),
+            DType::F16 => Linear::packed(n, k, |f, c| {
+                rows::<f16>(t, &path, shape, stored, rows_of(f, c))
+            }),
+            _ => Linear::packed(n, k, |f, c| {
+                rows::<f32>(t, &path, shape, stored, rows_of(f, c))
+            }),
+        }
     }
 
     /// Loads a lookup table (token embeddings) held like a linear weight but dense: in

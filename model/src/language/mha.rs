@@ -34,10 +34,10 @@ impl MhaAttention {
     ) -> error::Result<Self> {
         let width = heads * head_dim;
         Ok(Self {
-            q_proj: w.linear("q_proj.weight", &[width, hidden])?,
-            k_proj: w.linear("k_proj.weight", &[width, hidden])?,
-            v_proj: w.linear("v_proj.weight", &[width, hidden])?,
-            o_proj: w.linear("o_proj.weight", &[hidden, width])?,
+            q_proj: w.linear_packed("q_proj.weight", &[width, hidden])?,
+            k_proj: w.linear_packed("k_proj.weight", &[width, hidden])?,
+            v_proj: w.linear_packed("v_proj.weight", &[width, hidden])?,
+            o_proj: w.linear_packed("o_proj.weight", &[hidden, width])?,
             heads,
             head_dim,
             scale,

@@ -93,11 +93,11 @@ impl MlaAttention {
         };
         let q_width = heads * (nope + rope);
         let q = match q_lora_rank {
-            None => QueryProjection::Direct(w.linear("q_proj.weight", &[q_width, hidden])?),
+            None => QueryProjection::Direct(w.linear_packed("q_proj.weight", &[q_width, hidden])?),
             Some(qr) => QueryProjection::LowRank {
-                a: w.linear("q_a_proj.weight", &[qr, hidden])?,
+                a: w.linear_packed("q_a_proj.weight", &[qr, hidden])?,
                 norm: w.get("q_a_layernorm.weight", &[qr])?,
-                b: w.linear("q_b_proj.weight", &[q_width, qr])?,
+                b: w.linear_packed("q_b_proj.weight", &[q_width, qr])?,
             },
         };
         let kv_b_proj = w.get("kv_b_proj.weight", &[heads * (nope + v), rank])?;
@@ -107,12 +107,12 @@ impl MlaAttention {
         let w_uv_t = per_head.narrow(1, nope, v)?.transpose(1, 2)?;
         Ok(Self {
             q,
-            kv_a_proj: w.linear("kv_a_proj_with_mqa.weight", &[rank + rope, hidden])?,
+            kv_a_proj: w.linear_packed("kv_a_proj_with_mqa.weight", &[rank + rope, hidden])?,
             kv_a_norm: w.get("kv_a_layernorm.weight", &[rank])?,
             kv_b_proj: Linear::new(kv_b_proj)?,
             w_uk,
             w_uv_t,
-            o_proj: w.linear("o_proj.weight", &[hidden, heads * v])?,
+            o_proj: w.linear_packed("o_proj.weight", &[hidden, heads * v])?,
             heads,
             nope,
             rope,

@@ -19,9 +19,9 @@ impl Mlp {
     /// Loads `gate_proj`, `up_proj`, `down_proj` below `w` for the given widths.
     pub fn new(w: &Weights, hidden: usize, intermediate: usize) -> error::Result<Self> {
         Ok(Self {
-            gate_proj: w.linear("gate_proj.weight", &[intermediate, hidden])?,
-            up_proj: w.linear("up_proj.weight", &[intermediate, hidden])?,
-            down_proj: w.linear("down_proj.weight", &[hidden, intermediate])?,
+            gate_proj: w.linear_packed("gate_proj.weight", &[intermediate, hidden])?,
+            up_proj: w.linear_packed("up_proj.weight", &[intermediate, hidden])?,
+            down_proj: w.linear_packed("down_proj.weight", &[hidden, intermediate])?,
         })
     }
 

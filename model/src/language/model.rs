@@ -98,7 +98,7 @@ impl LanguageModel {
         Ok(Self {
             embed_tokens: m.table("embed_tokens.weight", &[v, h])?,
             norm: m.get("norm.weight", &[h])?,
-            lm_head: w.linear("lm_head.weight", &[v, h])?,
+            lm_head: w.linear_packed("lm_head.weight", &[v, h])?,
             layers,
             rope: RotaryEmbedding::new(
                 cfg.rope_dim(),

@@ -3,14 +3,17 @@
 //!
 //! | weight | rows of `x` | kernel |
 //! |---|---|---|
-//! | any | 1 – [`simd::MAX_ROWS`] (AVX2), 1 – [`gemv::MAX_ROWS`] (other CPUs) | [`gemv`]: each weight row streamed once, widened in registers, register tiles of up to 4 rows of `x` × 3 weight rows ([`simd`]) |
-//! | any | more, up to 128, weights up to 16 M elements, AVX-512 | [`gemv::widened_rows`]: each block of 64 weight rows widened to f32 once in L2, 512-bit register tiles of 8 rows of `x` × 3 weight rows ([`simd512`]) |
-//! | any | more | [`panels`]: weight panels widened to f32 in L2-sized blocks (f32 read in place), f32 `gemm` |
+//! | row-major | 1 – [`simd::MAX_ROWS`] (AVX2), 1 – [`gemv::MAX_ROWS`] (other CPUs) | [`gemv`]: each weight row streamed once, widened in registers, register tiles of up to 4 rows of `x` × 3 weight rows ([`simd`]) |
+//! | row-major | more, up to 128, weights up to 16 M elements, AVX-512 | [`gemv::widened_rows`]: each block of 64 weight rows widened to f32 once in L2, 512-bit register tiles of 8 rows of `x` × 3 weight rows ([`simd512`]) |
+//! | row-major | more | [`panels`]: weight panels widened to f32 in L2-sized blocks (f32 read in place), f32 `gemm` |
+//! | f32, bf16, f16 packed at load (the language model, AVX-512) | 1 – [`packed::MAX_ROWS`] | [`packed`]: panels of 16 rows stored column by column, 512-bit outer-product register tiles of up to 12 rows of `x` × 2 panels |
+//! | the same | more | [`panels`], each panel gathered back to f32 rows |
 //!
 //! `x` in f32 gives f32 out; any other `x` dtype is computed the same way in f32 and the
 //! result cast back, except when `x` and a dense weight share the dtype (candle's product).
 
 pub mod gemv;
+pub mod packed;
 pub mod panels;
 pub mod rows;
 pub mod simd;
@@ -21,6 +24,7 @@ use std::sync::Arc;
 use candle_core::{DType, Result, Storage, Tensor};
 use half::{bf16, f16};
 
+use self::packed::{PackedRows, PanelElem};
 use self::rows::{Dense, Int8Rows, WeightRows};
 
 /// Evaluates `$body` with `$rows` bound to the [`Dense`] rows of a contiguous (n, k)
@@ -75,6 +79,7 @@ enum Weight {
     /// that dtype).
     Dense(Tensor),
     Int8(Arc<Int8Rows>),
+    Packed(Arc<PackedRows>),
 }
 
 impl Linear {
@@ -98,11 +103,51 @@ impl Linear {
         })
     }
 
+    /// A weight (out, in) of f32, bf16 or f16 packed for the outer-product kernel
+    /// ([`packed`]), its rows given a block at a time by `fill(first, count)`: the
+    /// layout for a product that meets from one to a few dozen rows of `x` (the LM
+    /// head). Where the CPU lacks that kernel ([`packed::available`]) the rows are
+    /// gathered into an ordinary dense weight instead.
+    pub fn packed<T, E>(
+        n: usize,
+        k: usize,
+        mut fill: impl FnMut(usize, usize) -> std::result::Result<Vec<T>, E>,
+    ) -> std::result::Result<Self, E>
+    where
+        T: PanelElem + candle_core::WithDType,
+        E: From<candle_core::Error>,
+    {
+        if packed::available() {
+            return Ok(Self {
+                weight: Weight::Packed(Arc::new(PackedRows::pack(n, k, fill)?)),
+            });
+        }
+        let rows = fill(0, n)?;
+        Ok(Self::new(Tensor::from_vec(
+            rows,
+            (n, k),
+            &candle_core::Device::Cpu,
+        )?)?)
+    }
+
+    /// [`Linear::packed`] from a dense (out, in) CPU tensor of f32, bf16 or f16.
+    pub fn pack(weight: &Tensor) -> Result<Self> {
+        let (n, k) = weight.dims2()?;
+        let rows = |r: usize, c: usize| weight.narrow(0, r, c)?.flatten_all();
+        match weight.dtype() {
+            DType::F32 => Self::packed(n, k, |r, c| rows(r, c)?.to_vec1::<f32>()),
+            DType::BF16 => Self::packed(n, k, |r, c| rows(r, c)?.to_vec1::<bf16>()),
+            DType::F16 => Self::packed(n, k, |r, c| rows(r, c)?.to_vec1::<f16>()),
+            other => candle_core::bail!("linear: packed weights in {other:?} are not supported"),
+        }
+    }
+
     /// (out, in).
     pub fn dims(&self) -> (usize, usize) {
         match &self.weight {
             Weight::Dense(t) => t.dims2().unwrap_or_default(),
             Weight::Int8(q) => (q.n, q.k),
+            Weight::Packed(p) => p.dims(),
         }
     }
 
@@ -111,7 +156,13 @@ impl Linear {
         match &self.weight {
             Weight::Dense(t) => t.dtype().as_str(),
             Weight::Int8(_) => "int8",
+            Weight::Packed(p) => p.format(),
         }
+    }
+
+    /// Whether the weight is packed for the outer-product kernel ([`packed`]).
+    pub fn is_packed(&self) -> bool {
+        matches!(self.weight, Weight::Packed(_))
     }
 
     /// Bytes the weight holds.
@@ -119,6 +170,7 @@ impl Linear {
         match &self.weight {
             Weight::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
             Weight::Int8(q) => q.bytes(),
+            Weight::Packed(p) => p.bytes(),
         }
     }
 
@@ -133,6 +185,7 @@ impl Linear {
                 }
                 Tensor::from_vec(out, (q.n, q.k), &candle_core::Device::Cpu)
             }
+            Weight::Packed(p) => Tensor::from_vec(p.unpack(), p.dims(), &candle_core::Device::Cpu),
         }
     }
 
@@ -153,6 +206,11 @@ impl Linear {
         let out = with_f32(&x, |xs| match &self.weight {
             Weight::Dense(w) => Ok(with_dense!(w, |rows| product(xs, m, rows))),
             Weight::Int8(q) => Ok(product(xs, m, q.as_ref())),
+            Weight::Packed(p) if m > packed::MAX_ROWS => Ok(p.many_rows_product(xs)),
+            Weight::Packed(p) => match p.product(xs, m) {
+                Some(out) => Ok(out),
+                None => candle_core::bail!("linear: packed weights need AVX-512F"),
+            },
         })?;
         Tensor::from_vec(out, (m, n), x.device())?.to_dtype(dtype)
     }
@@ -171,6 +229,9 @@ impl Linear {
 /// `None` when some product is outside that range (the caller then runs them one by one).
 pub fn small_products(jobs: &[(&Linear, &[f32])]) -> Result<Option<Vec<Vec<f32>>>> {
     use rayon::prelude::*;
+    if !jobs.is_empty() && jobs.iter().all(|(w, _)| w.is_packed()) {
+        return Ok(packed_products(jobs));
+    }
     let mut shapes = Vec::with_capacity(jobs.len());
     for (w, xs) in jobs {
         let (n, k) = w.dims();
@@ -178,6 +239,7 @@ pub fn small_products(jobs: &[(&Linear, &[f32])]) -> Result<Option<Vec<Vec<f32>>
         let cpu = match &w.weight {
             Weight::Dense(t) => t.device().is_cpu(),
             Weight::Int8(_) => true,
+            Weight::Packed(_) => return Ok(None),
         };
         if !cpu || n == 0 || m == 0 || m * k != xs.len() || m > gemv::max_rows() {
             return Ok(None);
@@ -199,6 +261,7 @@ pub fn small_products(jobs: &[(&Linear, &[f32])]) -> Result<Option<Vec<Vec<f32>>
             match &layer.weight {
                 Weight::Dense(w) => with_dense!(w, |rows| gemv::block(rows, xs, first, out)),
                 Weight::Int8(q) => gemv::block(q.as_ref(), xs, first, out),
+                Weight::Packed(_) => unreachable!("packed weights are refused above"),
             }
             Ok(())
         })?;
@@ -208,6 +271,60 @@ pub fn small_products(jobs: &[(&Linear, &[f32])]) -> Result<Option<Vec<Vec<f32>>
             .map(|(o, &(n, m))| gemv::transpose(o, n, m))
             .collect(),
     ))
+}
+
+/// Most rows of `x` per product that [`small_products`] takes on this CPU (more when
+/// the weights are packed).
+pub fn small_products_max_rows() -> usize {
+    if packed::available() {
+        packed::MAX_ROWS.max(gemv::max_rows())
+    } else {
+        gemv::max_rows()
+    }
+}
+
+/// [`small_products`] of packed weights: one parallel pass over every panel block of
+/// every weight, each writing its columns of its product's rows.
+fn packed_products(jobs: &[(&Linear, &[f32])]) -> Option<Vec<Vec<f32>>> {
+    use rayon::prelude::*;
+    if !packed::available() {
+        return None;
+    }
+    let mut prepared = Vec::with_capacity(jobs.len());
+    for (w, xs) in jobs {
+        let Weight::Packed(p) = &w.weight else {
+            return None;
+        };
+        let (_, k) = p.dims();
+        let m = xs.len().checked_div(k).unwrap_or(0);
+        if m == 0 || m * k != xs.len() || m > packed::MAX_ROWS {
+            return None;
+        }
+        prepared.push((p.as_ref(), packed::GroupedX::new(xs, m, k), m));
+    }
+    let mut outs: Vec<Vec<f32>> = prepared
+        .iter()
+        .map(|(p, _, m)| vec![0f32; m * p.dims().0])
+        .collect();
+    let ptrs: Vec<_> = outs
+        .iter_mut()
+        .map(|o| panels::SendPtr(o.as_mut_ptr()))
+        .collect();
+    let tasks: Vec<(usize, usize)> = prepared
+        .iter()
+        .enumerate()
+        .flat_map(|(j, (p, _, _))| (0..p.tasks()).map(move |t| (j, t)))
+        .collect();
+    tasks.into_par_iter().for_each(|(j, t)| {
+        let (p, x, _) = &prepared[j];
+        // SAFETY: the kernel runs here (checked above); `outs[j]` is (m, n) for job j,
+        // and each (job, task) pair writes its own columns of it.
+        #[allow(unsafe_code)]
+        unsafe {
+            p.task(x, t, ptrs[j])
+        };
+    });
+    Some(outs)
 }
 
 /// Most rows of `x` for [`gemv::widened_rows`]: up to here (an expert's share of a

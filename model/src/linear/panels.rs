@@ -63,9 +63,7 @@ pub fn product<R: WeightRows>(xs: &[f32], w: &R) -> Vec<f32> {
                 None => {
                     if *widened != Some(p) {
                         panel.resize(cols * k, 0.0);
-                        for (j, row) in panel.chunks_exact_mut(k).enumerate() {
-                            w.widen_row(j0 + j, row);
-                        }
+                        w.widen_rows(j0, panel);
                         *widened = Some(p);
                     }
                     panel

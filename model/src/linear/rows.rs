@@ -26,6 +26,12 @@ pub trait WeightRows: Sync {
     }
     /// Row `r` widened to f32 into `out` (k long).
     fn widen_row(&self, r: usize, out: &mut [f32]);
+    /// Rows `first..first + out.len() / k` widened to f32 into `out`, row-major.
+    fn widen_rows(&self, first: usize, out: &mut [f32]) {
+        for (i, row) in out.chunks_exact_mut(self.cols().max(1)).enumerate() {
+            self.widen_row(first + i, row);
+        }
+    }
     /// Rows `first..first + count` as they are, when the weight already holds f32 (the
     /// panel kernel then reads them in place instead of widening a copy).
     fn f32_rows(&self, _first: usize, _count: usize) -> Option<&[f32]> {
