@@ -16,9 +16,9 @@
 //! does.
 //!
 //! Every output is one f32 fused-multiply-add chain over `t = 0, 1, …, k − 1`, whatever
-//! the number of rows of `x` and however they are grouped: a sequence's logits are the
-//! same bits alone and in any batch, and a bf16 panel and an f32 copy of its values give
-//! the same bits. Packing needs AVX-512F ([`available`]); elsewhere layers keep the
+//! the number of rows of `x` (up to [`MAX_ROWS`]) and however they are grouped: a row's
+//! products are the same bits alone and beside others, and a bf16 panel and an f32
+//! copy of its values give the same bits. Packing needs AVX-512F ([`available`]); elsewhere layers keep the
 //! row-major layout.
 
 use half::{bf16, f16};
