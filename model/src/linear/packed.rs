@@ -1,6 +1,6 @@
 //! Weights packed for the outer-product kernel, for products that meet anywhere from
-//! one row of `x` (a decode step) to a hundred (a batched step of many sequences, an
-//! expert's share of a prompt): the language model's layers and its LM head.
+//! one row of `x` (a decode step) to hundreds (a batched step of many sequences, a
+//! prefill chunk): the language model's layers and its LM head.
 //!
 //! The rows of `w` are cut into panels of [`LANES`] rows, and a panel is stored column
 //! by column: element (r, t) lives at `(r / 16) · 16k + 16t + r % 16`. At each column
@@ -258,9 +258,9 @@ impl PackedRows {
 }
 
 impl PackedRows {
-    /// The product for many rows of `x` (a prompt): each panel of rows gathered back
-    /// to f32 rows and multiplied by `gemm` through [`super::panels`], which beats
-    /// the register tiles here once a weight meets more than [`MAX_ROWS`] rows.
+    /// The product for many rows of `x` (a long prompt in one chunk): each panel of
+    /// rows gathered back to f32 rows and multiplied by `gemm` through
+    /// [`super::panels`], for more than [`MAX_ROWS`] rows.
     pub fn many_rows_product(&self, xs: &[f32]) -> Vec<f32> {
         match &self.data {
             PackedData::F32(v) => super::panels::product(xs, &Gather::new(v, self.n, self.k)),
@@ -271,10 +271,10 @@ impl PackedRows {
 }
 
 /// Most rows of `x` for the packed kernel; beyond, [`PackedRows::many_rows_product`]
-/// (at 128 rows the packed kernel runs an expert's product 1.5× faster than the
-/// panels, at 256 they are even, at a 1,036-row prompt the panels win on most
-/// shapes: `cargo bench -p tessera-model --bench linear`).
-pub const MAX_ROWS: usize = 128;
+/// (up to 512 rows, a prefill chunk, the kernel matches or beats `gemm` on every
+/// language-model shape, 1.3–1.5× at 128 rows; from about 1,024 rows `gemm` wins on
+/// the widest `k`).
+pub const MAX_ROWS: usize = 512;
 
 /// Packed rows read back row by row (for [`super::panels`]).
 struct Gather<'a, T> {
