@@ -18,7 +18,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Byte fields (tensor data, image files) as `bytes::Bytes`: decoding slices the
     // received buffer instead of copying it.
     config.bytes(["."]);
+    // Decoding errors are the sender's: INVALID_ARGUMENT (src/codec.rs).
     tonic_prost_build::configure()
+        .codec_path("crate::codec::Codec")
         .file_descriptor_set_path(out_dir.join("tessera_descriptor.bin"))
         .compile_with_config(config, PROTOS, &["."])?;
     Ok(())

@@ -16,8 +16,14 @@ pub const DEFAULT_MAX_TOKENS: u32 = 512;
 pub const DEFAULT_MAX_IMAGES: usize = 16;
 /// Default for `--request-timeout-seconds`.
 pub const DEFAULT_REQUEST_TIMEOUT_SECONDS: u64 = 600;
-/// Default for `--http-max-body-bytes`: 64 MiB.
-pub const DEFAULT_HTTP_MAX_BODY_BYTES: usize = 64 << 20;
+/// Default for `--max-request-bytes`: 32 MiB.
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = 32 << 20;
+/// Default for `--http-max-body-bytes`: 32 MiB.
+pub const DEFAULT_HTTP_MAX_BODY_BYTES: usize = 32 << 20;
+/// Default for `--http-read-timeout-seconds`.
+pub const DEFAULT_HTTP_READ_TIMEOUT_SECONDS: u64 = 15;
+/// Default for `--http-max-connections`.
+pub const DEFAULT_HTTP_MAX_CONNECTIONS: usize = 1024;
 
 /// What one gateway serves and how it limits requests.
 #[derive(Debug, Clone, clap::Args)]
@@ -47,13 +53,12 @@ pub struct Config {
     /// Also serve the OpenAI-compatible HTTP API on this address [default: no HTTP].
     #[arg(long = "http", env = "TESSERA_HTTP")]
     pub http: Option<SocketAddr>,
-    /// Refuse HTTP request bodies larger than this many bytes (413).
-    #[arg(
-        long,
-        env = "TESSERA_HTTP_MAX_BODY_BYTES",
-        default_value_t = DEFAULT_HTTP_MAX_BODY_BYTES
-    )]
-    pub http_max_body_bytes: usize,
+    /// How the public APIs bound what one client sends.
+    #[command(flatten)]
+    pub public_limits: PublicLimits,
+    /// Who may call the public APIs.
+    #[command(flatten)]
+    pub auth: ClientAuth,
     /// Whether and how OpenAI `image_url` parts with http(s) URLs are fetched.
     #[command(flatten)]
     pub remote_images: RemoteImageConfig,
@@ -69,7 +74,8 @@ impl Config {
             max_image_pixels: DEFAULT_MAX_PIXELS,
             request_timeout_seconds: DEFAULT_REQUEST_TIMEOUT_SECONDS,
             http: None,
-            http_max_body_bytes: DEFAULT_HTTP_MAX_BODY_BYTES,
+            public_limits: PublicLimits::default(),
+            auth: ClientAuth::default(),
             remote_images: RemoteImageConfig::default(),
         }
     }
@@ -80,7 +86,22 @@ impl Config {
             ("--default-max-tokens", u64::from(self.default_max_tokens)),
             ("--request-timeout-seconds", self.request_timeout_seconds),
             ("--max-image-pixels", self.max_image_pixels),
-            ("--http-max-body-bytes", self.http_max_body_bytes as u64),
+            (
+                "--max-request-bytes",
+                self.public_limits.max_request_bytes as u64,
+            ),
+            (
+                "--http-max-body-bytes",
+                self.public_limits.http_max_body_bytes as u64,
+            ),
+            (
+                "--http-read-timeout-seconds",
+                self.public_limits.http_read_timeout_seconds,
+            ),
+            (
+                "--http-max-connections",
+                self.public_limits.http_max_connections as u64,
+            ),
             (
                 "--remote-image-timeout-seconds",
                 self.remote_images.remote_image_timeout_seconds,
@@ -102,8 +123,84 @@ impl Config {
             default_max_tokens: self.default_max_tokens,
             max_images: self.max_images,
             max_image_pixels: self.max_image_pixels,
+            max_text_bytes: usize::MAX,
         }
     }
+}
+
+/// How the public APIs bound what one client sends before any work is done (also on
+/// `tessera up`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::Args)]
+pub struct PublicLimits {
+    /// Refuse gRPC requests larger than this many bytes (RESOURCE_EXHAUSTED), judged
+    /// from the message's length before it is read.
+    #[arg(
+        long,
+        env = "TESSERA_MAX_REQUEST_BYTES",
+        default_value_t = DEFAULT_MAX_REQUEST_BYTES
+    )]
+    pub max_request_bytes: usize,
+    /// Refuse HTTP request bodies larger than this many bytes (413).
+    #[arg(
+        long,
+        env = "TESSERA_HTTP_MAX_BODY_BYTES",
+        default_value_t = DEFAULT_HTTP_MAX_BODY_BYTES
+    )]
+    pub http_max_body_bytes: usize,
+    /// Close an HTTP connection that has not sent a whole request head this many
+    /// seconds after it opened or after its previous response (slow or idle clients),
+    /// and answer 408 to a body that takes longer than this after its head.
+    #[arg(
+        long,
+        env = "TESSERA_HTTP_READ_TIMEOUT_SECONDS",
+        default_value_t = DEFAULT_HTTP_READ_TIMEOUT_SECONDS
+    )]
+    pub http_read_timeout_seconds: u64,
+    /// Most HTTP connections open at once; more wait in the listen backlog until one
+    /// closes.
+    #[arg(
+        long,
+        env = "TESSERA_HTTP_MAX_CONNECTIONS",
+        default_value_t = DEFAULT_HTTP_MAX_CONNECTIONS
+    )]
+    pub http_max_connections: usize,
+}
+
+impl Default for PublicLimits {
+    fn default() -> Self {
+        Self {
+            max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
+            http_max_body_bytes: DEFAULT_HTTP_MAX_BODY_BYTES,
+            http_read_timeout_seconds: DEFAULT_HTTP_READ_TIMEOUT_SECONDS,
+            http_max_connections: DEFAULT_HTTP_MAX_CONNECTIONS,
+        }
+    }
+}
+
+impl PublicLimits {
+    /// What the HTTP server does with these limits.
+    pub fn serving(&self) -> crate::http::Serving {
+        crate::http::Serving {
+            max_body_bytes: self.http_max_body_bytes,
+            read_timeout: std::time::Duration::from_secs(self.http_read_timeout_seconds),
+            max_connections: self.http_max_connections,
+        }
+    }
+}
+
+/// Who may call the public APIs (also on `tessera up`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, clap::Args)]
+pub struct ClientAuth {
+    /// Require an API key (`Authorization: Bearer KEY`, over HTTP and as gRPC metadata)
+    /// from the keys in this file: one per line, the key or `sha256:` and its hex
+    /// SHA-256; `#` starts a comment. Read again when it changes or on SIGHUP
+    /// [default: no keys, every call allowed].
+    #[arg(long, env = "TESSERA_API_KEY_FILE")]
+    pub api_key_file: Option<PathBuf>,
+    /// Serve `GET /metrics` on the HTTP API without a key even when keys are required
+    /// (a separate `--metrics` address is always open).
+    #[arg(long, env = "TESSERA_OPEN_METRICS")]
+    pub open_metrics: bool,
 }
 
 /// The limits a request is validated against.
@@ -115,6 +212,9 @@ pub struct Limits {
     pub max_images: usize,
     /// Most pixels per image.
     pub max_image_pixels: u64,
+    /// Most bytes of text in one conversation, checked before it is tokenized: more
+    /// cannot fit in the model's positions ([`crate::ModelFiles::max_text_bytes`]).
+    pub max_text_bytes: usize,
 }
 
 impl Default for Limits {
@@ -147,7 +247,7 @@ mod tests {
         let set = Cli::try_parse_from(["gateway", "--model", "/s", "--max-images", "2"]).unwrap();
         assert_eq!(set.config.max_images, 2);
         assert_eq!(parsed.config.http, new.http);
-        assert_eq!(parsed.config.http_max_body_bytes, new.http_max_body_bytes);
+        assert_eq!(parsed.config.public_limits, new.public_limits);
         assert_eq!(parsed.config.remote_images, new.remote_images);
         assert!(!new.remote_images.allow_remote_images);
         let remote = Cli::try_parse_from([

@@ -27,6 +27,9 @@ pub enum Error {
     /// The member lifecycle failed (listening, serving, registering).
     #[error(transparent)]
     Member(#[from] tessera_runtime::member::Error),
+    /// The call has no valid API key (`--api-key-file`).
+    #[error("{0}")]
+    Unauthenticated(String),
     /// A request arrived before the model files were loaded.
     #[error("the gateway is still loading the model files; retry shortly")]
     Loading,
@@ -101,6 +104,7 @@ impl From<Error> for tonic::Status {
         let message = e.to_string();
         match e {
             Error::InvalidArgument(_) => Self::invalid_argument(message),
+            Error::Unauthenticated(_) => Self::unauthenticated(message),
             Error::Loading | Error::NoMember(_) => Self::unavailable(message),
             Error::Upstream { status, .. } => Self::new(status.code(), message),
             Error::Timeout(_) => Self::deadline_exceeded(message),

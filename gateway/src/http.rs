@@ -1,26 +1,38 @@
 //! The OpenAI-compatible HTTP API: `POST /v1/chat/completions` (whole or as
-//! server-sent events), `GET /v1/models`, `GET /health` and `GET /metrics` (the
-//! process's Prometheus metrics, `tessera_runtime::metrics`).
+//! server-sent events), `GET /v1/models`, `GET /v1/models/{model}`, `GET /health` and
+//! `GET /metrics` (the process's Prometheus metrics, `tessera_runtime::metrics`).
 //!
 //! A completion is the gRPC `Generate`/`GenerateStream` call of the same
 //! [`TesseraService`]: the body becomes a public `GenerateRequest` and goes through
 //! the same checks, planning and scheduler; only the spelling of the answer differs.
+//!
+//! Before any of that the server bounds what a client can hold ([`Serving`]): a
+//! connection must send each request head within the read timeout (which also closes
+//! idle keep-alive connections) and its body within the same time again; at most
+//! `max_connections` are open at once (more wait in the listen backlog); a body over
+//! the size limit is refused as it arrives. Completions must be declared JSON, so a web
+//! page cannot start one with a form or a `text/plain` "simple" request. Unknown paths
+//! and methods get OpenAI-shaped errors.
 
 use std::convert::Infallible;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use serde_json::{Value, json};
 use tessera_proto::v1::generate_stream_response::Event;
 use tessera_runtime::shutdown::CancellationToken;
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataMap;
 
@@ -31,46 +43,168 @@ use crate::service::{Api, Messages, TesseraService};
 /// Server-sent events buffered for a slow client.
 const EVENT_BUFFER: usize = 32;
 
+/// How the HTTP server bounds its clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Serving {
+    /// Refuse request bodies larger than this (413).
+    pub max_body_bytes: usize,
+    /// A connection must send each request head within this time of opening or of its
+    /// previous response (else it is closed), and then its body within this time again
+    /// (else 408).
+    pub read_timeout: Duration,
+    /// Most connections open at once; more wait in the listen backlog.
+    pub max_connections: usize,
+}
+
+/// Seconds a client asked to retry later (429, 503) waits first.
+const RETRY_AFTER_SECONDS: &str = "1";
+
+/// Pause after a failed accept (e.g. out of file descriptors) before the next.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
 #[derive(Clone)]
 struct AppState {
     service: TesseraService,
-    max_body_bytes: usize,
+    serving: Serving,
     remote: RemoteImages,
 }
 
-/// The HTTP API over `service`, refusing bodies over `max_body_bytes` and fetching
-/// remote image URLs through `remote`.
-pub fn router(service: TesseraService, max_body_bytes: usize, remote: RemoteImages) -> Router {
+/// The HTTP API over `service`, bounding bodies as `serving` says and fetching remote
+/// image URLs through `remote`. With API keys required, `/metrics` needs one too
+/// unless `open_metrics`; `/health` and the playground's page never do.
+pub fn router(
+    service: TesseraService,
+    serving: Serving,
+    remote: RemoteImages,
+    open_metrics: bool,
+) -> Router {
+    let state = AppState {
+        service,
+        serving,
+        remote,
+    };
+    let mut metrics = tessera_runtime::metrics::router();
+    if !open_metrics {
+        metrics = metrics.route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            with_key,
+        ));
+    }
     Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
+        .route("/v1/models/{*model}", get(model))
         .route("/health", get(health))
         .merge(crate::playground::router())
-        .merge(tessera_runtime::metrics::router())
-        .layer(DefaultBodyLimit::max(max_body_bytes))
-        .with_state(AppState {
-            service,
-            max_body_bytes,
-            remote,
-        })
+        .merge(metrics)
+        .fallback(unknown_url)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
 }
 
-/// Serves `router` on `listener` until `shutdown`, then lets open requests finish.
+/// The key check of the service, for routes with no handler of ours (`/metrics`).
+async fn with_key(
+    State(state): State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let metadata = MetadataMap::from_headers(request.headers().clone());
+    match state.service.authorize(&metadata) {
+        Ok(()) => next.run(request).await,
+        Err(status) => ApiError::from_status(&status).into_response(),
+    }
+}
+
+/// The API key check of a request's headers.
+fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    if !state.service.keys_required() {
+        return Ok(());
+    }
+    state
+        .service
+        .authorize(&MetadataMap::from_headers(headers.clone()))
+        .map_err(|s| ApiError::from_status(&s))
+}
+
+/// Serves `router` on `listener` until `shutdown`, then lets open requests finish,
+/// with the connection bounds of `serving`.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     shutdown: CancellationToken,
+    serving: Serving,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
+    let slots = Arc::new(Semaphore::new(serving.max_connections.max(1)));
+    let graceful = GracefulShutdown::new();
+    let mut http1 = hyper::server::conn::http1::Builder::new();
+    http1
+        .timer(TokioTimer::new())
+        .header_read_timeout(serving.read_timeout);
+    let mut full = false;
+    loop {
+        let permit = tokio::select! {
+            permit = slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+            () = shutdown.cancelled() => break,
+        };
+        if slots.available_permits() == 0 && !full {
+            tracing::warn!(
+                limit = serving.max_connections,
+                "HTTP connection limit reached: further connections wait until one closes"
+            );
+        }
+        full = slots.available_permits() == 0;
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!(error = %e, "HTTP accept failed");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
+            },
+            () = shutdown.cancelled() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let connection = http1.serve_connection(
+            TokioIo::new(stream),
+            TowerToHyperService::new(router.clone()),
+        );
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            let _ = connection.await;
+            drop(permit);
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        json_response(status, &self.body())
+        let mut response = json_response(status, &self.body());
+        if matches!(self.status, 429 | 503) {
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from_static(RETRY_AFTER_SECONDS),
+            );
+        }
+        if self.status == 401 {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
     }
+}
+
+async fn unknown_url(method: Method, uri: Uri) -> Response {
+    ApiError::unknown_url(method.as_str(), uri.path()).into_response()
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> Response {
+    ApiError::method_not_allowed(method.as_str(), uri.path()).into_response()
 }
 
 fn json_response(status: StatusCode, body: &Value) -> Response {
@@ -96,15 +230,35 @@ async fn health(State(state): State<AppState>) -> Response {
     }
 }
 
-async fn models(State(state): State<AppState>) -> Response {
+fn model_object(id: &str) -> Value {
+    json!({"id": id, "object": "model", "created": 0, "owned_by": "tessera"})
+}
+
+async fn models(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    if let Err(e) = authorize(&state, &headers) {
+        return e.into_response();
+    }
     match state.service.model_id() {
         Ok(id) => json_response(
             StatusCode::OK,
-            &json!({
-                "object": "list",
-                "data": [{"id": id, "object": "model", "created": 0, "owned_by": "tessera"}],
-            }),
+            &json!({"object": "list", "data": [model_object(&id)]}),
         ),
+        Err(status) => ApiError::from_status(&status).into_response(),
+    }
+}
+
+/// `GET /v1/models/{model}`: the served model, or a 404 naming it.
+async fn model(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(asked): Path<String>,
+) -> Response {
+    if let Err(e) = authorize(&state, &headers) {
+        return e.into_response();
+    }
+    match state.service.model_id() {
+        Ok(id) if id == asked => json_response(StatusCode::OK, &model_object(&id)),
+        Ok(id) => ApiError::model_not_found(&asked, &id).into_response(),
         Err(status) => ApiError::from_status(&status).into_response(),
     }
 }
@@ -112,7 +266,7 @@ async fn models(State(state): State<AppState>) -> Response {
 async fn chat_completions(
     State(state): State<AppState>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Response {
     match complete(state, headers, body).await {
         Ok(response) => response,
@@ -120,18 +274,40 @@ async fn chat_completions(
     }
 }
 
-async fn complete(
-    state: AppState,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    let body = body.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::too_large(state.max_body_bytes)
-        } else {
-            ApiError::invalid(rejection.body_text(), None)
+/// Whether `headers` declare a JSON body (`application/json`, any parameters).
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
+}
+
+/// The whole body, refused beyond the size limit or the read timeout.
+async fn read_body(body: Body, serving: Serving) -> Result<Bytes, ApiError> {
+    let limited = Limited::new(body, serving.max_body_bytes);
+    match tokio::time::timeout(serving.read_timeout, limited.collect()).await {
+        Err(_) => Err(ApiError::body_timeout(serving.read_timeout.as_secs())),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => {
+            Err(ApiError::too_large(serving.max_body_bytes))
         }
-    })?;
+        Ok(Err(e)) => Err(ApiError::invalid(
+            format!("the request body could not be read: {e}"),
+            None,
+        )),
+    }
+}
+
+async fn complete(state: AppState, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+    authorize(&state, &headers)?;
+    if !is_json(&headers) {
+        let declared = headers
+            .get(header::CONTENT_TYPE)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+        return Err(ApiError::not_json(declared.as_deref()));
+    }
+    let body = read_body(body, state.serving).await?;
     let chat = ChatRequest::parse(&body)?;
     let model = state
         .service

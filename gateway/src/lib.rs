@@ -27,6 +27,7 @@ pub mod detokenize;
 pub mod error;
 pub mod generation;
 pub mod http;
+pub mod keys;
 pub mod metrics;
 pub mod model_files;
 pub mod openai;
@@ -40,22 +41,26 @@ pub mod upstream;
 
 use std::sync::{Arc, Mutex, PoisonError};
 
-use tessera_proto::Limited;
+use tessera_proto::MAX_MESSAGE_BYTES;
 use tessera_proto::v1::tessera_server::TesseraServer;
 use tessera_runtime::member::{self, Context, Grpc, Readiness, SideServer};
 use tessera_runtime::shutdown::CancellationToken;
 use tessera_runtime::{Discovery, Role};
 use tokio::net::TcpListener;
 
-pub use config::{Config, Limits};
+pub use config::{ClientAuth, Config, Limits, PublicLimits};
 pub use error::{Error, Result};
+pub use keys::ApiKeys;
 pub use model_files::ModelFiles;
 pub use remote_image::{RemoteImageConfig, RemoteImages};
 pub use service::TesseraService;
 
-/// The generated server around [`TesseraService`], with the raised message limits.
-pub fn server(service: TesseraService) -> TesseraServer<TesseraService> {
-    TesseraServer::new(service).limited()
+/// The generated server around [`TesseraService`], refusing requests over
+/// `max_request_bytes` (`--max-request-bytes`) from their announced length.
+pub fn server(service: TesseraService, max_request_bytes: usize) -> TesseraServer<TesseraService> {
+    TesseraServer::new(service)
+        .max_decoding_message_size(max_request_bytes)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
 }
 
 /// Serves the gateway on `listener` until `shutdown`, and the OpenAI-compatible
@@ -91,8 +96,23 @@ pub async fn run_with(
 ) -> Result<()> {
     cfg.validate()?;
     let remote = RemoteImages::new(&cfg.remote_images, cfg.max_images)?;
+    let keys = ApiKeys::from_file(cfg.auth.api_key_file.as_deref())?;
+    if !keys.required() {
+        let open = [
+            listener.local_addr().ok(),
+            http_listener.as_ref().and_then(|l| l.local_addr().ok()),
+        ];
+        if let Some(addr) = open.into_iter().flatten().find(|a| !a.ip().is_loopback()) {
+            tracing::warn!(
+                %addr,
+                "the public API is reachable beyond this machine without API keys; \
+                 anyone who reaches it can use it (see --api-key-file)"
+            );
+        }
+    }
+    tokio::spawn(Arc::clone(&keys).watch(shutdown.clone()));
     let gateway = Gateway {
-        service: TesseraService::new(&cfg, discovery.clone()),
+        service: TesseraService::new(&cfg, discovery.clone(), keys),
         http: Mutex::new(http_listener.map(|l| (l, remote))),
         cfg: cfg.clone(),
     };
@@ -113,7 +133,10 @@ impl member::Service for Gateway {
     const ROLE: Role = Role::Gateway;
 
     fn grpc(&self) -> Grpc {
-        Grpc::new(server(self.service.clone()))
+        Grpc::new(server(
+            self.service.clone(),
+            self.cfg.public_limits.max_request_bytes,
+        ))
     }
 
     fn side_servers(&self, stop: &CancellationToken) -> Result<Vec<SideServer>> {
@@ -126,11 +149,17 @@ impl member::Service for Gateway {
             return Ok(Vec::new());
         };
         let address = listener.local_addr().map_err(Error::Listener)?;
-        let router = http::router(self.service.clone(), self.cfg.http_max_body_bytes, remote);
+        let serving = self.cfg.public_limits.serving();
+        let router = http::router(
+            self.service.clone(),
+            serving,
+            remote,
+            self.cfg.auth.open_metrics,
+        );
         tracing::info!(%address, "gateway HTTP API listening");
         Ok(vec![SideServer {
             name: "HTTP",
-            task: tokio::spawn(http::serve(listener, router, stop.clone())),
+            task: tokio::spawn(http::serve(listener, router, stop.clone(), serving)),
         }])
     }
 

@@ -22,6 +22,9 @@ pub struct ModelFiles {
     pub tokenizer: ChatTokenizer,
     /// `tessera_model::fingerprint` of the snapshot.
     pub fingerprint: String,
+    /// The tokenizer's bound on the bytes of text one token stands for
+    /// (`ChatTokenizer::max_bytes_per_token`).
+    pub bytes_per_token: usize,
 }
 
 impl ModelFiles {
@@ -31,11 +34,13 @@ impl ModelFiles {
             path: dir.to_owned(),
             source,
         };
+        let tokenizer = ChatTokenizer::from_dir(dir).map_err(load)?;
         Ok(Self {
             dir: dir.to_owned(),
             config: ModelConfig::from_dir(dir).map_err(load)?,
             processor: ProcessorConfig::from_dir(dir).map_err(load)?,
-            tokenizer: ChatTokenizer::from_dir(dir).map_err(load)?,
+            bytes_per_token: tokenizer.max_bytes_per_token(),
+            tokenizer,
             fingerprint: tessera_model::fingerprint(dir).map_err(load)?,
         })
     }
@@ -55,6 +60,13 @@ impl ModelFiles {
     /// Longest sequence, prompt plus answer, in tokens.
     pub fn max_positions(&self) -> usize {
         self.config.language.max_position_embeddings
+    }
+
+    /// Most bytes of conversation text that could fit in the model's positions: a text
+    /// longer than this is refused before it is tokenized (tokenizing a huge text costs
+    /// far more memory than its bytes).
+    pub fn max_text_bytes(&self) -> usize {
+        self.max_positions().saturating_mul(self.bytes_per_token)
     }
 
     /// The `ModelInfo` answer.

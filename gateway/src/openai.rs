@@ -126,8 +126,71 @@ impl ApiError {
         }
     }
 
+    /// A 415 for a body that is not declared as JSON.
+    pub fn not_json(content_type: Option<&str>) -> Self {
+        let got = match content_type {
+            Some(t) => format!("{t:?}"),
+            None => "none".to_owned(),
+        };
+        Self {
+            status: 415,
+            message: format!(
+                "the request body must be JSON, sent with Content-Type: application/json                  (this request's Content-Type: {got})"
+            ),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("unsupported_media_type"),
+        }
+    }
+
+    /// The 404 of a path this server does not serve.
+    pub fn unknown_url(method: &str, path: &str) -> Self {
+        Self {
+            status: 404,
+            message: format!(
+                "Invalid URL ({method} {path}): this server serves POST /v1/chat/completions,                  GET /v1/models and GET /v1/models/{{model}}"
+            ),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("unknown_url"),
+        }
+    }
+
+    /// The 405 of a served path asked with another method.
+    pub fn method_not_allowed(method: &str, path: &str) -> Self {
+        Self {
+            status: 405,
+            message: format!("{path} does not take {method} requests"),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("method_not_allowed"),
+        }
+    }
+
+    /// The 408 of a body that did not arrive within `seconds`.
+    pub fn body_timeout(seconds: u64) -> Self {
+        Self {
+            status: 408,
+            message: format!(
+                "the request body did not arrive within {seconds} s                  (the gateway's --http-read-timeout-seconds)"
+            ),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("request_timeout"),
+        }
+    }
+
     /// The error of a gRPC status from the shared request path.
     pub fn from_status(status: &tonic::Status) -> Self {
+        if status.code() == Code::Unauthenticated {
+            return Self {
+                status: 401,
+                message: status.message().to_owned(),
+                kind: "invalid_request_error",
+                param: None,
+                code: Some("invalid_api_key"),
+            };
+        }
         let (code, kind) = match status.code() {
             Code::InvalidArgument => (400, "invalid_request_error"),
             Code::ResourceExhausted => (429, "rate_limit_error"),

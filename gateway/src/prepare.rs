@@ -59,6 +59,10 @@ pub async fn prepare(
     req: GenerateRequest,
     request_id: String,
 ) -> Result<Prepared> {
+    let limits = &Limits {
+        max_text_bytes: limits.max_text_bytes.min(files.max_text_bytes()),
+        ..*limits
+    };
     let checked = check(req, limits, files.tokenizer.image_token())?;
     let plan = plan_blocking(files, &checked, limits.max_image_pixels).await?;
     let max_tokens = max_tokens(&plan, &checked, limits, files.max_positions())?;

@@ -80,6 +80,22 @@ pub fn check(req: GenerateRequest, limits: &Limits, image_token: &str) -> Result
     }
     let mut messages = Vec::with_capacity(req.messages.len());
     let mut images = Vec::new();
+    let text_bytes: usize = req
+        .messages
+        .iter()
+        .flat_map(|m| &m.parts)
+        .map(|p| match &p.kind {
+            Some(part::Kind::Text(text)) => text.len(),
+            _ => 0,
+        })
+        .sum();
+    if text_bytes > limits.max_text_bytes {
+        return Err(Error::invalid(format!(
+            "the conversation's text is {text_bytes} bytes, more than the {} bytes that could \
+             fit in the model's context; shorten it",
+            limits.max_text_bytes
+        )));
+    }
     for (i, message) in req.messages.into_iter().enumerate() {
         let role = role_of(i, message.role)?;
         if message.parts.is_empty() {

@@ -31,6 +31,7 @@ use crate::cluster::cluster_status;
 use crate::config::{Config, Limits};
 use crate::error::{Error, Result};
 use crate::generation::{Answer, Running, TokenTimes};
+use crate::keys::ApiKeys;
 use crate::metrics::Gateway;
 use crate::model_files::ModelFiles;
 use crate::prepare::prepare;
@@ -124,6 +125,7 @@ impl Drop for Call {
 
 struct Inner {
     files: OnceLock<Arc<ModelFiles>>,
+    keys: Arc<ApiKeys>,
     upstream: Arc<Upstream>,
     limits: Limits,
     timeout: Duration,
@@ -145,13 +147,15 @@ impl std::fmt::Debug for TesseraService {
 }
 
 impl TesseraService {
-    /// A service with `cfg`'s limits, calling the members of `discovery`.
-    pub fn new(cfg: &Config, discovery: Arc<dyn Discovery>) -> Self {
+    /// A service with `cfg`'s limits, calling the members of `discovery` and allowing
+    /// the callers `keys` allows.
+    pub fn new(cfg: &Config, discovery: Arc<dyn Discovery>, keys: Arc<ApiKeys>) -> Self {
         // The families appear on `/metrics` from the start, at zero.
         Gateway::get();
         Self {
             inner: Arc::new(Inner {
                 files: OnceLock::new(),
+                keys,
                 upstream: Arc::new(Upstream::new(discovery)),
                 limits: cfg.limits(),
                 timeout: Duration::from_secs(cfg.request_timeout_seconds),
@@ -162,6 +166,17 @@ impl TesseraService {
     /// Starts serving generations with `files` (once; later calls are ignored).
     pub fn set_loaded(&self, files: Arc<ModelFiles>) {
         let _ = self.inner.files.set(files);
+    }
+
+    /// UNAUTHENTICATED unless `metadata` carries a key the gateway accepts (always
+    /// OK without `--api-key-file`).
+    pub(crate) fn authorize(&self, metadata: &MetadataMap) -> Result<(), Status> {
+        self.inner.keys.check(metadata).map_err(Status::from)
+    }
+
+    /// Whether calls need an API key.
+    pub(crate) fn keys_required(&self) -> bool {
+        self.inner.keys.required()
     }
 
     fn files(&self) -> Result<Arc<ModelFiles>> {
@@ -219,6 +234,10 @@ impl TesseraService {
         request: GenerateRequest,
     ) -> Result<GenerateResponse, Status> {
         let call = Call::start(api);
+        if let Err(status) = self.authorize(metadata) {
+            call.failed(&status);
+            return Err(status);
+        }
         let result = match request_id(metadata, &request.request_id) {
             Ok(id) => {
                 let span = tracing::info_span!("generate", request_id = %id);
@@ -251,6 +270,10 @@ impl TesseraService {
         request: GenerateRequest,
     ) -> Result<(String, Messages), Status> {
         let call = Call::start(api);
+        if let Err(status) = self.authorize(metadata) {
+            call.failed(&status);
+            return Err(status);
+        }
         let id = match request_id(metadata, &request.request_id) {
             Ok(id) => id,
             Err(e) => {
@@ -378,15 +401,17 @@ impl Tessera for TesseraService {
 
     async fn model_info(
         &self,
-        _request: Request<ModelInfoRequest>,
+        request: Request<ModelInfoRequest>,
     ) -> Result<Response<ModelInfoResponse>, Status> {
+        self.authorize(request.metadata())?;
         Ok(Response::new(self.files()?.info()))
     }
 
     async fn cluster_status(
         &self,
-        _request: Request<ClusterStatusRequest>,
+        request: Request<ClusterStatusRequest>,
     ) -> Result<Response<ClusterStatusResponse>, Status> {
+        self.authorize(request.metadata())?;
         Ok(Response::new(cluster_status(
             self.inner.upstream.discovery(),
         )))

@@ -23,6 +23,7 @@ use serde_json::{Value, json};
 use tessera_gateway::Config;
 use tessera_model::chat::ChatTokenizer;
 use tessera_proto::internal::v1::StopReason;
+use tessera_proto::v1::ModelInfoRequest;
 use tessera_runtime::{MemoryDiscovery, Registration};
 use tonic::{Code, Status};
 
@@ -64,7 +65,7 @@ async fn cluster_with_limit(script: SchedulerScript, max_body: usize) -> (Cluste
     let scheduler = FakeScheduler::new(script);
     let members = fakes::register(&discovery, &vision, &scheduler).await;
     let mut cfg = Config::new(fixture(FIXTURE));
-    cfg.http_max_body_bytes = max_body;
+    cfg.public_limits.http_max_body_bytes = max_body;
     let gateway = Gateway::start_http(cfg, discovery).await;
     let cluster = Cluster {
         http: gateway.http.unwrap(),
@@ -79,12 +80,25 @@ async fn cluster_with_limit(script: SchedulerScript, max_body: usize) -> (Cluste
 impl Cluster {
     /// Sends a request and returns its status, content type and whole body.
     async fn call(&self, method: Method, path: &str, body: Vec<u8>) -> (u16, String, String) {
-        let request = Request::builder()
+        self.call_as(method, path, Some("application/json"), body)
+            .await
+    }
+
+    /// [`Cluster::call`] declaring `content_type` (or no content type).
+    async fn call_as(
+        &self,
+        method: Method,
+        path: &str,
+        content_type: Option<&str>,
+        body: Vec<u8>,
+    ) -> (u16, String, String) {
+        let mut request = Request::builder()
             .method(method)
-            .uri(format!("http://{}{path}", self.http))
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(body)))
-            .unwrap();
+            .uri(format!("http://{}{path}", self.http));
+        if let Some(kind) = content_type {
+            request = request.header(header::CONTENT_TYPE, kind);
+        }
+        let request = request.body(Full::new(Bytes::from(body))).unwrap();
         let response = tokio::time::timeout(DEADLINE, self.client.request(request))
             .await
             .expect("an answer in time")
@@ -198,6 +212,7 @@ async fn a_completion_is_the_grpc_answer() {
     let request = Request::builder()
         .method(Method::POST)
         .uri(format!("http://{}/v1/chat/completions", cluster.http))
+        .header(header::CONTENT_TYPE, "application/json")
         .header("x-request-id", "http-1")
         .body(Full::new(Bytes::from(ask_body("Hi.").to_string())))
         .unwrap();
@@ -345,6 +360,166 @@ async fn bad_requests_are_openai_errors_and_the_server_keeps_serving() {
     assert!(cluster.vision.calls.lock().unwrap().is_empty());
 }
 
+/// Completions must be declared JSON (so a web page's form or `text/plain` request
+/// cannot start one); unknown paths and methods are OpenAI-shaped errors; a model is
+/// found by its id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_json_completions_and_known_paths_are_served() {
+    let cluster = cluster().await;
+    let body = ask_body("Hi.").to_string().into_bytes();
+    let path = "/v1/chat/completions";
+    for kind in [
+        Some("text/plain"),
+        Some("application/x-www-form-urlencoded"),
+        Some("multipart/form-data; boundary=x"),
+        None,
+    ] {
+        let (status, _, answer) = cluster
+            .call_as(Method::POST, path, kind, body.clone())
+            .await;
+        assert_eq!(status, 415, "{kind:?}: {answer}");
+        let answer: Value = serde_json::from_str(&answer).unwrap();
+        error_message(&answer, "invalid_request_error");
+        assert_eq!(answer["error"]["code"], "unsupported_media_type");
+    }
+    let (status, _, answer) = cluster
+        .call_as(
+            Method::POST,
+            path,
+            Some("Application/JSON; charset=utf-8"),
+            body,
+        )
+        .await;
+    assert_eq!(status, 200, "{answer}");
+
+    for (method, path, status, code) in [
+        (Method::POST, "/v1/completions", 404, "unknown_url"),
+        (Method::POST, "/v1/embeddings", 404, "unknown_url"),
+        (Method::GET, "/nothing/here", 404, "unknown_url"),
+        (
+            Method::GET,
+            "/v1/chat/completions",
+            405,
+            "method_not_allowed",
+        ),
+        (Method::DELETE, "/v1/models", 405, "method_not_allowed"),
+        (Method::GET, "/v1/models/gpt-4o", 404, "model_not_found"),
+    ] {
+        let (got, kind, answer) = cluster.call(method.clone(), path, Vec::new()).await;
+        assert_eq!(got, status, "{method} {path}: {answer}");
+        assert_eq!(kind, "application/json", "{method} {path}");
+        let answer: Value = serde_json::from_str(&answer).unwrap();
+        let message = error_message(&answer, "invalid_request_error");
+        assert_eq!(answer["error"]["code"], code, "{method} {path}");
+        assert!(
+            message.contains(path) || code == "model_not_found",
+            "{message}"
+        );
+    }
+    let (status, _, answer) = cluster
+        .call(Method::GET, &format!("/v1/models/{FIXTURE}"), Vec::new())
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    let answer: Value = serde_json::from_str(&answer).unwrap();
+    assert_eq!(answer["id"], FIXTURE);
+    assert_eq!(answer["object"], "model");
+    cluster.still_serves().await;
+}
+
+/// A gateway whose HTTP server closes connections after `read_timeout` seconds
+/// without a request head and holds at most `max_connections`.
+async fn bounded_cluster(read_timeout: u64, max_connections: usize) -> Cluster {
+    let tok = ChatTokenizer::from_dir(&fixture(FIXTURE)).unwrap();
+    let ids = tok.encode(ANSWER).unwrap();
+    let batches = ids.chunks(3).map(<[u32]>::to_vec).collect();
+    let discovery = MemoryDiscovery::new();
+    let vision = FakeVision::new(&fixture(FIXTURE), VisionScript::Correct);
+    let scheduler = FakeScheduler::new(SchedulerScript::Tokens(batches, StopReason::Length));
+    let members = fakes::register(&discovery, &vision, &scheduler).await;
+    let mut cfg = Config::new(fixture(FIXTURE));
+    cfg.public_limits.http_read_timeout_seconds = read_timeout;
+    cfg.public_limits.http_max_connections = max_connections;
+    let gateway = Gateway::start_http(cfg, discovery).await;
+    Cluster {
+        http: gateway.http.unwrap(),
+        gateway,
+        vision,
+        client: Client::builder(TokioExecutor::new()).build_http(),
+        _members: members,
+    }
+}
+
+/// Reads until the server closes `stream`, within the tests' deadline; returns what
+/// it sent first.
+async fn until_closed(stream: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    tokio::time::timeout(DEADLINE, stream.read_to_end(&mut got))
+        .await
+        .expect("the server closes the connection in time")
+        .ok();
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// Connections that send nothing, or half a head, are closed after the read timeout;
+/// while they hold every slot a good request waits, and is answered once they are
+/// reaped; a body that stops arriving is a 408.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_slow_clients_are_closed_and_the_connection_limit_holds() {
+    use tokio::io::AsyncWriteExt;
+    let cluster = bounded_cluster(1, 3).await;
+    let mut idle = Vec::new();
+    for i in 0..3 {
+        let mut stream = tokio::net::TcpStream::connect(cluster.http).await.unwrap();
+        if i == 1 {
+            // Half a request head, never finished.
+            stream
+                .write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+                .await
+                .unwrap();
+        }
+        idle.push(stream);
+    }
+    // Every slot is held: this request is accepted only once an idle one is closed.
+    let good = tokio::spawn({
+        let client = cluster.client.clone();
+        let uri = format!("http://{}/v1/chat/completions", cluster.http);
+        async move {
+            let request = Request::builder()
+                .method(Method::POST)
+                .uri(uri)
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Full::new(Bytes::from(ask_body("Hi.").to_string())))
+                .unwrap();
+            let response = client.request(request).await.unwrap();
+            let status = response.status().as_u16();
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            (status, String::from_utf8(body.to_vec()).unwrap())
+        }
+    });
+    for stream in &mut idle {
+        until_closed(stream).await;
+    }
+    let (status, body) = tokio::time::timeout(DEADLINE, good)
+        .await
+        .expect("the waiting request is answered in time")
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+
+    // A body announced but never sent: 408 after the read timeout.
+    let mut slow = tokio::net::TcpStream::connect(cluster.http).await.unwrap();
+    slow.write_all(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+          Content-Length: 1000\r\n\r\n{\"model\": ",
+    )
+    .await
+    .unwrap();
+    let answer = until_closed(&mut slow).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("request_timeout"), "{answer}");
+    cluster.still_serves().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_statuses_become_http_statuses() {
     for (code, status, kind) in [
@@ -353,6 +528,19 @@ async fn upstream_statuses_become_http_statuses() {
         (Code::Internal, 500, "server_error"),
     ] {
         let cluster = cluster_with(SchedulerScript::Fail(Status::new(code, "busy"))).await;
+        let request = Request::builder()
+            .method(Method::POST)
+            .uri(format!("http://{}/v1/chat/completions", cluster.http))
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(ask_body("Hi.").to_string())))
+            .unwrap();
+        let response = cluster.client.request(request).await.unwrap();
+        let retry = response.headers().get(header::RETRY_AFTER).cloned();
+        assert_eq!(
+            retry.is_some(),
+            status != 500,
+            "Retry-After on {status}: {retry:?}"
+        );
         let (got, body) = cluster.chat(&ask_body("Hi.")).await;
         assert_eq!(got, status, "{body}");
         assert_eq!(error_message(&body, kind), "scheduler: busy");
@@ -373,6 +561,7 @@ async fn a_client_leaving_a_stream_cancels_the_request() {
     let request = Request::builder()
         .method(Method::POST)
         .uri(format!("http://{}/v1/chat/completions", cluster.http))
+        .header(header::CONTENT_TYPE, "application/json")
         .header("x-request-id", "leaving-1")
         .body(Full::new(Bytes::from(body.to_string())))
         .unwrap();
@@ -574,4 +763,145 @@ async fn the_recorded_grounding_response_is_what_the_gateway_answers() {
             .iter()
             .all(|c| c["choices"][0]["delta"].get("groundings").is_none())
     );
+}
+
+/// With `--api-key-file`, every public call needs a key from the file, over HTTP
+/// (`Authorization: Bearer`, 401 otherwise) and gRPC (metadata, UNAUTHENTICATED);
+/// `/health` and the page stay open, `/metrics` needs a key; a key added to the file
+/// works once the file is read again, and a removed one stops working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_guard_both_apis_and_follow_the_file() {
+    let dir = std::env::temp_dir().join(format!("tessera-http-keys-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("keys");
+    std::fs::write(&file, "# the team\nkey-alpha-0123456789\n").unwrap();
+
+    let tok = ChatTokenizer::from_dir(&fixture(FIXTURE)).unwrap();
+    let ids = tok.encode(ANSWER).unwrap();
+    let batches = ids.chunks(3).map(<[u32]>::to_vec).collect();
+    let discovery = MemoryDiscovery::new();
+    let vision = FakeVision::new(&fixture(FIXTURE), VisionScript::Correct);
+    let scheduler = FakeScheduler::new(SchedulerScript::Tokens(batches, StopReason::Length));
+    let _members = fakes::register(&discovery, &vision, &scheduler).await;
+    let mut cfg = Config::new(fixture(FIXTURE));
+    cfg.auth.api_key_file = Some(file.clone());
+    let gateway = Gateway::start_http(cfg, discovery).await;
+    let http = gateway.http.unwrap();
+    let client: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+
+    let send = |method: Method, path: &str, key: Option<&str>, body: Option<Value>| {
+        let mut request = Request::builder()
+            .method(method)
+            .uri(format!("http://{http}{path}"))
+            .header(header::CONTENT_TYPE, "application/json");
+        if let Some(key) = key {
+            request = request.header(header::AUTHORIZATION, format!("Bearer {key}"));
+        }
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let request = request.body(Full::new(Bytes::from(body))).unwrap();
+        let client = client.clone();
+        async move {
+            let response = tokio::time::timeout(DEADLINE, client.request(request))
+                .await
+                .expect("an answer in time")
+                .unwrap();
+            let status = response.status().as_u16();
+            let challenge = response.headers().contains_key(header::WWW_AUTHENTICATE);
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            (status, challenge, String::from_utf8(body.to_vec()).unwrap())
+        }
+    };
+    let chat = "/v1/chat/completions";
+    for key in [None, Some("wrong-key"), Some("key-alpha-012345678")] {
+        for (method, path, body) in [
+            (Method::POST, chat, Some(ask_body("Hi."))),
+            (Method::GET, "/v1/models", None),
+            (Method::GET, "/metrics", None),
+        ] {
+            let (status, challenge, answer) = send(method.clone(), path, key, body).await;
+            assert_eq!(status, 401, "{method} {path} with {key:?}: {answer}");
+            assert!(challenge, "{path}: WWW-Authenticate");
+            let answer: Value = serde_json::from_str(&answer).unwrap();
+            error_message(&answer, "invalid_request_error");
+            assert_eq!(answer["error"]["code"], "invalid_api_key");
+        }
+    }
+    for path in ["/health", "/"] {
+        let (status, _, _) = send(Method::GET, path, None, None).await;
+        assert_eq!(status, 200, "{path} stays open");
+    }
+    let alpha = Some("key-alpha-0123456789");
+    let (status, _, answer) = send(Method::POST, chat, alpha, Some(ask_body("Hi."))).await;
+    assert_eq!(status, 200, "{answer}");
+    let answer: Value = serde_json::from_str(&answer).unwrap();
+    assert_eq!(answer["choices"][0]["message"]["content"], ANSWER);
+    let (status, _, _) = send(Method::GET, "/metrics", alpha, None).await;
+    assert_eq!(status, 200);
+
+    // gRPC: metadata, the same keys.
+    let mut grpc = gateway.client().await;
+    let status = grpc.model_info(ModelInfoRequest {}).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    let with_key = |key: &str| {
+        let mut request = tonic::Request::new(ModelInfoRequest {});
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {key}").parse().unwrap());
+        request
+    };
+    let status = grpc.model_info(with_key("wrong-key")).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    grpc.model_info(with_key("key-alpha-0123456789"))
+        .await
+        .unwrap();
+    let mut generate = tonic::Request::new(grpc_request("Hi."));
+    generate
+        .metadata_mut()
+        .insert("authorization", "Bearer wrong-key".parse().unwrap());
+    let status = grpc.generate(generate).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+
+    // A new key works once the file is read again; the old one stops.
+    std::fs::write(
+        &file,
+        "sha256:".to_owned() + &sha256_hex("key-beta-9876543210") + "\n",
+    )
+    .unwrap();
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let (status, _, _) =
+            send(Method::GET, "/v1/models", Some("key-beta-9876543210"), None).await;
+        if status == 200 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the new key never took effect"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let (status, _, _) = send(Method::GET, "/v1/models", alpha, None).await;
+    assert_eq!(status, 401);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn sha256_hex(key: &str) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(key.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn grpc_request(question: &str) -> tessera_proto::v1::GenerateRequest {
+    tessera_proto::v1::GenerateRequest {
+        messages: vec![tessera_proto::v1::Message {
+            role: tessera_proto::v1::Role::User.into(),
+            parts: vec![tessera_proto::v1::Part {
+                kind: Some(tessera_proto::v1::part::Kind::Text(question.into())),
+            }],
+        }],
+        ..Default::default()
+    }
 }

@@ -278,3 +278,106 @@ async fn a_snapshot_that_cannot_load_is_an_error_from_run() {
     assert!(err.to_string().contains("/nonexistent/snapshot"), "{err}");
     assert!(discovery.members().is_empty());
 }
+
+/// A request over `--max-request-bytes` is refused from its announced length, and a
+/// conversation with more text than could fit in the model's positions before it is
+/// tokenized; the gateway keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_requests_are_refused_before_any_work() {
+    let mut cfg = Config::new(fixture(FIXTURE));
+    cfg.public_limits.max_request_bytes = 1 << 20;
+    let gateway = Gateway::start(cfg, MemoryDiscovery::new()).await;
+    let mut client = gateway.client().await;
+
+    let huge = ask(vec![text(&"x".repeat(2 << 20))]);
+    for streaming in [false, true] {
+        let status = if streaming {
+            client
+                .generate_stream(huge.clone())
+                .await
+                .map(drop)
+                .unwrap_err()
+        } else {
+            client.generate(huge.clone()).await.map(drop).unwrap_err()
+        };
+        assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+        assert!(status.message().contains("1048576"), "{status:?}");
+    }
+
+    let files = tessera_gateway::ModelFiles::load(&fixture(FIXTURE)).unwrap();
+    let bound = files.max_text_bytes();
+    assert!(
+        bound < 1 << 20,
+        "the fixture's bound {bound} fits the request limit"
+    );
+    let too_long = ask(vec![text("Hi. "), text(&"y".repeat(bound))]);
+    let status = client.generate(too_long).await.map(drop).unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("bytes"), "{status:?}");
+
+    // A text of exactly the bound passes this check (and then needs a scheduler).
+    let at_bound = ask(vec![text(&"y".repeat(bound))]);
+    let status = client.generate(at_bound).await.map(drop).unwrap_err();
+    assert_ne!(status.code(), Code::OutOfRange, "{status:?}");
+    assert!(!status.message().contains("could fit"), "{status:?}");
+    let info = client.model_info(ModelInfoRequest {}).await.unwrap();
+    assert_eq!(info.into_inner().model_id, FIXTURE);
+}
+
+/// `GenerateRequest` with its text parts as raw bytes (the same field numbers), to
+/// send text that is not UTF-8.
+mod raw {
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Part {
+        #[prost(bytes = "vec", tag = "1")]
+        pub text: Vec<u8>,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Message {
+        #[prost(int32, tag = "1")]
+        pub role: i32,
+        #[prost(message, repeated, tag = "2")]
+        pub parts: Vec<Part>,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct GenerateRequest {
+        #[prost(message, repeated, tag = "2")]
+        pub messages: Vec<Message>,
+    }
+}
+
+/// Text that is not UTF-8 is the client's mistake (INVALID_ARGUMENT, not INTERNAL),
+/// and the gateway keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_that_is_not_utf8_is_an_invalid_argument() {
+    let gateway = Gateway::start(Config::new(fixture(FIXTURE)), MemoryDiscovery::new()).await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", gateway.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let request = raw::GenerateRequest {
+        messages: vec![raw::Message {
+            role: Role::User.into(),
+            parts: vec![raw::Part {
+                text: b"caf\xe9 \xff\xfe".to_vec(),
+            }],
+        }],
+    };
+    let status = grpc
+        .unary(
+            tonic::Request::new(request),
+            tonic::codegen::http::uri::PathAndQuery::from_static("/tessera.v1.Tessera/Generate"),
+            tonic_prost::ProstCodec::<raw::GenerateRequest, tessera_proto::v1::GenerateResponse>::default(),
+        )
+        .await
+        .map(drop)
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("decoded"), "{status:?}");
+    let mut client = gateway.client().await;
+    let info = client.model_info(ModelInfoRequest {}).await.unwrap();
+    assert_eq!(info.into_inner().model_id, FIXTURE);
+}

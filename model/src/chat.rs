@@ -339,6 +339,28 @@ impl ChatTokenizer {
         &self.tokenizer
     }
 
+    /// An upper bound on the bytes of text one token stands for: the longest entry of
+    /// the vocabulary, added tokens included, in bytes (a byte-level entry's characters
+    /// each stand for one byte, so its UTF-8 length only over-counts). A text of more
+    /// than `n` times this many bytes is more than `n` tokens. When the tokenizer
+    /// normalizes text first (which can shorten it) the bound is widened fourfold; the
+    /// released tokenizers have no normalizer.
+    pub fn max_bytes_per_token(&self) -> usize {
+        let longest = self
+            .tokenizer
+            .get_vocab(true)
+            .keys()
+            .map(String::len)
+            .max()
+            .unwrap_or(1)
+            .max(1);
+        let normalizes = self.tokenizer.get_normalizer().is_some_and(|n| {
+            serde_json::to_value(n).ok()
+                != Some(serde_json::json!({"type": "Sequence", "normalizers": []}))
+        });
+        if normalizes { 4 * longest } else { longest }
+    }
+
     /// Encodes `text` with `add_special_tokens = false` (special tokens written in the text
     /// are still recognised).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {

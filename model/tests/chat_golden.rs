@@ -299,3 +299,39 @@ fn real_tokenizer_special_tokens_and_size() {
     // DeepSeek-V3's full-width chat tokens are different tokens from the VL2 roles.
     assert_ne!(tok.token_to_id("<｜User｜>"), Some(tok.special().user));
 }
+
+/// No text of `b` bytes encodes to fewer than `b / max_bytes_per_token()` tokens: runs
+/// of the vocabulary's longest entries, whitespace, digits, CJK, emoji and mixed text.
+#[test]
+fn no_token_covers_more_bytes_than_the_bound() {
+    for name in ["tiny-mha-softmax", "small-mla-softmax"] {
+        let tok = ChatTokenizer::from_dir(&fixture(name)).unwrap();
+        let bound = tok.max_bytes_per_token();
+        let vocab = tok.tokenizer().get_vocab(true);
+        let mut longest: Vec<&String> = vocab.keys().collect();
+        longest.sort_by_key(|k| std::cmp::Reverse(k.len()));
+        let decoded: Vec<String> = longest[..20]
+            .iter()
+            .map(|k| tok.decode(&[vocab[*k]], false).unwrap())
+            .collect();
+        let mut texts = vec![
+            " ".repeat(5000),
+            "\n".repeat(3000),
+            "1234567890".repeat(300),
+            "中文字符".repeat(500),
+            "🙂".repeat(700),
+            "The quick brown fox jumps over the lazy dog. ".repeat(100),
+            "<｜begin▁of▁sentence｜>".repeat(200),
+        ];
+        texts.extend(decoded.iter().map(|d| d.repeat(100)));
+        texts.push(decoded.concat().repeat(20));
+        for text in &texts {
+            let tokens = tok.encode(text).unwrap().len();
+            assert!(
+                tokens * bound >= text.len(),
+                "{name}: {} bytes in {tokens} tokens, more than {bound} bytes a token",
+                text.len()
+            );
+        }
+    }
+}

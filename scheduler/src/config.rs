@@ -9,14 +9,23 @@ use tessera_runtime::MemberArgs;
 
 use crate::error::{Error, Result};
 
+/// Default for `--max-waiting`.
+pub const DEFAULT_MAX_WAITING: usize = 64;
+
 /// What one scheduler serves and how.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Config {
     #[command(flatten)]
     pub member: MemberArgs,
-    /// Requests that may wait while one runs; beyond it Submit answers RESOURCE_EXHAUSTED.
-    #[arg(long, env = "TESSERA_MAX_QUEUE", default_value_t = 64)]
-    pub max_queue: usize,
+    /// Requests that may wait for a place among the `--max-seqs` that run; beyond it
+    /// Submit answers RESOURCE_EXHAUSTED at once (HTTP 429 at the gateway).
+    #[arg(
+        long,
+        alias = "max-queue",
+        env = "TESSERA_MAX_WAITING",
+        default_value_t = DEFAULT_MAX_WAITING
+    )]
+    pub max_waiting: usize,
     /// Seconds a MoE layer waits for a live owner of its experts (a ready
     /// placement) before its request fails with UNAVAILABLE.
     #[arg(long, env = "TESSERA_EXPERT_WAIT_SECONDS", default_value_t = 30)]
@@ -129,7 +138,7 @@ impl Config {
     pub fn new(model: impl Into<PathBuf>) -> Self {
         Self {
             member: MemberArgs::new(model),
-            max_queue: 64,
+            max_waiting: DEFAULT_MAX_WAITING,
             expert_wait_seconds: 30,
             engine: EngineConfig::default(),
         }
@@ -142,8 +151,8 @@ impl Config {
 
     /// Rejects values the scheduler cannot run with.
     pub fn validate(&self) -> Result<()> {
-        if self.max_queue == 0 {
-            return Err(Error::Config("--max-queue must be at least 1".into()));
+        if self.max_waiting == 0 {
+            return Err(Error::Config("--max-waiting must be at least 1".into()));
         }
         self.engine.validate()
     }
@@ -165,7 +174,7 @@ mod tests {
     fn flags_parse_and_defaults_match_new() {
         let cli = Cli::parse_from(["t", "--model", "/m"]);
         let new = Config::new("/m");
-        assert_eq!(cli.config.max_queue, new.max_queue);
+        assert_eq!(cli.config.max_waiting, new.max_waiting);
         assert_eq!(cli.config.expert_wait_seconds, new.expert_wait_seconds);
         assert_eq!(cli.config.member, new.member);
         assert_eq!(cli.config.engine, new.engine);

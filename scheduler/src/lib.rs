@@ -183,7 +183,7 @@ impl member::Service for Scheduler {
             loaded.tokenizer,
             experts,
             stats.clone(),
-            self.cfg.max_queue,
+            self.cfg.max_waiting,
             self.cfg.engine.clone(),
         )?;
         let limits = request::Limits {

@@ -152,7 +152,7 @@ async fn a_full_queue_is_resource_exhausted() {
     // One sequence runs at a time, so the second request waits and the third finds
     // the queue full, however fast the first one's steps are.
     let cluster = Cluster::start("tiny-mha-softmax", 1, |c| {
-        c.max_queue = 1;
+        c.max_waiting = 1;
         c.engine.max_seqs = 1;
     })
     .await;

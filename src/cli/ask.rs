@@ -71,6 +71,10 @@ pub struct AskArgs {
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 600)]
     timeout_seconds: u64,
+    /// API key for a server started with `--api-key-file` (sent as
+    /// `authorization: Bearer KEY`).
+    #[arg(long, env = "TESSERA_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
     /// Print one JSON object (ids, text, finish reason, images, groundings, usage,
     /// timings) instead of streaming the text.
     #[arg(long)]
@@ -280,6 +284,13 @@ pub async fn run(args: AskArgs) -> anyhow::Result<()> {
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
 
+    let mut req = tonic::Request::new(req);
+    if let Some(key) = &args.api_key {
+        let value = format!("Bearer {key}")
+            .parse()
+            .context("--api-key must be printable ASCII")?;
+        req.metadata_mut().insert("authorization", value);
+    }
     let started = Instant::now();
     let mut stream = client
         .generate_stream(req)

@@ -222,6 +222,9 @@ async fn bench(args: BenchArgs) -> anyhow::Result<Report> {
         grace_seconds: 5,
         ready_timeout: Duration::from_secs(1800),
         engine: args.engine.clone(),
+        max_waiting: tessera_scheduler::config::DEFAULT_MAX_WAITING,
+        auth: Default::default(),
+        public_limits: Default::default(),
         remote_images: Default::default(),
     };
     opts.validate_flags()?;

@@ -46,8 +46,20 @@ pub struct UpArgs {
     /// models on CPU takes minutes).
     #[arg(long, default_value_t = 1800)]
     ready_timeout_seconds: u64,
+    /// Requests that may wait for a place among the `--max-seqs` that run; beyond it
+    /// a request is refused at once with RESOURCE_EXHAUSTED (HTTP 429).
+    #[arg(
+        long,
+        env = "TESSERA_MAX_WAITING",
+        default_value_t = tessera_scheduler::config::DEFAULT_MAX_WAITING
+    )]
+    max_waiting: usize,
     #[command(flatten, next_help_heading = "Engine")]
     engine: EngineConfig,
+    #[command(flatten, next_help_heading = "API keys")]
+    auth: tessera_gateway::ClientAuth,
+    #[command(flatten, next_help_heading = "Public API limits")]
+    public_limits: tessera_gateway::PublicLimits,
     #[command(flatten, next_help_heading = "Remote images (OpenAI API)")]
     remote_images: tessera_gateway::RemoteImageConfig,
 }
@@ -74,6 +86,12 @@ pub struct Options {
     /// How long loading may take before `start` gives up.
     pub ready_timeout: Duration,
     pub engine: EngineConfig,
+    /// Requests that may wait beyond the running ones before more are refused.
+    pub max_waiting: usize,
+    /// Who may call the gateway's public APIs.
+    pub auth: tessera_gateway::ClientAuth,
+    /// How the gateway's public APIs bound their clients.
+    pub public_limits: tessera_gateway::PublicLimits,
     /// Whether the gateway fetches http(s) image URLs, and within which limits.
     pub remote_images: tessera_gateway::RemoteImageConfig,
 }
@@ -89,6 +107,9 @@ impl Options {
     pub fn validate_flags(&self) -> anyhow::Result<()> {
         if self.expert_workers == 0 {
             bail!("--expert-workers must be at least 1");
+        }
+        if self.max_waiting == 0 {
+            bail!("--max-waiting must be at least 1");
         }
         self.compute.select()?;
         self.engine.validate()?;
@@ -117,6 +138,9 @@ impl From<&UpArgs> for Options {
             grace_seconds: args.grace_seconds,
             ready_timeout: Duration::from_secs(args.ready_timeout_seconds),
             engine: args.engine.clone(),
+            max_waiting: args.max_waiting,
+            auth: args.auth.clone(),
+            public_limits: args.public_limits,
             remote_images: args.remote_images.clone(),
         }
     }
@@ -223,6 +247,7 @@ pub async fn start(opts: Options, shutdown: CancellationToken) -> anyhow::Result
     tasks.spawn(async move { ("vision-worker", run.await.map_err(anyhow::Error::from)) });
     let scheduler = tessera_scheduler::Config {
         member: opts.member(None),
+        max_waiting: opts.max_waiting,
         engine: opts.engine.clone(),
         ..tessera_scheduler::Config::new(&opts.model)
     };
@@ -262,6 +287,8 @@ pub async fn start(opts: Options, shutdown: CancellationToken) -> anyhow::Result
         .transpose()?;
     let gateway = tessera_gateway::Config {
         member: opts.member(None),
+        public_limits: opts.public_limits,
+        auth: opts.auth.clone(),
         remote_images: opts.remote_images.clone(),
         ..tessera_gateway::Config::new(&opts.model)
     };

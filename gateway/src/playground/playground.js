@@ -339,8 +339,25 @@
     if (choice.finish_reason) showFinish(choice.finish_reason);
   }
 
+  // The API key of a server started with --api-key-file: asked for on the first 401,
+  // kept for this tab only, sent as `Authorization: Bearer`.
+  const KEY_ITEM = "tessera-api-key";
+
+  async function apiFetch(url, options = {}) {
+    for (let attempt = 0; ; attempt += 1) {
+      const key = sessionStorage.getItem(KEY_ITEM);
+      const headers = Object.assign({}, options.headers || {});
+      if (key) headers.authorization = `Bearer ${key}`;
+      const response = await fetch(url, Object.assign({}, options, { headers }));
+      if (response.status !== 401 || attempt > 0) return response;
+      const entered = window.prompt("This server needs an API key:");
+      if (!entered) return response;
+      sessionStorage.setItem(KEY_ITEM, entered.trim());
+    }
+  }
+
   async function loadModel() {
-    const response = await fetch("/v1/models");
+    const response = await apiFetch("/v1/models");
     if (!response.ok) throw new Error(`cannot list the served model: ${await errorOf(response)}`);
     const models = await response.json();
     state.model = models.data[0].id;
@@ -370,7 +387,7 @@
     el.send.disabled = true;
     el.stop.disabled = false;
     try {
-      const response = await fetch("/v1/chat/completions", {
+      const response = await apiFetch("/v1/chat/completions", {
         method: "POST",
         headers: { "content-type": "application/json" },
         body: JSON.stringify(body),
