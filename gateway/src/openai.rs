@@ -135,7 +135,8 @@ impl ApiError {
         Self {
             status: 415,
             message: format!(
-                "the request body must be JSON, sent with Content-Type: application/json                  (this request's Content-Type: {got})"
+                "the request body must be JSON, sent with Content-Type: application/json \
+                 (this request's Content-Type: {got})"
             ),
             kind: "invalid_request_error",
             param: None,
@@ -172,7 +173,8 @@ impl ApiError {
         Self {
             status: 408,
             message: format!(
-                "the request body did not arrive within {seconds} s                  (the gateway's --http-read-timeout-seconds)"
+                "the request body did not arrive within {seconds} s \
+                 (the gateway's --http-read-timeout-seconds)"
             ),
             kind: "invalid_request_error",
             param: None,
