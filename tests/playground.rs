@@ -124,6 +124,12 @@ struct Playground {
 
 impl Playground {
     async fn open() -> Self {
+        Self::open_with(&[], None).await
+    }
+
+    /// The page of a `tessera up` started with `extra` arguments; with `key`, answers
+    /// the page's prompt for an API key with it.
+    async fn open_with(extra: &[&str], key: Option<&str>) -> Self {
         let driver = Driver::start();
         let chromium = prerequisite("TESSERA_CHROMIUM", "/usr/bin/chromium", "Chromium");
         let model = manifest_dir().join("tests/fixtures").join(MODEL);
@@ -131,7 +137,11 @@ impl Playground {
             Command::new(env!("CARGO_BIN_EXE_tessera")),
             model.to_str().unwrap(),
             "2",
-            &["--http", "127.0.0.1:0", "--kv-cache-bytes", "67108864"],
+            &[
+                &["--http", "127.0.0.1:0", "--kv-cache-bytes", "67108864"],
+                extra,
+            ]
+            .concat(),
         );
         let http = addrs.http.expect("tessera up printed its HTTP address");
         let profile = tempfile::tempdir().unwrap();
@@ -150,6 +160,8 @@ impl Playground {
         ];
         let capabilities = json!({
             "browserName": "chrome",
+            // A prompt stays open until the test answers it.
+            "unhandledPromptBehavior": "ignore",
             "goog:chromeOptions": {"binary": chromium, "args": args},
         });
         let Value::Object(capabilities) = capabilities else {
@@ -161,6 +173,23 @@ impl Playground {
             .await
             .unwrap_or_else(|e| panic!("chromedriver cannot start Chromium: {e}"));
         client.goto(&format!("http://{http}/")).await.unwrap();
+        if let Some(key) = key {
+            // The page asks for the served model at once, gets 401 and prompts.
+            let deadline = std::time::Instant::now() + DEADLINE;
+            let text = loop {
+                if let Ok(text) = client.get_alert_text().await {
+                    break text;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the page never asked for an API key"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            };
+            assert!(text.contains("API key"), "{text}");
+            client.send_alert_text(key).await.unwrap();
+            client.accept_alert().await.unwrap();
+        }
         let page = Self {
             client,
             http,
@@ -228,6 +257,42 @@ impl Playground {
     async fn close(self) {
         self.client.clone().close().await.unwrap();
     }
+}
+
+/// On a server started with API keys the page asks for a key at its first 401, sends
+/// it from then on, and the answer streams in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_api_keys_the_page_asks_for_a_key_and_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    std::fs::write(&keys, "page-key-0123456789\n").unwrap();
+    let page = Playground::open_with(
+        &["--api-key-file", keys.to_str().unwrap()],
+        Some("page-key-0123456789"),
+    )
+    .await;
+    page.find("question")
+        .await
+        .send_keys("Hello there.")
+        .await
+        .unwrap();
+    let max_tokens = page.find("max-tokens").await;
+    max_tokens.clear().await.unwrap();
+    max_tokens.send_keys("4").await.unwrap();
+    page.find("send").await.click().await.unwrap();
+    page.wait_for("#status[data-state='done'], #status[data-state='error']")
+        .await;
+    page.screenshot("api_key_answer").await;
+    let seen = page
+        .js("return {
+               state: document.getElementById('status').dataset.state,
+               error: document.getElementById('error').textContent,
+               completion: document.getElementById('usage').dataset.completionTokens,
+             };")
+        .await;
+    assert_eq!(seen["state"], "done", "the page failed: {}", seen["error"]);
+    assert_eq!(seen["completion"], "4", "{seen}");
+    page.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
