@@ -18,7 +18,9 @@ use tonic::Code;
 
 use crate::remote_image::RemoteImages;
 
-/// The body of `POST /v1/chat/completions` (unknown fields are ignored).
+/// The body of `POST /v1/chat/completions`. The fields OpenAI defines that this server
+/// does not honour are refused when set to anything but their neutral value
+/// ([`UNSUPPORTED`]); fields OpenAI does not define are ignored.
 #[derive(Debug, Deserialize)]
 pub struct ChatRequest {
     /// Must be the served model's id.
@@ -28,13 +30,77 @@ pub struct ChatRequest {
     max_completion_tokens: Option<u32>,
     temperature: Option<f32>,
     top_p: Option<f32>,
+    /// Not OpenAI's; as in vLLM and SGLang.
+    top_k: Option<u32>,
+    /// Not OpenAI's; Hugging Face's repetition penalty, as in vLLM and SGLang.
+    repetition_penalty: Option<f32>,
     stop: Option<Stop>,
     seed: Option<u64>,
     /// Answer with server-sent events.
     #[serde(default)]
     pub stream: bool,
     stream_options: Option<StreamOptions>,
+    /// Every other field, checked against [`UNSUPPORTED`].
+    #[serde(flatten)]
+    others: serde_json::Map<String, Value>,
 }
+
+/// OpenAI request fields this server does not honour, each with the values that ask
+/// for nothing (accepted) and why another value is refused.
+const UNSUPPORTED: &[(&str, &[&str], &str)] = &[
+    (
+        "n",
+        &["1"],
+        "this server returns one choice; send n=1 (or several requests)",
+    ),
+    (
+        "logprobs",
+        &["false"],
+        "log probabilities are not returned yet",
+    ),
+    (
+        "top_logprobs",
+        &["0"],
+        "log probabilities are not returned yet",
+    ),
+    (
+        "presence_penalty",
+        &["0", "0.0"],
+        "use repetition_penalty (Hugging Face's) instead",
+    ),
+    (
+        "frequency_penalty",
+        &["0", "0.0"],
+        "use repetition_penalty (Hugging Face's) instead",
+    ),
+    ("logit_bias", &["{}"], "logit biases are not supported"),
+    (
+        "response_format",
+        &[r#"{"type":"text"}"#],
+        "constrained output (JSON mode, JSON schema) is not supported",
+    ),
+    ("tools", &["[]"], "tool calls are not supported"),
+    (
+        "tool_choice",
+        &[r#""none""#],
+        "tool calls are not supported",
+    ),
+    ("parallel_tool_calls", &[], "tool calls are not supported"),
+    ("functions", &["[]"], "function calls are not supported"),
+    (
+        "function_call",
+        &[r#""none""#],
+        "function calls are not supported",
+    ),
+    ("audio", &[], "audio output is not supported"),
+    (
+        "modalities",
+        &[r#"["text"]"#],
+        "only text output is supported",
+    ),
+    ("prediction", &[], "predicted outputs are not supported"),
+    ("web_search_options", &[], "web search is not supported"),
+];
 
 #[derive(Debug, Deserialize)]
 struct StreamOptions {
@@ -223,10 +289,27 @@ impl ApiError {
 }
 
 impl ChatRequest {
-    /// Parses a request body; a malformed one is a 400 that says why.
+    /// Parses a request body; a malformed one, or one that sets a field this server
+    /// does not honour, is a 400 that says why.
     pub fn parse(body: &[u8]) -> Result<Self, ApiError> {
-        serde_json::from_slice(body)
-            .map_err(|e| ApiError::invalid(format!("the request body is not valid: {e}"), None))
+        let request: Self = serde_json::from_slice(body)
+            .map_err(|e| ApiError::invalid(format!("the request body is not valid: {e}"), None))?;
+        for &(field, neutral, why) in UNSUPPORTED {
+            let Some(value) = request.others.get(field) else {
+                continue;
+            };
+            let neutral = value.is_null()
+                || neutral
+                    .iter()
+                    .any(|n| serde_json::from_str::<Value>(n).ok().as_ref() == Some(value));
+            if !neutral {
+                return Err(ApiError::invalid(
+                    format!("`{field}` is not supported by this server: {why}"),
+                    Some(field),
+                ));
+            }
+        }
+        Ok(request)
     }
 
     /// Whether a streamed answer ends with a usage chunk.
@@ -304,8 +387,9 @@ impl ChatRequest {
             sampling: Some(SamplingParams {
                 temperature: self.temperature,
                 top_p: self.top_p,
+                top_k: self.top_k,
+                repetition_penalty: self.repetition_penalty,
                 seed: self.seed,
-                ..Default::default()
             }),
             stopping: Some(StoppingParams {
                 max_tokens: self.max_completion_tokens.or(self.max_tokens),

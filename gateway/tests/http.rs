@@ -905,3 +905,69 @@ fn grpc_request(question: &str) -> tessera_proto::v1::GenerateRequest {
         ..Default::default()
     }
 }
+
+/// OpenAI fields this server does not honour are refused by name when they ask for
+/// something, and accepted at their neutral values; `top_k` and `repetition_penalty`
+/// reach the scheduler.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsupported_openai_fields_are_refused_by_name() {
+    let (cluster, scheduler) = cluster_and_scheduler({
+        let tok = ChatTokenizer::from_dir(&fixture(FIXTURE)).unwrap();
+        let ids = tok.encode(ANSWER).unwrap();
+        SchedulerScript::Tokens(
+            ids.chunks(3).map(<[u32]>::to_vec).collect(),
+            StopReason::Length,
+        )
+    })
+    .await;
+    for (field, value) in [
+        ("n", json!(2)),
+        ("logprobs", json!(true)),
+        ("top_logprobs", json!(3)),
+        ("presence_penalty", json!(0.5)),
+        ("frequency_penalty", json!(-1)),
+        ("logit_bias", json!({"42": 10})),
+        ("response_format", json!({"type": "json_object"})),
+        (
+            "response_format",
+            json!({"type": "json_schema", "json_schema": {"name": "x"}}),
+        ),
+        (
+            "tools",
+            json!([{"type": "function", "function": {"name": "f"}}]),
+        ),
+        ("tool_choice", json!("auto")),
+        ("audio", json!({"voice": "alloy", "format": "wav"})),
+        ("modalities", json!(["text", "audio"])),
+    ] {
+        let mut body = ask_body("Hi.");
+        body[field] = value.clone();
+        let (status, answer) = cluster.chat(&body).await;
+        assert_eq!(status, 400, "{field}={value}: {answer}");
+        let message = error_message(&answer, "invalid_request_error");
+        assert_eq!(answer["error"]["param"], field, "{answer}");
+        assert!(message.contains(field), "{message}");
+    }
+    assert!(scheduler.submitted.lock().unwrap().is_empty());
+
+    let mut neutral = ask_body("Hi.");
+    for (field, value) in [
+        ("n", json!(1)),
+        ("logprobs", json!(false)),
+        ("presence_penalty", json!(0)),
+        ("frequency_penalty", json!(0.0)),
+        ("response_format", json!({"type": "text"})),
+        ("tools", json!([])),
+        ("user", json!("someone")),
+        ("top_k", json!(5)),
+        ("repetition_penalty", json!(1.1)),
+    ] {
+        neutral[field] = value;
+    }
+    let (status, answer) = cluster.chat(&neutral).await;
+    assert_eq!(status, 200, "{answer}");
+    let submitted = scheduler.submitted.lock().unwrap();
+    let sampling = submitted[0].1.sampling.clone().unwrap();
+    assert_eq!(sampling.top_k, 5);
+    assert_eq!(sampling.repetition_penalty, 1.1);
+}
