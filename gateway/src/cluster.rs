@@ -49,6 +49,16 @@ fn public_member(member: Member, placement: Option<&Placement>) -> v1::Member {
     }
 }
 
+/// The status a caller without an admin key sees: each member's role, readiness and
+/// shard, without its id (which names its address by default), address or experts.
+pub fn redact(status: &mut ClusterStatusResponse) {
+    for member in &mut status.members {
+        member.id.clear();
+        member.address.clear();
+        member.experts.clear();
+    }
+}
+
 /// Every registered member and the current placement's version (0 when none).
 pub fn cluster_status(discovery: &dyn Discovery) -> ClusterStatusResponse {
     let placement = discovery.placement();

@@ -36,6 +36,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataMap;
 
+use crate::keys::Access;
 use crate::openai::{self, ApiError, ChatRequest, ChunkHeader};
 use crate::remote_image::RemoteImages;
 use crate::service::{Api, Messages, TesseraService};
@@ -102,7 +103,7 @@ pub fn router(
         .with_state(state)
 }
 
-/// The key check of the service, for routes with no handler of ours (`/metrics`).
+/// The admin key check, for `/metrics` (which names the members).
 async fn with_key(
     State(state): State<AppState>,
     request: axum::extract::Request,
@@ -110,7 +111,8 @@ async fn with_key(
 ) -> Response {
     let metadata = MetadataMap::from_headers(request.headers().clone());
     match state.service.authorize(&metadata) {
-        Ok(()) => next.run(request).await,
+        Ok(Access::Admin) => next.run(request).await,
+        Ok(Access::Client) => ApiError::forbidden("the metrics need an admin key").into_response(),
         Err(status) => ApiError::from_status(&status).into_response(),
     }
 }
@@ -123,6 +125,7 @@ fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     state
         .service
         .authorize(&MetadataMap::from_headers(headers.clone()))
+        .map(drop)
         .map_err(|s| ApiError::from_status(&s))
 }
 

@@ -1,8 +1,10 @@
 //! Client API keys (`--api-key-file`): who may call the public APIs.
 //!
 //! The file holds one key per line, either the key itself or `sha256:` and the hex
-//! SHA-256 of the key (so the file need not hold usable secrets); blank lines and lines
-//! starting with `#` are skipped. A client sends a key as OpenAI clients do,
+//! SHA-256 of the key (so the file need not hold usable secrets), optionally after
+//! `admin:` for an operator's key; blank lines and lines starting with `#` are skipped.
+//! Only admin keys see the cluster's internal addresses, the model's path and the
+//! metrics ([`Access::Admin`]). A client sends a key as OpenAI clients do,
 //! `Authorization: Bearer KEY`, as an HTTP header or as gRPC metadata. Keys are kept
 //! only as their hashes and a presented key is hashed before it is looked up.
 //!
@@ -11,7 +13,7 @@
 //! SIGHUP; a file that turns unreadable or keyless later keeps the previous keys and
 //! logs why. Without `--api-key-file` every call is allowed, as before.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, SystemTime};
@@ -27,6 +29,16 @@ pub const RELOAD_EVERY: Duration = Duration::from_secs(2);
 
 type Hash = [u8; 32];
 
+/// What a caller may see.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Access {
+    /// Generations and the public facts about the model.
+    Client,
+    /// Also the members' addresses, the model's path and the metrics; every caller
+    /// has it when no keys are required.
+    Admin,
+}
+
 /// The keys allowed to call the public APIs, or none required.
 #[derive(Debug)]
 pub struct ApiKeys {
@@ -36,7 +48,7 @@ pub struct ApiKeys {
 
 #[derive(Debug, Default)]
 struct Loaded {
-    hashes: HashSet<Hash>,
+    hashes: HashMap<Hash, Access>,
     /// The file's modification time and length when it was read.
     stamp: Option<(SystemTime, u64)>,
 }
@@ -70,11 +82,11 @@ impl ApiKeys {
         self.file.is_some()
     }
 
-    /// Checks the `authorization` of a call: UNAUTHENTICATED without a known key when
-    /// keys are required.
-    pub fn check(&self, metadata: &MetadataMap) -> Result<()> {
+    /// Checks the `authorization` of a call: what its key allows, UNAUTHENTICATED
+    /// without a known key when keys are required (and [`Access::Admin`] when not).
+    pub fn check(&self, metadata: &MetadataMap) -> Result<Access> {
         if !self.required() {
-            return Ok(());
+            return Ok(Access::Admin);
         }
         let Some(key) = bearer(metadata) else {
             return Err(Error::Unauthenticated(
@@ -87,12 +99,9 @@ impl ApiKeys {
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .hashes
-            .contains(&hash);
-        if known {
-            Ok(())
-        } else {
-            Err(Error::Unauthenticated("the API key is not valid".into()))
-        }
+            .get(&hash)
+            .copied();
+        known.ok_or_else(|| Error::Unauthenticated("the API key is not valid".into()))
     }
 
     /// Reads the file again if it changed since it was read (or `force`); keeps the
@@ -193,14 +202,18 @@ fn read(file: &Path) -> Result<Loaded> {
     Ok(Loaded { hashes, stamp })
 }
 
-/// The hashes of the keys in a key file's text.
-fn parse(text: &str) -> std::result::Result<HashSet<Hash>, String> {
-    let mut hashes = HashSet::new();
+/// The hashes of the keys in a key file's text, with what each allows.
+fn parse(text: &str) -> std::result::Result<HashMap<Hash, Access>, String> {
+    let mut hashes = HashMap::new();
     for (n, line) in text.lines().enumerate() {
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
+        let (access, line) = match line.strip_prefix("admin:") {
+            Some(rest) => (Access::Admin, rest.trim()),
+            None => (Access::Client, line),
+        };
         let hash = match line.strip_prefix("sha256:") {
             Some(hex) => from_hex(hex.trim())
                 .ok_or_else(|| format!("line {}: `sha256:` needs 64 hexadecimal digits", n + 1))?,
@@ -209,7 +222,8 @@ fn parse(text: &str) -> std::result::Result<HashSet<Hash>, String> {
             }
             None => Sha256::digest(line.as_bytes()).into(),
         };
-        hashes.insert(hash);
+        let known = hashes.entry(hash).or_insert(access);
+        *known = (*known).max(access);
     }
     Ok(hashes)
 }
@@ -242,7 +256,7 @@ mod tests {
     fn keys_and_hashes_are_read_and_checked() {
         let hashed = Sha256::digest(b"second-key-456");
         let hex: String = hashed.iter().map(|b| format!("{b:02x}")).collect();
-        let text = format!("# clients\n\nfirst-key-123\n  sha256:{hex}  \n");
+        let text = format!("# clients\n\nfirst-key-123\n  admin:sha256:{hex}  \n");
         let hashes = parse(&text).unwrap();
         assert_eq!(hashes.len(), 2);
         let keys = ApiKeys {
@@ -252,11 +266,9 @@ mod tests {
                 stamp: None,
             }),
         };
-        assert!(keys.check(&metadata(Some("Bearer first-key-123"))).is_ok());
-        assert!(
-            keys.check(&metadata(Some("bearer  second-key-456 ")))
-                .is_ok()
-        );
+        let access = |a: &str| keys.check(&metadata(Some(a))).unwrap();
+        assert_eq!(access("Bearer first-key-123"), Access::Client);
+        assert_eq!(access("bearer  second-key-456 "), Access::Admin);
         for bad in [
             None,
             Some("Bearer"),
@@ -268,7 +280,8 @@ mod tests {
             let err = keys.check(&metadata(bad)).unwrap_err();
             assert!(matches!(err, Error::Unauthenticated(_)), "{bad:?}: {err}");
         }
-        assert!(ApiKeys::open().check(&metadata(None)).is_ok());
+        let open = ApiKeys::open().check(&metadata(None)).unwrap();
+        assert_eq!(open, Access::Admin);
     }
 
     #[test]

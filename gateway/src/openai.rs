@@ -210,6 +210,17 @@ impl ApiError {
         }
     }
 
+    /// A 403: the key is known but does not allow this.
+    pub fn forbidden(message: &str) -> Self {
+        Self {
+            status: 403,
+            message: message.to_owned(),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("forbidden"),
+        }
+    }
+
     /// The 404 of a path this server does not serve.
     pub fn unknown_url(method: &str, path: &str) -> Self {
         Self {

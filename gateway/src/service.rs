@@ -28,10 +28,11 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use crate::cluster::cluster_status;
+use crate::cluster::redact;
 use crate::config::{Config, Limits};
 use crate::error::{Error, Result};
 use crate::generation::{Answer, Running, TokenTimes};
-use crate::keys::ApiKeys;
+use crate::keys::{Access, ApiKeys};
 use crate::metrics::Gateway;
 use crate::model_files::ModelFiles;
 use crate::prepare::prepare;
@@ -170,7 +171,7 @@ impl TesseraService {
 
     /// UNAUTHENTICATED unless `metadata` carries a key the gateway accepts (always
     /// OK without `--api-key-file`).
-    pub(crate) fn authorize(&self, metadata: &MetadataMap) -> Result<(), Status> {
+    pub(crate) fn authorize(&self, metadata: &MetadataMap) -> Result<Access, Status> {
         self.inner.keys.check(metadata).map_err(Status::from)
     }
 
@@ -403,17 +404,24 @@ impl Tessera for TesseraService {
         &self,
         request: Request<ModelInfoRequest>,
     ) -> Result<Response<ModelInfoResponse>, Status> {
-        self.authorize(request.metadata())?;
-        Ok(Response::new(self.files()?.info()))
+        let access = self.authorize(request.metadata())?;
+        let mut info = self.files()?.info();
+        if access < Access::Admin {
+            // Where the snapshot lies is the operator's business.
+            info.model_path.clear();
+        }
+        Ok(Response::new(info))
     }
 
     async fn cluster_status(
         &self,
         request: Request<ClusterStatusRequest>,
     ) -> Result<Response<ClusterStatusResponse>, Status> {
-        self.authorize(request.metadata())?;
-        Ok(Response::new(cluster_status(
-            self.inner.upstream.discovery(),
-        )))
+        let access = self.authorize(request.metadata())?;
+        let mut status = cluster_status(self.inner.upstream.discovery());
+        if access < Access::Admin {
+            redact(&mut status);
+        }
+        Ok(Response::new(status))
     }
 }

@@ -767,14 +767,19 @@ async fn the_recorded_grounding_response_is_what_the_gateway_answers() {
 
 /// With `--api-key-file`, every public call needs a key from the file, over HTTP
 /// (`Authorization: Bearer`, 401 otherwise) and gRPC (metadata, UNAUTHENTICATED);
-/// `/health` and the page stay open, `/metrics` needs a key; a key added to the file
-/// works once the file is read again, and a removed one stops working.
+/// `/health` and the page stay open; `/metrics`, the members' addresses and the model's
+/// path are for admin keys; a key added to the file works once the file is read again,
+/// and a removed one stops working.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_keys_guard_both_apis_and_follow_the_file() {
     let dir = std::env::temp_dir().join(format!("tessera-http-keys-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("keys");
-    std::fs::write(&file, "# the team\nkey-alpha-0123456789\n").unwrap();
+    std::fs::write(
+        &file,
+        "# the team\nkey-alpha-0123456789\nadmin:ops-key-0123456789\n",
+    )
+    .unwrap();
 
     let tok = ChatTokenizer::from_dir(&fixture(FIXTURE)).unwrap();
     let ids = tok.encode(ANSWER).unwrap();
@@ -836,7 +841,10 @@ async fn api_keys_guard_both_apis_and_follow_the_file() {
     assert_eq!(status, 200, "{answer}");
     let answer: Value = serde_json::from_str(&answer).unwrap();
     assert_eq!(answer["choices"][0]["message"]["content"], ANSWER);
-    let (status, _, _) = send(Method::GET, "/metrics", alpha, None).await;
+    let (status, _, answer) = send(Method::GET, "/metrics", alpha, None).await;
+    assert_eq!(status, 403, "{answer}");
+    let ops = Some("ops-key-0123456789");
+    let (status, _, _) = send(Method::GET, "/metrics", ops, None).await;
     assert_eq!(status, 200);
 
     // gRPC: metadata, the same keys.
@@ -852,9 +860,49 @@ async fn api_keys_guard_both_apis_and_follow_the_file() {
     };
     let status = grpc.model_info(with_key("wrong-key")).await.unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
-    grpc.model_info(with_key("key-alpha-0123456789"))
+    let info = grpc
+        .model_info(with_key("key-alpha-0123456789"))
         .await
         .unwrap();
+    assert_eq!(
+        info.get_ref().model_path,
+        "",
+        "a client key does not see the path"
+    );
+    assert_eq!(info.get_ref().model_id, FIXTURE);
+    let info = grpc
+        .model_info(with_key("ops-key-0123456789"))
+        .await
+        .unwrap();
+    assert!(!info.get_ref().model_path.is_empty());
+    let status_of = |key: &str| {
+        let mut request = tonic::Request::new(tessera_proto::v1::ClusterStatusRequest {});
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {key}").parse().unwrap());
+        request
+    };
+    let seen = grpc
+        .cluster_status(status_of("key-alpha-0123456789"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(seen.members.len() >= 3, "{seen:?}");
+    assert!(
+        seen.members
+            .iter()
+            .all(|m| m.address.is_empty() && m.id.is_empty()),
+        "{seen:?}"
+    );
+    let seen = grpc
+        .cluster_status(status_of("ops-key-0123456789"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        seen.members.iter().all(|m| !m.address.is_empty()),
+        "{seen:?}"
+    );
     let mut generate = tonic::Request::new(grpc_request("Hi."));
     generate
         .metadata_mut()
