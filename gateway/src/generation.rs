@@ -62,10 +62,11 @@ impl Running {
         let mut guard = CancelGuard {
             upstream: Arc::clone(upstream),
             scheduler,
-            request_id: prepared.request_id.clone(),
+            request_id: prepared.submit.request_id.clone(),
             armed: true,
         };
-        let request = telemetry::request_with_id(prepared.submit.clone(), &prepared.request_id);
+        let request =
+            telemetry::request_with_id(prepared.submit.clone(), &prepared.submit.request_id);
         match client.submit(request).await {
             Ok(response) => Ok(Self {
                 stream: response.into_inner(),

@@ -74,7 +74,7 @@ pub async fn prepare(
     let stopping = checked.stopping(max_tokens);
     Ok(Prepared {
         submit: SubmitRequest {
-            request_id: request_id.clone(),
+            request_id: scoped(&request_id),
             model_fingerprint: files.fingerprint.clone(),
             input_ids: plan.prompt.input_ids.clone(),
             image_runs,
@@ -85,6 +85,14 @@ pub async fn prepare(
         images: plan.images,
         request_id,
     })
+}
+
+/// The id a request runs under inside the cluster: the client's id with a suffix of
+/// this gateway's own, so that ids are never shared between clients (a second client
+/// reusing an id runs as well, and cannot name the first one's request), while logs
+/// still show the client's id.
+fn scoped(request_id: &str) -> String {
+    format!("{request_id}~{}", &telemetry::new_request_id()[..12])
 }
 
 /// Reads the image headers and tokenizes the conversation on a blocking thread.

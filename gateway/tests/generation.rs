@@ -110,8 +110,11 @@ async fn a_fixture_case_is_submitted_and_answered_like_the_reference() {
 
     // What the scheduler was sent: the reference prompt, the image run, the defaults.
     let (meta_id, submitted) = cluster.scheduler.submitted.lock().unwrap()[0].clone();
-    assert_eq!(meta_id.as_deref(), Some("case-1"));
-    assert_eq!(submitted.request_id, "case-1");
+    // The client's id, scoped to this request inside the cluster.
+    let (client_id, suffix) = submitted.request_id.split_once('~').unwrap();
+    assert_eq!(client_id, "case-1");
+    assert_eq!(suffix.len(), 12);
+    assert_eq!(meta_id.as_deref(), Some(submitted.request_id.as_str()));
     assert_eq!(submitted.input_ids, ids(&case["input_ids"]));
     assert_eq!(submitted.image_runs.len(), 1);
     let run = &submitted.image_runs[0];
@@ -311,7 +314,7 @@ async fn a_dropped_stream_cancels_the_request_on_the_scheduler() {
     let mut cancelled = cluster.scheduler.cancelled.subscribe();
     tokio::time::timeout(
         DEADLINE,
-        cancelled.wait_for(|ids| ids.iter().any(|i| i == "drop-me")),
+        cancelled.wait_for(|ids| ids.iter().any(|i| i.starts_with("drop-me~"))),
     )
     .await
     .expect("Scheduler.Cancel is sent in time")
@@ -321,4 +324,31 @@ async fn a_dropped_stream_cancels_the_request_on_the_scheduler() {
         .await
         .expect("the scheduler stream is dropped in time")
         .unwrap();
+}
+
+/// Two clients that choose the same request id both get their answers: inside the
+/// cluster each request runs under its own id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_clients_may_choose_the_same_request_id() {
+    let case = case(FIXTURE, "text_only");
+    let greedy = ids(&case["greedy"]["new_token_ids"]);
+    let cluster = cluster(VisionScript::Correct, batches(&greedy, StopReason::Length)).await;
+    let mut first = cluster.gateway.client().await;
+    let mut second = cluster.gateway.client().await;
+    let mut req = case_request(FIXTURE, &case);
+    req.request_id = "same-id".into();
+    let (a, b) = tokio::join!(first.generate(req.clone()), second.generate(req));
+    let (a, b) = (a.unwrap().into_inner(), b.unwrap().into_inner());
+    assert_eq!(
+        (a.request_id.as_str(), b.request_id.as_str()),
+        ("same-id", "same-id")
+    );
+    let submitted = cluster.scheduler.submitted.lock().unwrap();
+    let ids: Vec<&str> = submitted
+        .iter()
+        .map(|(_, s)| s.request_id.as_str())
+        .collect();
+    assert_eq!(ids.len(), 2);
+    assert!(ids.iter().all(|id| id.starts_with("same-id~")), "{ids:?}");
+    assert_ne!(ids[0], ids[1], "{ids:?}");
 }

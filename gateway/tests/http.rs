@@ -583,7 +583,7 @@ async fn a_client_leaving_a_stream_cancels_the_request() {
     let mut cancelled = scheduler.cancelled.subscribe();
     tokio::time::timeout(
         DEADLINE,
-        cancelled.wait_for(|ids| ids.iter().any(|id| id == "leaving-1")),
+        cancelled.wait_for(|ids| ids.iter().any(|id| id.starts_with("leaving-1~"))),
     )
     .await
     .expect("the request is cancelled on the scheduler")
