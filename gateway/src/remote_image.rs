@@ -5,9 +5,18 @@
 //!
 //! Refusals are reasons for the client, never the URL itself: signed URLs carry
 //! secrets in their query strings.
+//!
+//! Unless `--allow-private-image-hosts`, only public addresses are fetched from: a
+//! host name is resolved by the gateway and only its public addresses are connected
+//! to, and a URL or redirect naming a loopback, private, link-local or otherwise
+//! non-public IP address is refused, so a client cannot make the gateway reach
+//! services beside it (cloud metadata endpoints, the cluster's internal ports).
 
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
+use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 use reqwest::redirect::Policy;
 use reqwest::{Client, Url};
 use tessera_model::processor::read_header;
@@ -48,6 +57,15 @@ pub struct RemoteImageConfig {
         default_value_t = DEFAULT_MAX_BYTES
     )]
     pub remote_image_max_bytes: usize,
+    /// Also fetch remote images from loopback, private and link-local addresses
+    /// [default: public addresses only, checked after DNS resolution and on every
+    /// redirect].
+    #[arg(
+        long,
+        env = "TESSERA_ALLOW_PRIVATE_IMAGE_HOSTS",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub allow_private_image_hosts: bool,
 }
 
 impl Default for RemoteImageConfig {
@@ -56,7 +74,94 @@ impl Default for RemoteImageConfig {
             allow_remote_images: false,
             remote_image_timeout_seconds: DEFAULT_TIMEOUT_SECONDS,
             remote_image_max_bytes: DEFAULT_MAX_BYTES,
+            allow_private_image_hosts: false,
         }
+    }
+}
+
+/// Whether `ip` is a public unicast address: not loopback, private, link-local,
+/// unspecified, broadcast, multicast, shared (CGNAT), documentation, benchmarking or
+/// reserved; IPv4 inside IPv6 (mapped, NAT64) is judged as IPv4.
+pub fn is_public(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => is_public_v4(v4),
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return is_public_v4(v4);
+            }
+            let s = v6.segments();
+            if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+                let o = v6.octets();
+                return is_public_v4(Ipv4Addr::new(o[12], o[13], o[14], o[15]));
+            }
+            !(v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (s[0] & 0xfe00) == 0xfc00 // unique local
+                || (s[0] & 0xffc0) == 0xfe80 // link-local
+                || (s[0] & 0xffc0) == 0xfec0 // site-local
+                || (s[0] == 0x2001 && s[1] == 0x0db8) // documentation
+                || v6 == Ipv6Addr::LOCALHOST)
+        }
+    }
+}
+
+fn is_public_v4(ip: Ipv4Addr) -> bool {
+    let [a, b, ..] = ip.octets();
+    !(ip.is_loopback()
+        || ip.is_private()
+        || ip.is_link_local()
+        || ip.is_unspecified()
+        || ip.is_broadcast()
+        || ip.is_multicast()
+        || ip.is_documentation()
+        || a == 0
+        || (a == 100 && (b & 0xc0) == 64) // shared address space 100.64/10
+        || (a == 198 && (b & 0xfe) == 18) // benchmarking 198.18/15
+        || (a == 192 && b == 0 && ip.octets()[2] == 0) // IETF protocol assignments
+        || a >= 240) // reserved
+}
+
+/// Why a URL naming a non-public IP address is refused.
+fn private_address(host: &str) -> String {
+    format!(
+        "the image URL names {host}, which is not a public address; images are fetched \
+         only from public addresses unless the gateway runs with \
+         --allow-private-image-hosts"
+    )
+}
+
+/// The IP address a URL's host is, when it is one.
+fn literal_ip(url: &Url) -> Option<IpAddr> {
+    let host = url.host_str()?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    host.parse().ok()
+}
+
+/// A resolver that keeps only the public addresses of a name (and fails when it has
+/// none), so that no connection goes to a private address.
+#[derive(Debug)]
+struct PublicOnly;
+
+impl Resolve for PublicOnly {
+    fn resolve(&self, name: Name) -> Resolving {
+        let host = name.as_str().to_owned();
+        Box::pin(async move {
+            let all: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            let public: Vec<SocketAddr> = all.into_iter().filter(|a| is_public(a.ip())).collect();
+            if public.is_empty() {
+                let why = format!(
+                    "{host} resolves only to addresses that are not public; images are \
+                     fetched only from public addresses unless the gateway runs with \
+                     --allow-private-image-hosts"
+                );
+                return Err(why.into());
+            }
+            Ok(Box::new(public.into_iter()) as Addrs)
+        })
     }
 }
 
@@ -73,6 +178,8 @@ struct Fetcher {
     client: Client,
     timeout: Duration,
     max_bytes: usize,
+    /// Refuse non-public addresses.
+    public_only: bool,
 }
 
 impl RemoteImages {
@@ -83,9 +190,13 @@ impl RemoteImages {
             return Ok(Self::disabled());
         }
         let timeout = Duration::from_secs(cfg.remote_image_timeout_seconds);
-        let redirects = Policy::custom(|attempt| {
+        let public_only = !cfg.allow_private_image_hosts;
+        let redirects = Policy::custom(move |attempt| {
             let scheme = attempt.url().scheme().to_owned();
-            if !matches!(scheme.as_str(), "http" | "https") {
+            let private = literal_ip(attempt.url()).filter(|ip| public_only && !is_public(*ip));
+            if let Some(ip) = private {
+                attempt.error(private_address(&ip.to_string()))
+            } else if !matches!(scheme.as_str(), "http" | "https") {
                 attempt.error(format!(
                     "it redirected to a {scheme}: URL; only http(s) is followed"
                 ))
@@ -95,7 +206,12 @@ impl RemoteImages {
                 attempt.follow()
             }
         });
-        let client = Client::builder()
+        let mut client = Client::builder();
+        if public_only {
+            client = client.dns_resolver(Arc::new(PublicOnly));
+        }
+        let client = client
+            .no_proxy()
             .connect_timeout(timeout)
             .timeout(timeout)
             .redirect(redirects)
@@ -107,6 +223,7 @@ impl RemoteImages {
                 client,
                 timeout,
                 max_bytes: cfg.remote_image_max_bytes,
+                public_only,
             }),
             max_images,
         })
@@ -172,6 +289,9 @@ impl Fetcher {
             ));
         }
         let host = url.host_str().unwrap_or_default().to_owned();
+        if let Some(ip) = literal_ip(&url).filter(|ip| self.public_only && !is_public(*ip)) {
+            return Err(private_address(&ip.to_string()));
+        }
         let data = tokio::time::timeout(self.timeout, self.download(url))
             .await
             .map_err(|_| self.too_slow())??;
@@ -276,4 +396,68 @@ impl Fetcher {
 struct Body {
     bytes: Vec<u8>,
     content_type: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_public_unicast_addresses_are_public() {
+        for private in [
+            "127.0.0.1",
+            "127.8.9.10",
+            "10.1.2.3",
+            "172.16.0.1",
+            "172.31.255.255",
+            "192.168.1.1",
+            "169.254.169.254",
+            "0.0.0.0",
+            "0.1.2.3",
+            "100.64.0.1",
+            "198.18.0.1",
+            "192.0.2.1",
+            "224.0.0.1",
+            "255.255.255.255",
+            "240.0.0.1",
+            "::1",
+            "::",
+            "::ffff:127.0.0.1",
+            "::ffff:10.0.0.1",
+            "64:ff9b::a00:1",
+            "fc00::1",
+            "fd12:3456::1",
+            "fe80::1",
+            "ff02::1",
+            "2001:db8::1",
+        ] {
+            let ip: IpAddr = private.parse().unwrap();
+            assert!(!is_public(ip), "{private} is not public");
+        }
+        for public in [
+            "1.1.1.1",
+            "8.8.8.8",
+            "172.32.0.1",
+            "100.128.0.1",
+            "2606:4700:4700::1111",
+            "::ffff:8.8.8.8",
+        ] {
+            let ip: IpAddr = public.parse().unwrap();
+            assert!(is_public(ip), "{public} is public");
+        }
+    }
+
+    #[test]
+    fn literal_hosts_are_read_from_urls() {
+        let ip = |u: &str| literal_ip(&Url::parse(u).unwrap());
+        assert_eq!(
+            ip("http://127.0.0.1:8080/a.png"),
+            Some("127.0.0.1".parse().unwrap())
+        );
+        assert_eq!(ip("http://[::1]/a.png"), Some("::1".parse().unwrap()));
+        assert_eq!(ip("http://example.com/a.png"), None);
+        // The URL parser normalizes other spellings of an IPv4 address.
+        assert_eq!(ip("http://2130706433/"), Some("127.0.0.1".parse().unwrap()));
+        assert_eq!(ip("http://0x7f.1/"), Some("127.0.0.1".parse().unwrap()));
+    }
 }

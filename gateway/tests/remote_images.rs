@@ -134,6 +134,8 @@ fn allowed(timeout_seconds: u64) -> RemoteImageConfig {
         allow_remote_images: true,
         remote_image_timeout_seconds: timeout_seconds,
         remote_image_max_bytes: MAX_BYTES,
+        // The test servers are on loopback.
+        allow_private_image_hosts: true,
     }
 }
 
@@ -254,4 +256,44 @@ async fn remote_images_are_off_unless_allowed() {
     assert!(message.contains("--allow-remote-images"), "{message}");
     assert!(message.contains("data:"), "{message}");
     assert!(cluster.vision.calls.lock().unwrap().is_empty());
+}
+
+/// Without `--allow-private-image-hosts` a URL naming a loopback or private address,
+/// or a host name that resolves to one, is refused before any connection is made, and
+/// the refusal says which flag allows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_addresses_are_refused_by_default() {
+    // A listener that counts the connections it gets.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let connections = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = std::sync::Arc::clone(&connections);
+    tokio::spawn(async move {
+        while listener.accept().await.is_ok() {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    let cluster = cluster(RemoteImageConfig {
+        allow_private_image_hosts: false,
+        ..allowed(10)
+    })
+    .await;
+    for url in [
+        format!("http://127.0.0.1:{port}/cat.png"),
+        format!("http://localhost:{port}/cat.png"),
+        format!("http://[::1]:{port}/cat.png"),
+        format!("http://2130706433:{port}/cat.png"),
+        "http://169.254.169.254/latest/meta-data/".to_owned(),
+        "http://10.0.0.1/cat.png".to_owned(),
+    ] {
+        let (status, body) = cluster.ask(&url).await;
+        assert_eq!(status, 400, "{url}: {body}");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("--allow-private-image-hosts"),
+            "{url}: {message}"
+        );
+    }
+    assert_eq!(connections.load(std::sync::atomic::Ordering::SeqCst), 0);
+    assert!(cluster.scheduler.submitted.lock().unwrap().is_empty());
 }
