@@ -151,7 +151,8 @@ def check_resources(objs, ctx):
 
 def check_probes(objs, ctx):
     """Long-running containers have startup, readiness and liveness probes; Tessera
-    containers probe the gRPC health service on their gRPC port."""
+    containers probe `GET /health` on their metrics port (their gRPC port speaks
+    mutual TLS, which a Kubernetes gRPC probe cannot)."""
     out = []
     for c in containers(objs, kinds=("containers",)):
         if not c.pod.long_running:
@@ -162,14 +163,47 @@ def check_probes(objs, ctx):
                 out.append(f"{c.where(probe)}: missing")
                 continue
             if c.role:
-                grpc_port = c.port("grpc")
-                if "grpc" not in spec:
-                    out.append(f"{c.where(probe)}: not a grpc probe on the health service")
-                elif spec["grpc"].get("port") != grpc_port:
+                get = spec.get("httpGet") or {}
+                on_metrics = get.get("port") in ("metrics", c.port("metrics"))
+                if get.get("path") != "/health" or not on_metrics:
                     out.append(
-                        f"{c.where(probe + '.grpc.port')}: {spec['grpc'].get('port')}, "
-                        f"the gRPC port is {grpc_port}"
+                        f"{c.where(probe)}: not an HTTP GET of /health on the metrics port"
                     )
+    return out
+
+
+TLS_ENV = ("TESSERA_TLS_CERT", "TESSERA_TLS_KEY", "TESSERA_TLS_CA")
+# The Secret every role mounts its certificate, key and CA from (deploy/README.md).
+TLS_SECRET = "tessera-tls"
+
+
+def check_tls(objs, ctx):
+    """Every Tessera container speaks mutual TLS: its certificate, key and CA are set
+    and lie in a read-only mount of a Secret, the same Secret for every role."""
+    out = []
+    secrets = set()
+    for c in tessera_containers(objs):
+        mounts = {m["name"]: m for m in c.spec.get("volumeMounts", []) or []}
+        volumes = {v["name"]: v for v in c.pod.spec.get("volumes", []) or []}
+        for env in TLS_ENV:
+            flag = "--" + env[len("TESSERA_"):].lower().replace("_", "-")
+            path = setting(c, objs, flag, env)
+            if not path:
+                out.append(f"{c.where('env')}: {env} is not set: members would speak plaintext")
+                continue
+            mount = next(
+                (m for m in mounts.values() if str(path).startswith(m["mountPath"].rstrip("/") + "/")),
+                None,
+            )
+            secret = (volumes.get(mount["name"], {}).get("secret") or {}) if mount else {}
+            if not mount or not secret:
+                out.append(f"{c.where('volumeMounts')}: {env}={path} is not in a mounted Secret")
+                continue
+            if mount.get("readOnly") is not True:
+                out.append(f"{c.where('volumeMounts')}[{mount['name']}]: not read-only")
+            secrets.add(secret.get("secretName"))
+    if len(secrets) > 1:
+        out.append(f"TLS: the roles mount different Secrets {sorted(secrets)}; one cluster CA is expected")
     return out
 
 
@@ -409,9 +443,13 @@ def check_expert_workers(objs, ctx):
                 shared_cms.add((s.get("configMapRef") or {}).get("name"))
     for v in pod.spec.get("volumes", []) or []:
         claim = (v.get("persistentVolumeClaim") or {})
-        if "emptyDir" in v or (claim and claim.get("readOnly")):
+        secret = (v.get("secret") or {}).get("secretName")
+        if "emptyDir" in v or (claim and claim.get("readOnly")) or secret == TLS_SECRET:
             continue
-        out.append(f"{owner} {pod.path}.volumes[{v['name']}]: only the read-only model volume and emptyDirs")
+        out.append(
+            f"{owner} {pod.path}.volumes[{v['name']}]: only the read-only model volume, "
+            "the cluster TLS Secret and emptyDirs"
+        )
     for c in (x for x in containers(objs) if x.pod.owner is pod.owner):
         for s in c.spec.get("envFrom", []) or []:
             name = (s.get("configMapRef") or s.get("secretRef") or {}).get("name")
@@ -587,6 +625,7 @@ CHECKS = [
     check_layout,
     check_resources,
     check_probes,
+    check_tls,
     check_security,
     check_service_ports,
     check_network_policies,

@@ -97,6 +97,7 @@ pub async fn run_with(
     cfg.validate()?;
     let remote = RemoteImages::new(&cfg.remote_images, cfg.max_images)?;
     let keys = ApiKeys::from_file(cfg.auth.api_key_file.as_deref())?;
+    let tls = cfg.member.tls.load().map_err(|e| Error::Member(e.into()))?;
     if !keys.required() {
         let open = [
             listener.local_addr().ok(),
@@ -112,7 +113,7 @@ pub async fn run_with(
     }
     tokio::spawn(Arc::clone(&keys).watch(shutdown.clone()));
     let gateway = Gateway {
-        service: TesseraService::new(&cfg, discovery.clone(), keys),
+        service: TesseraService::new(&cfg, discovery.clone(), keys, tls),
         http: Mutex::new(http_listener.map(|l| (l, remote))),
         cfg: cfg.clone(),
     };
@@ -131,6 +132,7 @@ impl member::Service for Gateway {
     type Loaded = Arc<ModelFiles>;
     type Error = Error;
     const ROLE: Role = Role::Gateway;
+    const PUBLIC: bool = true;
 
     fn grpc(&self) -> Grpc {
         Grpc::new(server(

@@ -150,14 +150,19 @@ impl std::fmt::Debug for TesseraService {
 impl TesseraService {
     /// A service with `cfg`'s limits, calling the members of `discovery` and allowing
     /// the callers `keys` allows.
-    pub fn new(cfg: &Config, discovery: Arc<dyn Discovery>, keys: Arc<ApiKeys>) -> Self {
+    pub fn new(
+        cfg: &Config,
+        discovery: Arc<dyn Discovery>,
+        keys: Arc<ApiKeys>,
+        tls: Option<Arc<tessera_runtime::tls::ClusterTls>>,
+    ) -> Self {
         // The families appear on `/metrics` from the start, at zero.
         Gateway::get();
         Self {
             inner: Arc::new(Inner {
                 files: OnceLock::new(),
                 keys,
-                upstream: Arc::new(Upstream::new(discovery)),
+                upstream: Arc::new(Upstream::new(discovery, tls)),
                 limits: cfg.limits(),
                 timeout: Duration::from_secs(cfg.request_timeout_seconds),
             }),

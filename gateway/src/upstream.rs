@@ -11,8 +11,9 @@ use tessera_proto::MAX_MESSAGE_BYTES;
 use tessera_proto::internal::v1::CancelRequest;
 use tessera_proto::internal::v1::scheduler_client::SchedulerClient;
 use tessera_proto::internal::v1::vision_client::VisionClient;
+use tessera_runtime::tls::{self, ClusterTls};
 use tessera_runtime::{Discovery, Member, Role, telemetry};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::error::{Error, Result};
 
@@ -24,6 +25,8 @@ const CANCEL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Picks members from discovery and hands out clients to them.
 pub struct Upstream {
     discovery: Arc<dyn Discovery>,
+    /// The cluster's mutual TLS for calls to members (`None`: plaintext).
+    tls: Option<Arc<ClusterTls>>,
     channels: Mutex<HashMap<String, Channel>>,
     next_vision: AtomicUsize,
     next_scheduler: AtomicUsize,
@@ -40,9 +43,10 @@ impl std::fmt::Debug for Upstream {
 
 impl Upstream {
     /// Members come from `discovery`.
-    pub fn new(discovery: Arc<dyn Discovery>) -> Self {
+    pub fn new(discovery: Arc<dyn Discovery>, tls: Option<Arc<ClusterTls>>) -> Self {
         Self {
             discovery,
+            tls,
             channels: Mutex::new(HashMap::new()),
             next_vision: AtomicUsize::new(0),
             next_scheduler: AtomicUsize::new(0),
@@ -128,16 +132,12 @@ impl Upstream {
         }
         let live = self.discovery.members();
         channels.retain(|address, _| live.iter().any(|m| &m.address == address));
-        let uri = if member.address.contains("://") {
-            member.address.clone()
-        } else {
-            format!("http://{}", member.address)
-        };
-        let endpoint = Endpoint::from_shared(uri).map_err(|_| Error::BadAddress {
-            role: member.role,
-            id: member.id.clone(),
-            address: member.address.clone(),
-        })?;
+        let endpoint =
+            tls::endpoint(&member.address, self.tls.as_deref()).map_err(|_| Error::BadAddress {
+                role: member.role,
+                id: member.id.clone(),
+                address: member.address.clone(),
+            })?;
         let channel = endpoint
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
@@ -161,7 +161,7 @@ mod tests {
     #[tokio::test]
     async fn members_are_picked_round_robin_per_role() {
         let discovery = Arc::new(MemoryDiscovery::new());
-        let upstream = Upstream::new(discovery.clone());
+        let upstream = Upstream::new(discovery.clone(), None);
         assert!(matches!(
             upstream.scheduler(),
             Err(Error::NoMember(Role::Scheduler))
@@ -179,7 +179,7 @@ mod tests {
         assert_eq!(picked, ["s-a", "s-b", "s-a", "s-b"]);
         assert_eq!(upstream.vision().unwrap().0.id, "v");
         assert!(matches!(
-            Upstream::new(discovery.clone()).channel(&Member::new(
+            Upstream::new(discovery.clone(), None).channel(&Member::new(
                 Role::Scheduler,
                 "x",
                 "bad address"

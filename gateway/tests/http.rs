@@ -444,7 +444,11 @@ async fn bounded_cluster(read_timeout: u64, max_connections: usize) -> Cluster {
         http: gateway.http.unwrap(),
         gateway,
         vision,
-        client: Client::builder(TokioExecutor::new()).build_http(),
+        // No pooled connections: the server closes idle ones after the short read
+        // timeout, and a pooled one could be reused just as it closes.
+        client: Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(0)
+            .build_http(),
         _members: members,
     }
 }

@@ -20,7 +20,7 @@ use crate::error::{Error, Result};
 use crate::placement::Placement;
 
 mod etcd;
-pub use etcd::{DEFAULT_LEASE_TTL, EtcdDiscovery};
+pub use etcd::{DEFAULT_LEASE_TTL, EtcdDiscovery, EtcdTls};
 
 /// What a member of the cluster does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

@@ -31,6 +31,7 @@ pub mod placer;
 pub mod serving;
 pub mod shutdown;
 pub mod telemetry;
+pub mod tls;
 
 pub use discovery::{
     Discovery, EtcdDiscovery, Member, MemoryDiscovery, Registration, Role, StaticDiscovery,

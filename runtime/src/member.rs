@@ -67,6 +67,9 @@ pub enum Error {
     /// A server stopped before it was told to.
     #[error("the {0} server stopped unexpectedly")]
     Stopped(&'static str),
+    /// The TLS files cannot be read or used.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     /// A task of the lifecycle panicked.
     #[error("a server task failed: {0}")]
     Join(#[source] tokio::task::JoinError),
@@ -101,6 +104,8 @@ pub struct Context {
     /// Cancelled once the member has drained (or failed): tasks in-flight
     /// requests still need while draining (a scheduler's routing) run until then.
     pub stopped: CancellationToken,
+    /// The cluster's mutual TLS, for calls to other members (`None`: plaintext).
+    pub tls: Option<Arc<crate::tls::ClusterTls>>,
 }
 
 impl std::fmt::Debug for Context {
@@ -158,6 +163,10 @@ pub trait Service: Send + Sync + 'static {
     /// Its role in discovery.
     const ROLE: Role;
 
+    /// Whether its gRPC API is public (the gateway): with TLS, its clients need no
+    /// certificate from the cluster CA. Internal services refuse clients without one.
+    const PUBLIC: bool = false;
+
     /// Its gRPC service (served next to health and reflection).
     fn grpc(&self) -> Grpc;
 
@@ -196,6 +205,7 @@ pub async fn run<S: Service>(
     shutdown: CancellationToken,
 ) -> Result<(), S::Error> {
     let compute = args.compute.select().map_err(Error::from)?;
+    let tls = args.tls.load().map_err(Error::from)?;
     let local = listener.local_addr().map_err(Error::Listener)?;
     let advertise = args.advertise.clone().unwrap_or_else(|| local.to_string());
     let id = args
@@ -217,20 +227,23 @@ pub async fn run<S: Service>(
         health,
         shutdown,
         stopped,
+        tls: tls.clone(),
     };
 
     let stop_serving = CancellationToken::new();
     let routes = routes
         .add_service(health_server)
         .add_service(serving::reflection());
-    let grpc = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_routes(routes)
-            .serve_with_incoming_shutdown(
-                TcpIncoming::from(listener).with_nodelay(Some(true)),
-                stop_serving.clone().cancelled_owned(),
-            ),
-    );
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = &tls {
+        server = server
+            .tls_config(tls.server(S::PUBLIC))
+            .map_err(|e| Error::Transport(e).into())?;
+    }
+    let grpc = tokio::spawn(server.add_routes(routes).serve_with_incoming_shutdown(
+        TcpIncoming::from(listener).with_nodelay(Some(true)),
+        stop_serving.clone().cancelled_owned(),
+    ));
     let mut servers = Servers {
         grpc,
         side: Vec::new(),
@@ -250,6 +263,7 @@ pub async fn run<S: Service>(
         model = %args.model_dir().display(),
         device = %args.compute.device,
         dtype = ?ctx.compute.dtype,
+        tls = ctx.tls.is_some(),
         "loading"
     );
 

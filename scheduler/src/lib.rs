@@ -159,6 +159,7 @@ impl member::Service for Scheduler {
             ctx.discovery.clone(),
             tables_tx,
             loaded.fingerprint.clone(),
+            ctx.tls.clone(),
             background,
         ));
         let wire = (self.cfg.engine.expert_wire).resolve(loaded.experts_dtype, ctx.compute.dtype);

@@ -17,9 +17,10 @@ use tessera_proto::internal::v1::expert_client::ExpertClient;
 use tessera_proto::internal::v1::{InfoRequest, InfoResponse};
 use tessera_runtime::discovery::{Discovery, Member, Role};
 use tessera_runtime::placement::{ExpertKey, Placement};
+use tessera_runtime::tls::{self, ClusterTls};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::remote_experts::RoutingTable;
 
@@ -35,6 +36,7 @@ pub async fn run(
     discovery: Arc<dyn Discovery>,
     tables: watch::Sender<Option<Arc<RoutingTable>>>,
     fingerprint: String,
+    tls: Option<Arc<ClusterTls>>,
     shutdown: CancellationToken,
 ) {
     let mut placements = discovery.subscribe_placement();
@@ -46,7 +48,7 @@ pub async fn run(
         let pending = match newest {
             Some(p) if routed.is_none_or(|v| p.version > v) => {
                 let members = members.borrow_and_update().clone();
-                match ready_table(&p, &members, &mut channels, &fingerprint).await {
+                match ready_table(&p, &members, &mut channels, &fingerprint, tls.as_deref()).await {
                     Some(table) => {
                         tracing::info!(
                             version = p.version,
@@ -87,6 +89,7 @@ async fn ready_table(
     members: &[Member],
     channels: &mut BTreeMap<String, ExpertClient<Channel>>,
     fingerprint: &str,
+    tls: Option<&ClusterTls>,
 ) -> Option<RoutingTable> {
     let mut clients = BTreeMap::new();
     for (id, held) in &p.assignment {
@@ -103,7 +106,7 @@ async fn ready_table(
         let client = match channels.get(&member.address) {
             Some(client) => client.clone(),
             None => {
-                let client = connect_lazy(&member.address)?;
+                let client = connect_lazy(&member.address, tls)?;
                 channels.insert(member.address.clone(), client.clone());
                 client
             }
@@ -146,13 +149,14 @@ async fn ready_table(
     })
 }
 
-/// A lazy channel to an expert-worker at `address` (`host:port`), message
-/// limits raised; `None` (logged) when the address is not a valid URI.
-fn connect_lazy(address: &str) -> Option<ExpertClient<Channel>> {
-    let endpoint = match Endpoint::from_shared(format!("http://{address}")) {
+/// A lazy channel to an expert-worker at `address` (`host:port`), over the cluster's
+/// TLS when it has one, message limits raised; `None` (logged) when the address is
+/// not a valid URI.
+fn connect_lazy(address: &str, tls: Option<&ClusterTls>) -> Option<ExpertClient<Channel>> {
+    let endpoint = match tls::endpoint(address, tls) {
         Ok(endpoint) => endpoint,
         Err(e) => {
-            tracing::warn!(%address, error = %e, "expert-worker address is not a valid URI");
+            tracing::warn!(%address, error = %e, "cannot reach this expert-worker");
             return None;
         }
     };

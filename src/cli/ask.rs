@@ -71,6 +71,14 @@ pub struct AskArgs {
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 600)]
     timeout_seconds: u64,
+    /// The CA that signed the gateway's certificate, for a gateway serving TLS
+    /// (`--tls-cert`): connects with https and checks the certificate against
+    /// --tls-server-name.
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
+    /// The name the gateway's certificate carries (with --tls-ca).
+    #[arg(long, default_value = tessera_runtime::tls::DEFAULT_SERVER_NAME)]
+    tls_server_name: String,
     /// API key for a server started with `--api-key-file` (sent as
     /// `authorization: Bearer KEY`).
     #[arg(long, env = "TESSERA_API_KEY", hide_env_values = true)]
@@ -268,13 +276,26 @@ pub async fn run(args: AskArgs) -> anyhow::Result<()> {
         bail!("--draw-boxes needs an image to draw on");
     }
     let req = request(&args, &messages, &image_paths)?;
+    let scheme = if args.tls_ca.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     let addr = if args.addr.contains("://") {
         args.addr.clone()
     } else {
-        format!("http://{}", args.addr)
+        format!("{scheme}://{}", args.addr)
     };
-    let channel = tonic::transport::Endpoint::from_shared(addr.clone())
-        .with_context(|| format!("invalid --addr {addr}"))?
+    let mut endpoint = tonic::transport::Endpoint::from_shared(addr.clone())
+        .with_context(|| format!("invalid --addr {addr}"))?;
+    if let Some(ca) = &args.tls_ca {
+        let pem = std::fs::read(ca).with_context(|| format!("cannot read {}", ca.display()))?;
+        let config = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(pem))
+            .domain_name(args.tls_server_name.clone());
+        endpoint = endpoint.tls_config(config).context("TLS to the gateway")?;
+    }
+    let channel = endpoint
         .connect_timeout(Duration::from_secs(10))
         .timeout(Duration::from_secs(args.timeout_seconds))
         .connect()

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use tessera_runtime::discovery::EtcdDiscovery;
+use tessera_runtime::discovery::{EtcdDiscovery, EtcdTls};
 use tessera_runtime::{Discovery, StaticDiscovery};
 
 /// Discovery flags shared by `gateway`, `vision-worker`, `scheduler` and `expert-worker`.
@@ -24,6 +24,16 @@ pub struct DiscoveryArgs {
     /// (the etcd lease TTL): how long until a killed worker's experts move.
     #[arg(long, env = "TESSERA_LEASE_SECONDS", default_value_t = 5)]
     pub lease_seconds: u64,
+    /// CA certificate (PEM) that signed etcd's certificate, for `https://` --etcd
+    /// endpoints; needs --etcd-cert and --etcd-key (etcd's --client-cert-auth).
+    #[arg(long, env = "TESSERA_ETCD_CA", requires_all = ["etcd_cert", "etcd_key"])]
+    pub etcd_ca: Option<PathBuf>,
+    /// This member's client certificate (PEM) for etcd.
+    #[arg(long, env = "TESSERA_ETCD_CERT", requires_all = ["etcd_ca", "etcd_key"])]
+    pub etcd_cert: Option<PathBuf>,
+    /// This member's client key (PEM) for etcd.
+    #[arg(long, env = "TESSERA_ETCD_KEY", requires_all = ["etcd_ca", "etcd_cert"])]
+    pub etcd_key: Option<PathBuf>,
     /// Static discovery: a JSON file `{"members": [{"role", "id", "address"}]}` listing
     /// every member of the cluster (used when --etcd is not given).
     #[arg(long, env = "TESSERA_DISCOVERY_FILE", conflicts_with = "etcd")]
@@ -37,10 +47,24 @@ impl DiscoveryArgs {
             if self.lease_seconds == 0 {
                 bail!("--lease-seconds must be at least 1");
             }
-            let discovery = EtcdDiscovery::connect(
+            let tls = match (&self.etcd_ca, &self.etcd_cert, &self.etcd_key) {
+                (Some(ca), Some(cert), Some(key)) => {
+                    let read = |p: &PathBuf| {
+                        std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))
+                    };
+                    Some(EtcdTls {
+                        ca: read(ca)?,
+                        cert: read(cert)?,
+                        key: read(key)?,
+                    })
+                }
+                _ => None,
+            };
+            let discovery = EtcdDiscovery::connect_with(
                 &self.etcd,
                 &self.etcd_prefix,
                 Duration::from_secs(self.lease_seconds),
+                tls,
             )
             .await?;
             return Ok(discovery);

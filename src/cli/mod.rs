@@ -8,6 +8,7 @@
 
 mod ask;
 mod bench;
+mod dev_certs;
 mod discovery;
 mod generate;
 mod init_random;
@@ -47,13 +48,19 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Write a random-weight checkpoint at a variant's real widths (offline benchmarks).
     InitRandom(init_random::InitRandomArgs),
+    /// Write a development CA and member certificate for mutual TLS between members.
+    DevCerts(dev_certs::DevCertsArgs),
 }
 
 /// Whether the subcommand serves (logs at info by default) or is a one-shot tool.
 pub fn is_service(cli: &Cli) -> bool {
     !matches!(
         cli.command,
-        Command::Generate(_) | Command::Ask(_) | Command::Bench(_) | Command::InitRandom(_)
+        Command::Generate(_)
+            | Command::Ask(_)
+            | Command::Bench(_)
+            | Command::InitRandom(_)
+            | Command::DevCerts(_)
     )
 }
 
@@ -69,6 +76,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Ask(args) => block_on(ask::run(args)),
         Command::Bench(args) => bench::run(args),
         Command::InitRandom(args) => init_random::run(args),
+        Command::DevCerts(args) => dev_certs::run(args),
     }
 }
 

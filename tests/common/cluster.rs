@@ -13,6 +13,7 @@ use tessera_proto::MAX_MESSAGE_BYTES;
 use tessera_proto::v1::generate_stream_response::Event;
 use tessera_proto::v1::tessera_client::TesseraClient;
 use tessera_proto::v1::{self, GenerateRequest, GenerateResponse, part};
+use tessera_runtime::tls::TlsArgs;
 use tessera_runtime::{CancellationToken, Discovery};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -45,7 +46,18 @@ async fn loopback() -> TcpListener {
 
 /// Starts an expert-worker with id `id`, registered through `discovery`.
 pub async fn start_worker(model: &Path, id: &str, discovery: Arc<dyn Discovery>) -> Worker {
+    start_worker_with(model, id, discovery, &TlsArgs::plaintext()).await
+}
+
+/// [`start_worker`] with the cluster's mutual TLS.
+pub async fn start_worker_with(
+    model: &Path,
+    id: &str,
+    discovery: Arc<dyn Discovery>,
+    tls: &TlsArgs,
+) -> Worker {
     let mut cfg = tessera_expert_worker::Config::new(model);
+    cfg.member.tls = tls.clone();
     cfg.member.id = Some(id.to_string());
     cfg.member.grace_seconds = 5;
     let stop = CancellationToken::new();
@@ -66,19 +78,33 @@ impl Cluster {
         n_workers: usize,
         discovery: impl Fn() -> Arc<dyn Discovery>,
     ) -> Cluster {
+        Self::start_with(model, n_workers, discovery, &TlsArgs::plaintext()).await
+    }
+
+    /// [`Cluster::start`] with every member on the mutual TLS of `tls`; the client of
+    /// the gateway trusts its CA.
+    pub async fn start_with(
+        model: &Path,
+        n_workers: usize,
+        discovery: impl Fn() -> Arc<dyn Discovery>,
+        tls: &TlsArgs,
+    ) -> Cluster {
         let stop = CancellationToken::new();
         let mut workers = Vec::new();
         for i in 0..n_workers {
-            workers.push(start_worker(model, &format!("expert-worker-{i}"), discovery()).await);
+            let id = format!("expert-worker-{i}");
+            workers.push(start_worker_with(model, &id, discovery(), tls).await);
         }
         let mut services: Vec<Service> = Vec::new();
         let mut vision = tessera_vision_worker::Config::new(model);
+        vision.member.tls = tls.clone();
         vision.member.grace_seconds = 5;
         let run = tessera_vision_worker::run(vision, loopback().await, discovery(), stop.clone());
         services.push(tokio::spawn(async move {
             run.await.map_err(anyhow::Error::from)
         }));
         let mut scheduler = tessera_scheduler::Config::new(model);
+        scheduler.member.tls = tls.clone();
         scheduler.member.grace_seconds = 5;
         scheduler.expert_wait_seconds = 20;
         let run = tessera_scheduler::run(scheduler, loopback().await, discovery(), stop.clone());
@@ -88,15 +114,29 @@ impl Cluster {
         let public = loopback().await;
         let addr = public.local_addr().unwrap();
         let mut gateway = tessera_gateway::Config::new(model);
+        gateway.member.tls = tls.clone();
         gateway.member.grace_seconds = 5;
         let run = tessera_gateway::run(gateway, public, discovery(), stop.clone());
         services.push(tokio::spawn(async move {
             run.await.map_err(anyhow::Error::from)
         }));
 
-        let channel = Channel::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .connect_lazy();
+        let channel = match &tls.tls_ca {
+            Some(ca) => {
+                let ca = tonic::transport::Certificate::from_pem(std::fs::read(ca).unwrap());
+                let client = tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(ca)
+                    .domain_name(tls.tls_server_name.clone());
+                Channel::from_shared(format!("https://{addr}"))
+                    .unwrap()
+                    .tls_config(client)
+                    .unwrap()
+                    .connect_lazy()
+            }
+            None => Channel::from_shared(format!("http://{addr}"))
+                .unwrap()
+                .connect_lazy(),
+        };
         wait_serving(channel.clone()).await;
         let mut client = TesseraClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)

@@ -25,12 +25,27 @@ pub struct EtcdServer {
     data_dir: PathBuf,
     client_port: u16,
     peer_port: u16,
+    /// Where `/health` is served, plain HTTP whatever the client port speaks.
+    metrics_port: u16,
+    /// With TLS: the folder of `ca.crt`, `tls.crt` and `tls.key` (as `tessera
+    /// dev-certs` writes them) etcd serves with and checks clients against.
+    tls: Option<PathBuf>,
 }
 
 impl EtcdServer {
     /// Starts a one-member etcd on free loopback ports and waits until it
     /// answers. Panics if the binary is missing or it never gets healthy.
     pub fn start() -> EtcdServer {
+        Self::start_with(None)
+    }
+
+    /// [`EtcdServer::start`] serving clients over TLS with the certificates in
+    /// `certs`, and requiring client certificates its CA signed.
+    pub fn start_tls(certs: &std::path::Path) -> EtcdServer {
+        Self::start_with(Some(certs.to_owned()))
+    }
+
+    fn start_with(tls: Option<PathBuf>) -> EtcdServer {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
         let data_dir = std::env::temp_dir().join(format!(
             "tessera-etcd-{}-{}",
@@ -45,6 +60,8 @@ impl EtcdServer {
                 data_dir: data_dir.clone(),
                 client_port: free_port(),
                 peer_port: free_port(),
+                metrics_port: free_port(),
+                tls: tls.clone(),
             };
             match server.launch() {
                 Ok(()) => return server,
@@ -54,9 +71,10 @@ impl EtcdServer {
         panic!("etcd did not start: {last_failure}");
     }
 
-    /// The client endpoint, e.g. `http://127.0.0.1:40123`.
+    /// The client endpoint, e.g. `http://127.0.0.1:40123` (`https://` with TLS).
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
     /// The endpoint as the one-element list `EtcdDiscovery::connect` takes.
@@ -87,10 +105,24 @@ impl EtcdServer {
 
     /// Runs the binary and waits for `/health`; on failure the child is gone.
     fn launch(&mut self) -> Result<(), String> {
-        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let client = self.endpoint();
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
-        let spawned = Command::new("etcd")
+        let mut etcd = Command::new("etcd");
+        if let Some(certs) = &self.tls {
+            etcd.arg(format!("--cert-file={}", certs.join("tls.crt").display()))
+                .arg(format!("--key-file={}", certs.join("tls.key").display()))
+                .arg(format!(
+                    "--trusted-ca-file={}",
+                    certs.join("ca.crt").display()
+                ))
+                .arg("--client-cert-auth");
+        }
+        let spawned = etcd
             .arg("--name=test")
+            .arg(format!(
+                "--listen-metrics-urls=http://127.0.0.1:{}",
+                self.metrics_port
+            ))
             .arg(format!("--data-dir={}", self.data_dir.display()))
             .arg(format!("--listen-client-urls={client}"))
             .arg(format!("--advertise-client-urls={client}"))
@@ -120,7 +152,7 @@ impl EtcdServer {
                 self.child = None;
                 return Err(format!("etcd exited with {status}"));
             }
-            if healthy(self.client_port) {
+            if healthy(self.metrics_port) {
                 return Ok(());
             }
             if Instant::now() > deadline {

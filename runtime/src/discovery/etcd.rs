@@ -183,6 +183,23 @@ pub struct EtcdDiscovery {
     runtime: Handle,
 }
 
+/// TLS to etcd: PEM bytes of the CA that signed etcd's certificate and of this
+/// client's certificate and key.
+#[derive(Debug, Clone)]
+pub struct EtcdTls {
+    pub ca: Vec<u8>,
+    pub cert: Vec<u8>,
+    pub key: Vec<u8>,
+}
+
+impl EtcdTls {
+    fn options(&self) -> etcd_client::TlsOptions {
+        etcd_client::TlsOptions::new()
+            .ca_certificate(etcd_client::Certificate::from_pem(&self.ca))
+            .identity(etcd_client::Identity::from_pem(&self.cert, &self.key))
+    }
+}
+
 impl EtcdDiscovery {
     /// Connects to etcd at `endpoints` (`http://host:port` or `host:port`), reads
     /// the members and placement under `prefix`, and starts following them.
@@ -193,6 +210,18 @@ impl EtcdDiscovery {
         endpoints: &[String],
         prefix: &str,
         lease_ttl: Duration,
+    ) -> Result<Arc<Self>> {
+        Self::connect_with(endpoints, prefix, lease_ttl, None).await
+    }
+
+    /// [`EtcdDiscovery::connect`] over TLS to `https://` endpoints: `tls` gives
+    /// the CA that signed etcd's certificate and this client's certificate and key
+    /// (for etcd's `--client-cert-auth`).
+    pub async fn connect_with(
+        endpoints: &[String],
+        prefix: &str,
+        lease_ttl: Duration,
+        tls: Option<EtcdTls>,
     ) -> Result<Arc<Self>> {
         let config = |reason: String| Error::EtcdConfig { reason };
         if endpoints.is_empty() || endpoints.iter().any(|e| e.trim().is_empty()) {
@@ -213,9 +242,12 @@ impl EtcdDiscovery {
             endpoints: endpoints.join(","),
             cause,
         };
-        let options = ConnectOptions::new()
+        let mut options = ConnectOptions::new()
             .with_connect_timeout(CALL_TIMEOUT)
             .with_keep_alive(Duration::from_secs(10), CALL_TIMEOUT);
+        if let Some(tls) = tls {
+            options = options.with_tls(tls.options());
+        }
         let client = Client::connect(endpoints, Some(options))
             .await
             .map_err(|e| unreachable(e.to_string()))?;

@@ -101,6 +101,9 @@ pub struct MemberArgs {
     /// holds none).
     #[command(flatten)]
     pub compute: ComputeArgs,
+    /// Mutual TLS with the other members.
+    #[command(flatten)]
+    pub tls: crate::tls::TlsArgs,
 }
 
 impl MemberArgs {
@@ -113,6 +116,7 @@ impl MemberArgs {
             grace_seconds: DEFAULT_GRACE_SECONDS,
             metrics: None,
             compute: ComputeArgs::default(),
+            tls: crate::tls::TlsArgs::plaintext(),
         }
     }
 
