@@ -18,7 +18,9 @@ const DEADLINE: Duration = Duration::from_secs(120);
 
 fn tessera() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_tessera"));
-    c.env_remove("TESSERA_MODEL").env_remove("TESSERA_GRPC");
+    c.env_remove("TESSERA_MODEL")
+        .env_remove("TESSERA_GRPC")
+        .env("TESSERA_KV_CACHE_BYTES", "67108864");
     c
 }
 

@@ -35,6 +35,7 @@ fn tessera() -> Command {
     ] {
         c.env_remove(var);
     }
+    c.env("TESSERA_KV_CACHE_BYTES", "67108864");
     c
 }
 

@@ -49,8 +49,9 @@ pub struct EngineConfig {
     /// Tokens per KV-cache block (the unit of allocation and of prefix reuse).
     #[arg(long, env = "TESSERA_KV_BLOCK_SIZE", default_value_t = 16)]
     pub kv_block_size: usize,
-    /// Bytes of KV cache (the pool of blocks) [default: 10% of the machine's
-    /// memory, at most 8 GiB].
+    /// Bytes of KV cache (the pool of blocks), allocated and made resident at start
+    /// [default: what --max-seqs sequences of the model's whole context need, at
+    /// most 10% of the memory limit (the cgroup's, else the machine's) and 8 GiB].
     #[arg(long, env = "TESSERA_KV_CACHE_BYTES")]
     pub kv_cache_bytes: Option<u64>,
     /// Prefill long prompts in chunks of at most this many tokens, interleaved

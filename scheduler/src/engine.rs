@@ -79,10 +79,11 @@ impl Experts for RemoteExperts {
     }
 }
 
-/// Default KV-cache size: 10% of the machine's memory, at most 8 GiB.
-pub fn default_cache_bytes() -> u64 {
-    const FALLBACK: u64 = 1 << 30;
-    let total = std::fs::read_to_string("/proc/meminfo")
+/// The memory this process may use: the cgroup's limit (`memory.max`, cgroup v2, as a
+/// container's memory limit sets it) when there is one, else the machine's.
+pub fn memory_limit() -> u64 {
+    const FALLBACK: u64 = 10 << 30;
+    let machine = std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|m| {
             m.lines()
@@ -90,14 +91,27 @@ pub fn default_cache_bytes() -> u64 {
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|kb| kb.parse::<u64>().ok())
         })
-        .map_or(FALLBACK * 10, |kb| kb * 1024);
-    (total / 10).min(8 << 30)
+        .map_or(FALLBACK, |kb| kb * 1024);
+    let cgroup = std::fs::read_to_string("/sys/fs/cgroup/memory.max")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    cgroup.map_or(machine, |limit| limit.min(machine))
+}
+
+/// Default KV-cache size: what `max_seqs` sequences of the model's whole context
+/// need (`needed`), but at most 10% of [`memory_limit`] and at most 8 GiB.
+pub fn default_cache_bytes(needed: u64) -> u64 {
+    needed.min(memory_limit() / 10).min(8 << 30)
 }
 
 /// Blocks of the KV pool for `model` under `cfg`; an error names the flag to change.
 pub fn kv_blocks(model: &LanguageModel, cfg: &EngineConfig) -> Result<usize> {
-    let bytes = cfg.kv_cache_bytes.unwrap_or_else(default_cache_bytes);
-    let per_block = (model.cache_bytes_per_token() * cfg.kv_block_size) as u64;
+    let per_token = model.cache_bytes_per_token() as u64;
+    let needed = (cfg.max_seqs * model.config().max_position_embeddings) as u64 * per_token;
+    let bytes = cfg
+        .kv_cache_bytes
+        .unwrap_or_else(|| default_cache_bytes(needed));
+    let per_block = per_token * cfg.kv_block_size as u64;
     let blocks = (bytes / per_block.max(1)) as usize;
     if blocks == 0 {
         return Err(Error::Config(format!(

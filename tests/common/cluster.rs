@@ -107,6 +107,9 @@ impl Cluster {
         scheduler.member.tls = tls.clone();
         scheduler.member.grace_seconds = 5;
         scheduler.expert_wait_seconds = 20;
+        // The default pool is resident at start and sized for every sequence's whole
+        // context; the tests need far less.
+        scheduler.engine.kv_cache_bytes = Some(64 << 20);
         let run = tessera_scheduler::run(scheduler, loopback().await, discovery(), stop.clone());
         services.push(tokio::spawn(async move {
             run.await.map_err(anyhow::Error::from)

@@ -70,6 +70,14 @@ fn launch(
     } else {
         Stdio::inherit()
     };
+    // A small KV pool: the default is made resident at start and sized for the
+    // model's whole context on every sequence.
+    if !tessera
+        .get_envs()
+        .any(|(name, _)| name == "TESSERA_KV_CACHE_BYTES")
+    {
+        tessera.env("TESSERA_KV_CACHE_BYTES", "67108864");
+    }
     let mut child = tessera
         .args(["up", "--model", model, "--expert-workers", workers])
         .args(["--grpc", "127.0.0.1:0", "--grace-seconds", "5"])

@@ -4,7 +4,7 @@
 //! the table); a step writes its new rows, then gathers the sequence's rows back in
 //! position order for attention.
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor, WithDType};
 
 /// Shape of what a layer caches, per token: MHA post-RoPE keys and values, MLA the
 /// normalised latent `c` and the post-RoPE shared rope key `k_pe` (only what the
@@ -33,6 +33,31 @@ impl CacheLayout {
     }
 }
 
+/// A zero tensor whose memory is resident: on the CPU a large zeroed allocation is
+/// only mapped, and the kernel backs each page at its first write, so one value per
+/// page is written (a one, seen by [`std::hint::black_box`] so the compiler keeps it,
+/// then the zero back). Other devices allocate for real.
+fn resident_zeros(shape: (usize, usize), dtype: DType, device: &Device) -> Result<Tensor> {
+    fn touched<T: WithDType>(shape: (usize, usize), device: &Device) -> Result<Tensor> {
+        const PAGE: usize = 4096;
+        let mut values = vec![T::from_f64(0.0); shape.0 * shape.1];
+        let step = (PAGE / std::mem::size_of::<T>()).max(1);
+        for value in [1.0, 0.0] {
+            for i in (0..values.len()).step_by(step) {
+                values[i] = T::from_f64(value);
+            }
+            std::hint::black_box(&mut values);
+        }
+        Tensor::from_vec(values, shape, device)
+    }
+    match (device, dtype) {
+        (Device::Cpu, DType::F32) => touched::<f32>(shape, device),
+        (Device::Cpu, DType::BF16) => touched::<half::bf16>(shape, device),
+        (Device::Cpu, DType::F16) => touched::<half::f16>(shape, device),
+        _ => Tensor::zeros(shape, dtype, device),
+    }
+}
+
 /// Rows of every layer, addressed by slot.
 #[derive(Debug)]
 pub struct PagedKvCache {
@@ -43,7 +68,9 @@ pub struct PagedKvCache {
 }
 
 impl PagedKvCache {
-    /// Storage for `slots` token rows per layer, zero-filled.
+    /// Storage for `slots` token rows per layer, zero-filled and, on the CPU,
+    /// resident from the start (every page touched), so a process's memory does not
+    /// grow as the cache fills.
     pub fn new(
         layout: CacheLayout,
         layers: usize,
@@ -55,8 +82,8 @@ impl PagedKvCache {
         let layers = (0..layers)
             .map(|_| {
                 Ok([
-                    Tensor::zeros((slots.max(1), widths[0]), dtype, device)?,
-                    Tensor::zeros((slots.max(1), widths[1]), dtype, device)?,
+                    resident_zeros((slots.max(1), widths[0]), dtype, device)?,
+                    resident_zeros((slots.max(1), widths[1]), dtype, device)?,
                 ])
             })
             .collect::<Result<Vec<_>>>()?;

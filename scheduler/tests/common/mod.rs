@@ -101,6 +101,9 @@ impl Cluster {
         }
         let mut cfg = Config::new(&dir);
         cfg.member.grace_seconds = 5;
+        // The default pool is resident at start and sized for every sequence's whole
+        // context; the tests need far less.
+        cfg.engine.kv_cache_bytes = Some(64 << 20);
         configure(&mut cfg);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -187,6 +190,7 @@ pub fn request(
             top_k: 0,
             repetition_penalty: 1.0,
             seed: 0,
+            ..Default::default()
         }),
         stopping: Some(Stopping {
             max_tokens,
