@@ -114,6 +114,7 @@ fn grpc_request() -> GenerateRequest {
             top_k: Some(0),
             repetition_penalty: Some(1.0),
             seed: Some(0),
+            ..Default::default()
         }),
         stopping: Some(StoppingParams {
             max_tokens: Some(MAX_TOKENS),

@@ -53,6 +53,15 @@ pub struct Config {
     /// Also serve the OpenAI-compatible HTTP API on this address [default: no HTTP].
     #[arg(long = "http", env = "TESSERA_HTTP")]
     pub http: Option<SocketAddr>,
+    /// The model's name in the APIs (`model` of a request, `/v1/models`, `ModelInfo`);
+    /// repeat the flag or separate with commas to answer to several, the first being
+    /// the name reported [default: the Hub id, else the snapshot folder's name].
+    #[arg(
+        long = "served-model-name",
+        env = "TESSERA_SERVED_MODEL_NAME",
+        value_delimiter = ','
+    )]
+    pub served_model_names: Vec<String>,
     /// How the public APIs bound what one client sends.
     #[command(flatten)]
     pub public_limits: PublicLimits,
@@ -74,6 +83,7 @@ impl Config {
             max_image_pixels: DEFAULT_MAX_PIXELS,
             request_timeout_seconds: DEFAULT_REQUEST_TIMEOUT_SECONDS,
             http: None,
+            served_model_names: Vec::new(),
             public_limits: PublicLimits::default(),
             auth: ClientAuth::default(),
             remote_images: RemoteImageConfig::default(),

@@ -241,10 +241,10 @@ async fn models(State(state): State<AppState>, headers: HeaderMap) -> Response {
     if let Err(e) = authorize(&state, &headers) {
         return e.into_response();
     }
-    match state.service.model_id() {
-        Ok(id) => json_response(
+    match state.service.model_names() {
+        Ok(names) => json_response(
             StatusCode::OK,
-            &json!({"object": "list", "data": [model_object(&id)]}),
+            &json!({"object": "list", "data": names.iter().map(|n| model_object(n)).collect::<Vec<_>>()}),
         ),
         Err(status) => ApiError::from_status(&status).into_response(),
     }
@@ -259,9 +259,9 @@ async fn model(
     if let Err(e) = authorize(&state, &headers) {
         return e.into_response();
     }
-    match state.service.model_id() {
-        Ok(id) if id == asked => json_response(StatusCode::OK, &model_object(&id)),
-        Ok(id) => ApiError::model_not_found(&asked, &id).into_response(),
+    match state.service.model_names() {
+        Ok(names) if names.contains(&asked) => json_response(StatusCode::OK, &model_object(&asked)),
+        Ok(names) => ApiError::model_not_found(&asked, &names).into_response(),
         Err(status) => ApiError::from_status(&status).into_response(),
     }
 }
@@ -312,13 +312,15 @@ async fn complete(state: AppState, headers: HeaderMap, body: Body) -> Result<Res
     }
     let body = read_body(body, state.serving).await?;
     let chat = ChatRequest::parse(&body)?;
-    let model = state
+    let names = state
         .service
-        .model_id()
+        .model_names()
         .map_err(|s| ApiError::from_status(&s))?;
-    if chat.model != model {
-        return Err(ApiError::model_not_found(&chat.model, &model));
+    if !names.contains(&chat.model) {
+        return Err(ApiError::model_not_found(&chat.model, &names));
     }
+    // Answers name the model as the request did (one of the served names).
+    let model = chat.model.clone();
     let stream = chat.stream;
     let include_usage = chat.include_usage();
     let request = chat.into_generate(&state.remote).await?;

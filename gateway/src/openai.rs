@@ -34,6 +34,8 @@ pub struct ChatRequest {
     top_k: Option<u32>,
     /// Not OpenAI's; Hugging Face's repetition penalty, as in vLLM and SGLang.
     repetition_penalty: Option<f32>,
+    presence_penalty: Option<f32>,
+    frequency_penalty: Option<f32>,
     stop: Option<Stop>,
     seed: Option<u64>,
     /// Answer with server-sent events.
@@ -62,16 +64,6 @@ const UNSUPPORTED: &[(&str, &[&str], &str)] = &[
         "top_logprobs",
         &["0"],
         "log probabilities are not returned yet",
-    ),
-    (
-        "presence_penalty",
-        &["0", "0.0"],
-        "use repetition_penalty (Hugging Face's) instead",
-    ),
-    (
-        "frequency_penalty",
-        &["0", "0.0"],
-        "use repetition_penalty (Hugging Face's) instead",
     ),
     ("logit_bias", &["{}"], "logit biases are not supported"),
     (
@@ -168,10 +160,15 @@ impl ApiError {
     }
 
     /// The 404 of a request for another model than the served one.
-    pub fn model_not_found(asked: &str, served: &str) -> Self {
+    pub fn model_not_found(asked: &str, served: &[String]) -> Self {
+        let served = served
+            .iter()
+            .map(|n| format!("{n:?}"))
+            .collect::<Vec<_>>()
+            .join(", ");
         Self {
             status: 404,
-            message: format!("the model {asked:?} does not exist; this server serves {served:?}"),
+            message: format!("the model {asked:?} does not exist; this server serves {served}"),
             kind: "invalid_request_error",
             param: Some("model"),
             code: Some("model_not_found"),
@@ -400,6 +397,8 @@ impl ChatRequest {
                 top_p: self.top_p,
                 top_k: self.top_k,
                 repetition_penalty: self.repetition_penalty,
+                presence_penalty: self.presence_penalty,
+                frequency_penalty: self.frequency_penalty,
                 seed: self.seed,
             }),
             stopping: Some(StoppingParams {

@@ -202,6 +202,8 @@ fn sampling(p: v1::SamplingParams) -> Result<Sampling> {
         top_k: p.top_k.map(|k| k as usize).filter(|&k| k > 0),
         top_p: p.top_p.unwrap_or(1.0),
         repetition_penalty: p.repetition_penalty.unwrap_or(1.0),
+        presence_penalty: p.presence_penalty.unwrap_or(0.0),
+        frequency_penalty: p.frequency_penalty.unwrap_or(0.0),
         seed: p.seed.unwrap_or_else(random_seed),
     };
     params.validate().map_err(|e| match e {
@@ -213,6 +215,8 @@ fn sampling(p: v1::SamplingParams) -> Result<Sampling> {
         top_p: params.top_p,
         top_k: p.top_k.unwrap_or(0),
         repetition_penalty: params.repetition_penalty,
+        presence_penalty: params.presence_penalty,
+        frequency_penalty: params.frequency_penalty,
         seed: params.seed,
     })
 }

@@ -126,6 +126,8 @@ impl Drop for Call {
 
 struct Inner {
     files: OnceLock<Arc<ModelFiles>>,
+    /// `--served-model-name`: empty for the snapshot's own id.
+    names: Vec<String>,
     keys: Arc<ApiKeys>,
     upstream: Arc<Upstream>,
     limits: Limits,
@@ -164,6 +166,7 @@ impl TesseraService {
                 keys,
                 upstream: Arc::new(Upstream::new(discovery, tls)),
                 limits: cfg.limits(),
+                names: cfg.served_model_names.clone(),
                 timeout: Duration::from_secs(cfg.request_timeout_seconds),
             }),
         }
@@ -314,9 +317,16 @@ impl TesseraService {
         Ok((id, rx))
     }
 
-    /// The served model's id (UNAVAILABLE while the model files load).
-    pub(crate) fn model_id(&self) -> Result<String, Status> {
-        Ok(self.files()?.model_id())
+    /// The names the served model answers to, the reported one first
+    /// (`--served-model-name`, else the snapshot's id); UNAVAILABLE while the model
+    /// files load.
+    pub(crate) fn model_names(&self) -> Result<Vec<String>, Status> {
+        let files = self.files()?;
+        if self.inner.names.is_empty() {
+            Ok(vec![files.model_id()])
+        } else {
+            Ok(self.inner.names.clone())
+        }
     }
 
     /// Whether the model files are loaded and generations are served.
@@ -411,6 +421,9 @@ impl Tessera for TesseraService {
     ) -> Result<Response<ModelInfoResponse>, Status> {
         let access = self.authorize(request.metadata())?;
         let mut info = self.files()?.info();
+        if let Some(name) = self.inner.names.first() {
+            info.model_id.clone_from(name);
+        }
         if access < Access::Admin {
             // Where the snapshot lies is the operator's business.
             info.model_path.clear();

@@ -60,12 +60,24 @@ async fn cluster_and_scheduler(script: SchedulerScript) -> (Cluster, FakeSchedul
 
 /// [`cluster_and_scheduler`] refusing HTTP bodies over `max_body` bytes.
 async fn cluster_with_limit(script: SchedulerScript, max_body: usize) -> (Cluster, FakeScheduler) {
+    cluster_configured(script, |cfg| {
+        cfg.public_limits.http_max_body_bytes = max_body
+    })
+    .await
+}
+
+/// [`cluster_and_scheduler`] with the gateway's configuration changed by `configure`.
+async fn cluster_configured(
+    script: SchedulerScript,
+    configure: impl FnOnce(&mut Config),
+) -> (Cluster, FakeScheduler) {
     let discovery = MemoryDiscovery::new();
     let vision = FakeVision::new(&fixture(FIXTURE), VisionScript::Correct);
     let scheduler = FakeScheduler::new(script);
     let members = fakes::register(&discovery, &vision, &scheduler).await;
     let mut cfg = Config::new(fixture(FIXTURE));
-    cfg.public_limits.http_max_body_bytes = max_body;
+    cfg.public_limits.http_max_body_bytes = MAX_BODY;
+    configure(&mut cfg);
     let gateway = Gateway::start_http(cfg, discovery).await;
     let cluster = Cluster {
         http: gateway.http.unwrap(),
@@ -298,6 +310,51 @@ async fn models_health_and_images() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["choices"][0]["message"]["content"], ANSWER);
     assert_eq!(cluster.vision.calls.lock().unwrap().len(), 1);
+}
+
+/// `--served-model-name` twice: both names are listed and served, the first is the
+/// one `ModelInfo` reports, and the snapshot's own name is no longer one of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn served_model_names_replace_the_snapshot_name() {
+    let tok = ChatTokenizer::from_dir(&fixture(FIXTURE)).unwrap();
+    let ids = tok.encode(ANSWER).unwrap();
+    let script = SchedulerScript::Tokens(vec![ids], StopReason::Length);
+    let (cluster, _scheduler) = cluster_configured(script, |cfg| {
+        cfg.served_model_names = vec!["vl2".into(), "vl2-tiny".into()];
+    })
+    .await;
+    let (status, _, body) = cluster.call(Method::GET, "/v1/models", Vec::new()).await;
+    assert_eq!(status, 200);
+    let models: Value = serde_json::from_str(&body).unwrap();
+    let listed: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed, ["vl2", "vl2-tiny"]);
+    for name in ["vl2", "vl2-tiny"] {
+        let (status, _, body) = cluster
+            .call(Method::GET, &format!("/v1/models/{name}"), Vec::new())
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let mut request = ask_body("Hi.");
+        request["model"] = json!(name);
+        let (status, answer) = cluster.chat(&request).await;
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(answer["model"], name, "{answer}");
+    }
+    let (status, answer) = cluster.chat(&ask_body("Hi.")).await;
+    assert_eq!(status, 404, "{answer}");
+    let message = error_message(&answer, "invalid_request_error");
+    assert!(message.contains("\"vl2\", \"vl2-tiny\""), "{message}");
+    let mut grpc = cluster.gateway.client().await;
+    let info = grpc
+        .model_info(tessera_proto::v1::ModelInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.model_id, "vl2");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -976,8 +1033,6 @@ async fn unsupported_openai_fields_are_refused_by_name() {
         ("n", json!(2)),
         ("logprobs", json!(true)),
         ("top_logprobs", json!(3)),
-        ("presence_penalty", json!(0.5)),
-        ("frequency_penalty", json!(-1)),
         ("logit_bias", json!({"42": 10})),
         ("response_format", json!({"type": "json_object"})),
         (
@@ -1006,8 +1061,8 @@ async fn unsupported_openai_fields_are_refused_by_name() {
     for (field, value) in [
         ("n", json!(1)),
         ("logprobs", json!(false)),
-        ("presence_penalty", json!(0)),
-        ("frequency_penalty", json!(0.0)),
+        ("presence_penalty", json!(0.4)),
+        ("frequency_penalty", json!(-0.25)),
         ("response_format", json!({"type": "text"})),
         ("tools", json!([])),
         ("user", json!("someone")),
@@ -1022,4 +1077,6 @@ async fn unsupported_openai_fields_are_refused_by_name() {
     let sampling = submitted[0].1.sampling.clone().unwrap();
     assert_eq!(sampling.top_k, 5);
     assert_eq!(sampling.repetition_penalty, 1.1);
+    assert_eq!(sampling.presence_penalty, 0.4);
+    assert_eq!(sampling.frequency_penalty, -0.25);
 }

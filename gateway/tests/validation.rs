@@ -140,6 +140,17 @@ fn bad_requests() -> Vec<(&'static str, GenerateRequest, &'static str)> {
             "top_p",
         ),
         (
+            "frequency penalty beyond 2",
+            sampling(
+                hello(),
+                SamplingParams {
+                    frequency_penalty: Some(2.5),
+                    ..Default::default()
+                },
+            ),
+            "frequency_penalty",
+        ),
+        (
             "repetition penalty zero",
             sampling(
                 hello(),

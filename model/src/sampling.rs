@@ -1,5 +1,7 @@
 //! Choosing the next token from logits, in the order Hugging Face `generate` applies its
 //! processors: repetition penalty, then temperature, top-k and top-p, then a draw.
+//! OpenAI's presence and frequency penalties, when set, come right after the
+//! repetition penalty (before temperature, as vLLM applies them).
 //! A temperature of 0 is greedy (argmax; the first index wins a tie, as `torch.argmax`).
 
 use rand::{Rng, SeedableRng, rngs::StdRng};
@@ -17,6 +19,12 @@ pub struct SamplingParams {
     pub top_p: f32,
     /// Hugging Face repetition penalty over prompt and output tokens (1.0: off).
     pub repetition_penalty: f32,
+    /// OpenAI's presence penalty, in [-2, 2]: subtracted once from the logit of every
+    /// token the output already holds (0.0: off).
+    pub presence_penalty: f32,
+    /// OpenAI's frequency penalty, in [-2, 2]: subtracted from a token's logit once per
+    /// time the output already holds it (0.0: off).
+    pub frequency_penalty: f32,
     /// Seed of the random draw; the same seed gives the same tokens.
     pub seed: u64,
 }
@@ -28,6 +36,8 @@ impl Default for SamplingParams {
             top_k: None,
             top_p: 1.0,
             repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
             seed: 0,
         }
     }
@@ -53,6 +63,16 @@ impl SamplingParams {
                 "repetition_penalty must be a finite number > 0, got {}",
                 self.repetition_penalty
             )));
+        }
+        for (name, value) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if !(-2.0..=2.0).contains(&value) {
+                return Err(Error::Request(format!(
+                    "{name} must be in [-2, 2], got {value}"
+                )));
+            }
         }
         Ok(())
     }
@@ -89,8 +109,9 @@ impl Sampler {
     }
 
     /// Picks the next token from `logits` (vocab,), given every token so far (prompt and
-    /// output) for the repetition penalty.
-    pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
+    /// output) for the repetition penalty, the output being `history[prompt_len..]`
+    /// (for the presence and frequency penalties, which count output tokens only).
+    pub fn sample(&mut self, logits: &[f32], history: &[u32], prompt_len: usize) -> u32 {
         let mut logits = logits.to_vec();
         let p = &self.params;
         if p.repetition_penalty != 1.0 {
@@ -106,6 +127,18 @@ impl Sampler {
                     } else {
                         *l / p.repetition_penalty
                     };
+                }
+            }
+        }
+        if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+            // OpenAI: logit[j] -= count[j] * frequency_penalty + (count[j] > 0) * presence_penalty.
+            let mut counts = std::collections::HashMap::<u32, u32>::new();
+            for &id in history.get(prompt_len..).unwrap_or_default() {
+                *counts.entry(id).or_default() += 1;
+            }
+            for (id, count) in counts {
+                if let Some(l) = logits.get_mut(id as usize) {
+                    *l -= count as f32 * p.frequency_penalty + p.presence_penalty;
                 }
             }
         }
@@ -170,7 +203,7 @@ mod tests {
     #[test]
     fn greedy_takes_the_first_maximum() {
         let mut s = Sampler::new(params(0.0)).unwrap();
-        assert_eq!(s.sample(&[0.1, 3.0, 3.0, -1.0], &[]), 1);
+        assert_eq!(s.sample(&[0.1, 3.0, 3.0, -1.0], &[], 0), 1);
     }
 
     #[test]
@@ -181,11 +214,46 @@ mod tests {
         })
         .unwrap();
         // Token 0 (3.0) is penalised to 1.5 < 2.0.
-        assert_eq!(s.sample(&[3.0, 2.0], &[0]), 1);
+        assert_eq!(s.sample(&[3.0, 2.0], &[0], 0), 1);
         // Negative logits are multiplied, so a seen negative token gets worse.
-        assert_eq!(s.sample(&[-1.0, -1.5], &[0, 0]), 1);
+        assert_eq!(s.sample(&[-1.0, -1.5], &[0, 0], 0), 1);
         // Ids outside the vocabulary are ignored.
-        assert_eq!(s.sample(&[-1.0, -1.5], &[5000]), 0);
+        assert_eq!(s.sample(&[-1.0, -1.5], &[5000], 0), 0);
+    }
+
+    #[test]
+    fn presence_and_frequency_penalties_count_output_tokens_only() {
+        let mut s = Sampler::new(SamplingParams {
+            frequency_penalty: 0.5,
+            ..params(0.0)
+        })
+        .unwrap();
+        // Token 0 (3.0) is in the output twice: 3.0 - 2 × 0.5 = 2.0 < 2.5.
+        assert_eq!(s.sample(&[3.0, 2.5], &[7, 0, 0], 1), 1);
+        // The same tokens in the prompt are not penalised.
+        assert_eq!(s.sample(&[3.0, 2.5], &[0, 0, 7], 2), 0);
+        let mut s = Sampler::new(SamplingParams {
+            presence_penalty: 0.6,
+            ..params(0.0)
+        })
+        .unwrap();
+        // Presence counts once however often: 3.0 - 0.6 = 2.4 < 2.5.
+        assert_eq!(s.sample(&[3.0, 2.5], &[0, 0, 0], 0), 1);
+        assert_eq!(s.sample(&[3.0, 2.0], &[0, 0, 0], 0), 0);
+        // A negative penalty favours repeats; ids outside the vocabulary are ignored.
+        let mut s = Sampler::new(SamplingParams {
+            presence_penalty: -1.0,
+            ..params(0.0)
+        })
+        .unwrap();
+        assert_eq!(s.sample(&[2.0, 2.5], &[0, 9000], 0), 0);
+        let err = Sampler::new(SamplingParams {
+            frequency_penalty: 2.5,
+            ..params(0.0)
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("frequency_penalty"), "{err}");
     }
 
     #[test]
@@ -197,7 +265,9 @@ mod tests {
                 ..params(1.0)
             })
             .unwrap();
-            (0..20).map(|_| s.sample(&logits, &[])).collect::<Vec<_>>()
+            (0..20)
+                .map(|_| s.sample(&logits, &[], 0))
+                .collect::<Vec<_>>()
         };
         assert_eq!(run(7), run(7));
         assert_ne!(run(7), run(8));
@@ -206,7 +276,7 @@ mod tests {
             ..params(1.0)
         })
         .unwrap();
-        assert_eq!(k1.sample(&logits, &[]), argmax(&logits) as u32);
+        assert_eq!(k1.sample(&logits, &[], 0), argmax(&logits) as u32);
     }
 
     #[test]
@@ -218,7 +288,7 @@ mod tests {
             ..params(1.0)
         })
         .unwrap();
-        assert!((0..100).all(|_| s.sample(&logits, &[]) == 0));
+        assert!((0..100).all(|_| s.sample(&logits, &[], 0) == 0));
     }
 
     #[test]

@@ -239,6 +239,8 @@ fn submit_request(prompt: &Prompt, params: &GenerationParams) -> Result<SubmitRe
             top_p: s.top_p,
             top_k: s.top_k.map_or(0, |k| k.min(u32::MAX as usize) as u32),
             repetition_penalty: s.repetition_penalty,
+            presence_penalty: s.presence_penalty,
+            frequency_penalty: s.frequency_penalty,
             seed: s.seed,
         }),
         stopping: Some(Stopping {

@@ -111,6 +111,8 @@ pub fn validate(req: SubmitRequest, limits: &Limits) -> Result<Validated> {
         top_k: (sampling.top_k > 0).then_some(sampling.top_k as usize),
         top_p: sampling.top_p,
         repetition_penalty: sampling.repetition_penalty,
+        presence_penalty: sampling.presence_penalty,
+        frequency_penalty: sampling.frequency_penalty,
         seed: sampling.seed,
     };
     sampling
@@ -230,6 +232,7 @@ mod tests {
                 top_k: 0,
                 repetition_penalty: 1.0,
                 seed: 0,
+                ..Default::default()
             }),
             stopping: Some(Stopping {
                 max_tokens: 8,

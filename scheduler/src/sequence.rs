@@ -247,7 +247,7 @@ impl Sequence {
     /// Picks the next token from `logits`, streams it, and says whether that ends
     /// the sequence.
     pub fn sample(&mut self, logits: Vec<f32>, tokenizer: &ChatTokenizer) -> Option<Outcome> {
-        let next = self.sampler.sample(&logits, &self.tokens);
+        let next = self.sampler.sample(&logits, &self.tokens, self.prompt_len);
         self.tokens.push(next);
         self.keys.push(TokenKey::Text(next));
         self.first_token_at.get_or_insert_with(Instant::now);

@@ -252,6 +252,7 @@ fn request(
             top_k: Some(args.top_k),
             repetition_penalty: Some(args.repetition_penalty),
             seed: Some(args.seed),
+            ..Default::default()
         }),
         stopping: Some(v1::StoppingParams {
             max_tokens: args.max_tokens,

@@ -173,6 +173,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             top_p: args.top_p,
             repetition_penalty: args.repetition_penalty,
             seed: args.seed,
+            ..Default::default()
         },
         record_logits: args.logits_out.is_some(),
     };

@@ -56,6 +56,15 @@ pub struct UpArgs {
     max_waiting: usize,
     #[command(flatten, next_help_heading = "Engine")]
     engine: EngineConfig,
+    /// The model's name in the APIs; repeat or separate with commas for several, the
+    /// first being the one reported [default: the Hub id, else the snapshot folder's
+    /// name].
+    #[arg(
+        long = "served-model-name",
+        env = "TESSERA_SERVED_MODEL_NAME",
+        value_delimiter = ','
+    )]
+    served_model_names: Vec<String>,
     #[command(flatten, next_help_heading = "API keys")]
     auth: tessera_gateway::ClientAuth,
     #[command(flatten, next_help_heading = "Public API limits")]
@@ -88,6 +97,8 @@ pub struct Options {
     pub engine: EngineConfig,
     /// Requests that may wait beyond the running ones before more are refused.
     pub max_waiting: usize,
+    /// The model's names in the APIs (`--served-model-name`; empty for its own id).
+    pub served_model_names: Vec<String>,
     /// Who may call the gateway's public APIs.
     pub auth: tessera_gateway::ClientAuth,
     /// How the gateway's public APIs bound their clients.
@@ -139,6 +150,7 @@ impl From<&UpArgs> for Options {
             ready_timeout: Duration::from_secs(args.ready_timeout_seconds),
             engine: args.engine.clone(),
             max_waiting: args.max_waiting,
+            served_model_names: args.served_model_names.clone(),
             auth: args.auth.clone(),
             public_limits: args.public_limits,
             remote_images: args.remote_images.clone(),
@@ -287,6 +299,7 @@ pub async fn start(opts: Options, shutdown: CancellationToken) -> anyhow::Result
         .transpose()?;
     let gateway = tessera_gateway::Config {
         member: opts.member(None),
+        served_model_names: opts.served_model_names.clone(),
         public_limits: opts.public_limits,
         auth: opts.auth.clone(),
         remote_images: opts.remote_images.clone(),

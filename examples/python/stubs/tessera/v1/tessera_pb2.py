@@ -24,19 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18tessera/v1/tessera.proto\x12\ntessera.v1\"\xa8\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x08messages\x18\x02 \x03(\x0b\x32\x13.tessera.v1.Message\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.tessera.v1.SamplingParams\x12,\n\x08stopping\x18\x04 \x01(\x0b\x32\x1a.tessera.v1.StoppingParams\"J\n\x07Message\x12\x1e\n\x04role\x18\x01 \x01(\x0e\x32\x10.tessera.v1.Role\x12\x1f\n\x05parts\x18\x02 \x03(\x0b\x32\x10.tessera.v1.Part\"B\n\x04Part\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\"\n\x05image\x18\x02 \x01(\x0b\x32\x11.tessera.v1.ImageH\x00\x42\x06\n\x04kind\"(\n\x05Image\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x11\n\tmime_type\x18\x02 \x01(\t\"\xca\x01\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\rH\x02\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"Z\n\x0eStoppingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x02 \x03(\t\x12\x12\n\nignore_eos\x18\x03 \x01(\x08\x42\r\n\x0b_max_tokens\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x14\n\x0cimage_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\"5\n\x03\x42ox\x12\n\n\x02x1\x18\x01 \x01(\r\x12\n\n\x02y1\x18\x02 \x01(\r\x12\n\n\x02x2\x18\x03 \x01(\r\x12\n\n\x02y2\x18\x04 \x01(\r\"O\n\tGrounding\x12\r\n\x05label\x18\x01 \x01(\t\x12\x1e\n\x05\x62oxes\x18\x02 \x03(\x0b\x32\x0f.tessera.v1.Box\x12\x13\n\x0bimage_index\x18\x03 \x01(\r\"^\n\x0bImageTiling\x12\r\n\x05width\x18\x01 \x01(\r\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\x0f\n\x07tiles_x\x18\x03 \x01(\r\x12\x0f\n\x07tiles_y\x18\x04 \x01(\r\x12\x0e\n\x06tokens\x18\x05 \x01(\r\"\xee\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.tessera.v1.FinishReason\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.tessera.v1.Usage\x12)\n\ngroundings\x18\x06 \x03(\x0b\x32\x15.tessera.v1.Grounding\x12\'\n\x06images\x18\x07 \x03(\x0b\x32\x17.tessera.v1.ImageTiling\"\x93\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x19.tessera.v1.GenerateDeltaH\x00\x12\x30\n\x08\x66inished\x18\x03 \x01(\x0b\x32\x1c.tessera.v1.GenerateFinishedH\x00\x42\x07\n\x05\x65vent\"0\n\rGenerateDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\"\xb9\x01\n\x10GenerateFinished\x12/\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x18.tessera.v1.FinishReason\x12 \n\x05usage\x18\x02 \x01(\x0b\x32\x11.tessera.v1.Usage\x12)\n\ngroundings\x18\x03 \x03(\x0b\x32\x15.tessera.v1.Grounding\x12\'\n\x06images\x18\x04 \x03(\x0b\x32\x17.tessera.v1.ImageTiling\"\x12\n\x10ModelInfoRequest\"\x9d\x02\n\x11ModelInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x12\n\nmodel_path\x18\x02 \x01(\t\x12\x13\n\x0bhidden_size\x18\x03 \x01(\r\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x18\n\x10num_dense_layers\x18\x05 \x01(\r\x12\x1a\n\x12num_routed_experts\x18\x06 \x01(\r\x12\x1d\n\x15num_experts_per_token\x18\x07 \x01(\r\x12\x1a\n\x12num_shared_experts\x18\x08 \x01(\r\x12\x12\n\nvocab_size\x18\t \x01(\r\x12\x1f\n\x17max_position_embeddings\x18\n \x01(\r\x12\x13\n\x0b\x66ingerprint\x18\x0b \x01(\t\"\x16\n\x14\x43lusterStatusRequest\".\n\x0cLayerExperts\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0f\n\x07\x65xperts\x18\x02 \x03(\r\"\x94\x01\n\x06Member\x12$\n\x04role\x18\x01 \x01(\x0e\x32\x16.tessera.v1.MemberRole\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\r\n\x05ready\x18\x04 \x01(\x08\x12\r\n\x05shard\x18\x05 \x01(\t\x12)\n\x07\x65xperts\x18\x06 \x03(\x0b\x32\x18.tessera.v1.LayerExperts\"W\n\x15\x43lusterStatusResponse\x12#\n\x07members\x18\x01 \x03(\x0b\x32\x12.tessera.v1.Member\x12\x19\n\x11placement_version\x18\x02 \x01(\x04*P\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\r\n\tROLE_USER\x10\x01\x12\x12\n\x0eROLE_ASSISTANT\x10\x02\x12\x0f\n\x0bROLE_SYSTEM\x10\x03*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03*\x9b\x01\n\nMemberRole\x12\x1b\n\x17MEMBER_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13MEMBER_ROLE_GATEWAY\x10\x01\x12\x1d\n\x19MEMBER_ROLE_VISION_WORKER\x10\x02\x12\x19\n\x15MEMBER_ROLE_SCHEDULER\x10\x03\x12\x1d\n\x19MEMBER_ROLE_EXPERT_WORKER\x10\x04\x32\xc5\x02\n\x07Tessera\x12\x45\n\x08Generate\x12\x1b.tessera.v1.GenerateRequest\x1a\x1c.tessera.v1.GenerateResponse\x12S\n\x0eGenerateStream\x12\x1b.tessera.v1.GenerateRequest\x1a\".tessera.v1.GenerateStreamResponse0\x01\x12H\n\tModelInfo\x12\x1c.tessera.v1.ModelInfoRequest\x1a\x1d.tessera.v1.ModelInfoResponse\x12T\n\rClusterStatus\x12 .tessera.v1.ClusterStatusRequest\x1a!.tessera.v1.ClusterStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18tessera/v1/tessera.proto\x12\ntessera.v1\"\xa8\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x08messages\x18\x02 \x03(\x0b\x32\x13.tessera.v1.Message\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.tessera.v1.SamplingParams\x12,\n\x08stopping\x18\x04 \x01(\x0b\x32\x1a.tessera.v1.StoppingParams\"J\n\x07Message\x12\x1e\n\x04role\x18\x01 \x01(\x0e\x32\x10.tessera.v1.Role\x12\x1f\n\x05parts\x18\x02 \x03(\x0b\x32\x10.tessera.v1.Part\"B\n\x04Part\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\"\n\x05image\x18\x02 \x01(\x0b\x32\x11.tessera.v1.ImageH\x00\x42\x06\n\x04kind\"(\n\x05Image\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x11\n\tmime_type\x18\x02 \x01(\t\"\xb4\x02\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\rH\x02\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penalty\"Z\n\x0eStoppingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x02 \x03(\t\x12\x12\n\nignore_eos\x18\x03 \x01(\x08\x42\r\n\x0b_max_tokens\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x14\n\x0cimage_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\"5\n\x03\x42ox\x12\n\n\x02x1\x18\x01 \x01(\r\x12\n\n\x02y1\x18\x02 \x01(\r\x12\n\n\x02x2\x18\x03 \x01(\r\x12\n\n\x02y2\x18\x04 \x01(\r\"O\n\tGrounding\x12\r\n\x05label\x18\x01 \x01(\t\x12\x1e\n\x05\x62oxes\x18\x02 \x03(\x0b\x32\x0f.tessera.v1.Box\x12\x13\n\x0bimage_index\x18\x03 \x01(\r\"^\n\x0bImageTiling\x12\r\n\x05width\x18\x01 \x01(\r\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\x0f\n\x07tiles_x\x18\x03 \x01(\r\x12\x0f\n\x07tiles_y\x18\x04 \x01(\r\x12\x0e\n\x06tokens\x18\x05 \x01(\r\"\xee\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.tessera.v1.FinishReason\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.tessera.v1.Usage\x12)\n\ngroundings\x18\x06 \x03(\x0b\x32\x15.tessera.v1.Grounding\x12\'\n\x06images\x18\x07 \x03(\x0b\x32\x17.tessera.v1.ImageTiling\"\x93\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x19.tessera.v1.GenerateDeltaH\x00\x12\x30\n\x08\x66inished\x18\x03 \x01(\x0b\x32\x1c.tessera.v1.GenerateFinishedH\x00\x42\x07\n\x05\x65vent\"0\n\rGenerateDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\"\xb9\x01\n\x10GenerateFinished\x12/\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x18.tessera.v1.FinishReason\x12 \n\x05usage\x18\x02 \x01(\x0b\x32\x11.tessera.v1.Usage\x12)\n\ngroundings\x18\x03 \x03(\x0b\x32\x15.tessera.v1.Grounding\x12\'\n\x06images\x18\x04 \x03(\x0b\x32\x17.tessera.v1.ImageTiling\"\x12\n\x10ModelInfoRequest\"\x9d\x02\n\x11ModelInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x12\n\nmodel_path\x18\x02 \x01(\t\x12\x13\n\x0bhidden_size\x18\x03 \x01(\r\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x18\n\x10num_dense_layers\x18\x05 \x01(\r\x12\x1a\n\x12num_routed_experts\x18\x06 \x01(\r\x12\x1d\n\x15num_experts_per_token\x18\x07 \x01(\r\x12\x1a\n\x12num_shared_experts\x18\x08 \x01(\r\x12\x12\n\nvocab_size\x18\t \x01(\r\x12\x1f\n\x17max_position_embeddings\x18\n \x01(\r\x12\x13\n\x0b\x66ingerprint\x18\x0b \x01(\t\"\x16\n\x14\x43lusterStatusRequest\".\n\x0cLayerExperts\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0f\n\x07\x65xperts\x18\x02 \x03(\r\"\x94\x01\n\x06Member\x12$\n\x04role\x18\x01 \x01(\x0e\x32\x16.tessera.v1.MemberRole\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\r\n\x05ready\x18\x04 \x01(\x08\x12\r\n\x05shard\x18\x05 \x01(\t\x12)\n\x07\x65xperts\x18\x06 \x03(\x0b\x32\x18.tessera.v1.LayerExperts\"W\n\x15\x43lusterStatusResponse\x12#\n\x07members\x18\x01 \x03(\x0b\x32\x12.tessera.v1.Member\x12\x19\n\x11placement_version\x18\x02 \x01(\x04*P\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\r\n\tROLE_USER\x10\x01\x12\x12\n\x0eROLE_ASSISTANT\x10\x02\x12\x0f\n\x0bROLE_SYSTEM\x10\x03*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03*\x9b\x01\n\nMemberRole\x12\x1b\n\x17MEMBER_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13MEMBER_ROLE_GATEWAY\x10\x01\x12\x1d\n\x19MEMBER_ROLE_VISION_WORKER\x10\x02\x12\x19\n\x15MEMBER_ROLE_SCHEDULER\x10\x03\x12\x1d\n\x19MEMBER_ROLE_EXPERT_WORKER\x10\x04\x32\xc5\x02\n\x07Tessera\x12\x45\n\x08Generate\x12\x1b.tessera.v1.GenerateRequest\x1a\x1c.tessera.v1.GenerateResponse\x12S\n\x0eGenerateStream\x12\x1b.tessera.v1.GenerateRequest\x1a\".tessera.v1.GenerateStreamResponse0\x01\x12H\n\tModelInfo\x12\x1c.tessera.v1.ModelInfoRequest\x1a\x1d.tessera.v1.ModelInfoResponse\x12T\n\rClusterStatus\x12 .tessera.v1.ClusterStatusRequest\x1a!.tessera.v1.ClusterStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tessera.v1.tessera_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROLE']._serialized_start=2256
-  _globals['_ROLE']._serialized_end=2336
-  _globals['_FINISHREASON']._serialized_start=2338
-  _globals['_FINISHREASON']._serialized_end=2456
-  _globals['_MEMBERROLE']._serialized_start=2459
-  _globals['_MEMBERROLE']._serialized_end=2614
+  _globals['_ROLE']._serialized_start=2362
+  _globals['_ROLE']._serialized_end=2442
+  _globals['_FINISHREASON']._serialized_start=2444
+  _globals['_FINISHREASON']._serialized_end=2562
+  _globals['_MEMBERROLE']._serialized_start=2565
+  _globals['_MEMBERROLE']._serialized_end=2720
   _globals['_GENERATEREQUEST']._serialized_start=41
   _globals['_GENERATEREQUEST']._serialized_end=209
   _globals['_MESSAGE']._serialized_start=211
@@ -46,37 +46,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_IMAGE']._serialized_start=355
   _globals['_IMAGE']._serialized_end=395
   _globals['_SAMPLINGPARAMS']._serialized_start=398
-  _globals['_SAMPLINGPARAMS']._serialized_end=600
-  _globals['_STOPPINGPARAMS']._serialized_start=602
-  _globals['_STOPPINGPARAMS']._serialized_end=692
-  _globals['_USAGE']._serialized_start=694
-  _globals['_USAGE']._serialized_end=773
-  _globals['_BOX']._serialized_start=775
-  _globals['_BOX']._serialized_end=828
-  _globals['_GROUNDING']._serialized_start=830
-  _globals['_GROUNDING']._serialized_end=909
-  _globals['_IMAGETILING']._serialized_start=911
-  _globals['_IMAGETILING']._serialized_end=1005
-  _globals['_GENERATERESPONSE']._serialized_start=1008
-  _globals['_GENERATERESPONSE']._serialized_end=1246
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1249
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1396
-  _globals['_GENERATEDELTA']._serialized_start=1398
-  _globals['_GENERATEDELTA']._serialized_end=1446
-  _globals['_GENERATEFINISHED']._serialized_start=1449
-  _globals['_GENERATEFINISHED']._serialized_end=1634
-  _globals['_MODELINFOREQUEST']._serialized_start=1636
-  _globals['_MODELINFOREQUEST']._serialized_end=1654
-  _globals['_MODELINFORESPONSE']._serialized_start=1657
-  _globals['_MODELINFORESPONSE']._serialized_end=1942
-  _globals['_CLUSTERSTATUSREQUEST']._serialized_start=1944
-  _globals['_CLUSTERSTATUSREQUEST']._serialized_end=1966
-  _globals['_LAYEREXPERTS']._serialized_start=1968
-  _globals['_LAYEREXPERTS']._serialized_end=2014
-  _globals['_MEMBER']._serialized_start=2017
-  _globals['_MEMBER']._serialized_end=2165
-  _globals['_CLUSTERSTATUSRESPONSE']._serialized_start=2167
-  _globals['_CLUSTERSTATUSRESPONSE']._serialized_end=2254
-  _globals['_TESSERA']._serialized_start=2617
-  _globals['_TESSERA']._serialized_end=2942
+  _globals['_SAMPLINGPARAMS']._serialized_end=706
+  _globals['_STOPPINGPARAMS']._serialized_start=708
+  _globals['_STOPPINGPARAMS']._serialized_end=798
+  _globals['_USAGE']._serialized_start=800
+  _globals['_USAGE']._serialized_end=879
+  _globals['_BOX']._serialized_start=881
+  _globals['_BOX']._serialized_end=934
+  _globals['_GROUNDING']._serialized_start=936
+  _globals['_GROUNDING']._serialized_end=1015
+  _globals['_IMAGETILING']._serialized_start=1017
+  _globals['_IMAGETILING']._serialized_end=1111
+  _globals['_GENERATERESPONSE']._serialized_start=1114
+  _globals['_GENERATERESPONSE']._serialized_end=1352
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1355
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1502
+  _globals['_GENERATEDELTA']._serialized_start=1504
+  _globals['_GENERATEDELTA']._serialized_end=1552
+  _globals['_GENERATEFINISHED']._serialized_start=1555
+  _globals['_GENERATEFINISHED']._serialized_end=1740
+  _globals['_MODELINFOREQUEST']._serialized_start=1742
+  _globals['_MODELINFOREQUEST']._serialized_end=1760
+  _globals['_MODELINFORESPONSE']._serialized_start=1763
+  _globals['_MODELINFORESPONSE']._serialized_end=2048
+  _globals['_CLUSTERSTATUSREQUEST']._serialized_start=2050
+  _globals['_CLUSTERSTATUSREQUEST']._serialized_end=2072
+  _globals['_LAYEREXPERTS']._serialized_start=2074
+  _globals['_LAYEREXPERTS']._serialized_end=2120
+  _globals['_MEMBER']._serialized_start=2123
+  _globals['_MEMBER']._serialized_end=2271
+  _globals['_CLUSTERSTATUSRESPONSE']._serialized_start=2273
+  _globals['_CLUSTERSTATUSRESPONSE']._serialized_end=2360
+  _globals['_TESSERA']._serialized_start=2723
+  _globals['_TESSERA']._serialized_end=3048
 # @@protoc_insertion_point(module_scope)
