@@ -98,6 +98,12 @@ pub fn decode(t: &pb::Tensor, device: &Device) -> Result<Tensor, CodecError> {
         .iter()
         .try_fold(1usize, |n, &d| n.checked_mul(d))
         .ok_or_else(overflow)?;
+    // A zero dimension makes the product 0, but the strides multiply the others: they
+    // must fit too.
+    dims.iter()
+        .filter(|&&d| d > 0)
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .ok_or_else(overflow)?;
     let expected = elems.checked_mul(size_of(dtype)).ok_or_else(overflow)?;
     if t.data.len() != expected {
         return Err(CodecError::LengthMismatch {
@@ -279,6 +285,14 @@ mod tests {
         }
         wire.dtype = pb::Dtype::U32 as i32;
         wire.shape = vec![u64::MAX, 2];
+        assert!(matches!(
+            decode(&wire, &cpu()),
+            Err(CodecError::ShapeOverflow { .. })
+        ));
+        // No elements, but the other dimensions' strides overflow (found by
+        // `tests/fuzz.rs`; candle would panic computing them).
+        wire.shape = vec![0, 1 << 40, 1 << 40];
+        wire.data = Default::default();
         assert!(matches!(
             decode(&wire, &cpu()),
             Err(CodecError::ShapeOverflow { .. })
