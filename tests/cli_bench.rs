@@ -16,7 +16,10 @@ fn tessera() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_tessera"));
     c.env_remove("TESSERA_MODEL")
         .env_remove("TESSERA_GRPC")
-        .env_remove("TESSERA_ADDR");
+        .env_remove("TESSERA_ADDR")
+        .env_remove("TESSERA_API_KEY")
+        .env_remove("TESSERA_API_KEY_FILE")
+        .env("TESSERA_KV_CACHE_BYTES", "67108864");
     c
 }
 
@@ -197,6 +200,63 @@ fn bench_with_model_runs_its_own_cluster_at_a_poisson_rate() {
     );
 }
 
+/// A soak: for a duration, against a `tessera up` with API keys, mixing image and
+/// text-only requests and client cancels, with the server's memory watched.
+#[test]
+fn a_duration_run_mixes_requests_and_watches_the_servers_memory() {
+    let keys = tempfile::tempdir().unwrap();
+    let key_file = keys.path().join("keys");
+    std::fs::write(&key_file, "bench-key-0123456789\n").unwrap();
+    let (up, addrs) = up_process::start_with(
+        tessera(),
+        &model(),
+        "1",
+        &["--api-key-file", key_file.to_str().unwrap()],
+    );
+    let image = fixture_dir("tiny-mha-softmax").join("img_384x384.png");
+    let pid = up.0.id().to_string();
+    let report = json_of(
+        tessera()
+            .args(["bench", "--addr", &addrs.grpc, "--duration-seconds", "3"])
+            .args(["--concurrency", "4", "--output-tokens", "8", "--json"])
+            .args(["--image", image.to_str().unwrap()])
+            .args(["--text-share", "0.5", "--cancel-share", "0.25"])
+            .args(["--api-key", "bench-key-0123456789", "--watch-pid", &pid])
+            .output()
+            .unwrap(),
+        "tessera bench --duration-seconds",
+    );
+    assert_eq!(report["failed"], 0, "{report}");
+    assert!(num(&report, "requests") >= 1.0, "{report}");
+    assert!(num(&report, "cancelled") >= 1.0, "{report}");
+    assert!(num(&report, "text_only") >= 1.0, "{report}");
+    assert!(num(&report, "duration_s") >= 3.0, "{report}");
+    assert_eq!(
+        report["rss"]["pid"].as_u64(),
+        Some(u64::from(up.0.id())),
+        "{report}"
+    );
+    assert!(report["rss"]["peak_mb"].as_f64().unwrap() > 0.0, "{report}");
+    check_measures(&report);
+
+    // Without the key every request fails, and the run says why.
+    let out = tessera()
+        .args([
+            "bench",
+            "--addr",
+            &addrs.grpc,
+            "--requests",
+            "2",
+            "--warmup",
+            "0",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("Unauthenticated"), "{err}");
+}
+
 #[test]
 fn bad_flags_are_refused_naming_the_flag() {
     let model = model();
@@ -206,7 +266,12 @@ fn bad_flags_are_refused_naming_the_flag() {
         .unwrap()
         .port();
     let addr = format!("127.0.0.1:{port}");
-    let cases: [(&[&str], &str); 6] = [
+    let cases: [(&[&str], &str); 8] = [
+        (&["--addr", &addr, "--cancel-share", "2"], "--cancel-share"),
+        (
+            &["--addr", &addr, "--duration-seconds", "0"],
+            "--duration-seconds",
+        ),
         (
             &["--addr", &addr, "--concurrency", "2", "--request-rate", "5"],
             "--request-rate",

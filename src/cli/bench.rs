@@ -20,8 +20,8 @@ use tessera_runtime::CancellationToken;
 use tessera_scheduler::EngineConfig;
 use tonic::transport::Channel;
 
-use load::Pace;
-use report::Report;
+use load::{Call, Length, Pace};
+use report::{Report, Rss};
 use workload::{DEFAULT_PROMPT, Spec, Workload};
 
 const DEFINITIONS: &str = "\
@@ -57,6 +57,26 @@ pub struct BenchArgs {
     /// Measured requests.
     #[arg(long, default_value_t = 64)]
     requests: usize,
+    /// Run for this many seconds instead of --requests: a soak. New requests are sent
+    /// until the time is up; those in flight then finish.
+    #[arg(long)]
+    duration_seconds: Option<u64>,
+    /// Share of the requests (0 to 1, spread evenly) sent without the --image files.
+    #[arg(long, default_value_t = 0.0)]
+    text_share: f64,
+    /// Share of the requests (0 to 1, spread evenly) that the client abandons after
+    /// their first token, as a client that cancels does; counted apart, not measured.
+    #[arg(long, default_value_t = 0.0)]
+    cancel_share: f64,
+    /// Sample this process's resident memory every few seconds and report it at the
+    /// start, after a minute, at the end and at its peak [default with --model: this
+    /// process, which holds the cluster].
+    #[arg(long)]
+    watch_pid: Option<u32>,
+    /// API key for a gateway started with `--api-key-file` (sent as
+    /// `authorization: Bearer KEY`).
+    #[arg(long, env = "TESSERA_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
     /// Requests in flight at once: a new one is sent as soon as one ends.
     #[arg(long, default_value_t = 8, conflicts_with = "request_rate")]
     concurrency: usize,
@@ -107,10 +127,29 @@ pub struct BenchArgs {
 }
 
 impl BenchArgs {
+    /// How many requests, or for how long.
+    fn length(&self) -> Length {
+        match self.duration_seconds {
+            Some(s) => Length::Duration(Duration::from_secs(s)),
+            None => Length::Requests(self.requests),
+        }
+    }
+
     /// How requests are released; rejects values no run can use.
     fn pace(&self) -> anyhow::Result<Pace> {
         if self.requests == 0 {
             bail!("--requests must be at least 1");
+        }
+        if self.duration_seconds == Some(0) {
+            bail!("--duration-seconds must be at least 1");
+        }
+        for (flag, share) in [
+            ("--text-share", self.text_share),
+            ("--cancel-share", self.cancel_share),
+        ] {
+            if !(0.0..=1.0).contains(&share) {
+                bail!("{flag} must be between 0 and 1, got {share}");
+            }
         }
         match self.request_rate {
             Some(r) if !(r.is_finite() && r > 0.0) => {
@@ -144,16 +183,63 @@ async fn connect(addr: &str, timeout: Duration) -> anyhow::Result<TesseraClient<
         .max_encoding_message_size(MAX_MESSAGE_BYTES))
 }
 
-fn progress_bar(len: usize) -> ProgressBar {
+fn progress_bar(length: Length) -> ProgressBar {
     if !std::io::stderr().is_terminal() {
         return ProgressBar::hidden();
     }
-    let bar = ProgressBar::with_draw_target(Some(len as u64), ProgressDrawTarget::stderr());
-    let style = ProgressStyle::with_template("{elapsed:>4} [{bar:40}] {pos}/{len} requests")
+    let (len, template) = match length {
+        Length::Requests(n) => (
+            Some(n as u64),
+            "{elapsed:>4} [{bar:40}] {pos}/{len} requests",
+        ),
+        Length::Duration(_) => (None, "{elapsed:>4} {pos} requests"),
+    };
+    let bar = ProgressBar::with_draw_target(len, ProgressDrawTarget::stderr());
+    let style = ProgressStyle::with_template(template)
         .expect("a valid template")
         .progress_chars("=> ");
     bar.set_style(style);
     bar
+}
+
+/// Whether request `n` is among the evenly spread `share` of all requests.
+fn in_share(n: usize, share: f64) -> bool {
+    (n as f64 * share).floor() != ((n + 1) as f64 * share).floor()
+}
+
+/// Seconds between two resident-memory samples.
+const RSS_EVERY: Duration = Duration::from_secs(5);
+
+/// The resident memory of process `pid` (`VmRSS`), in MB.
+fn rss_mb(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
+}
+
+/// Samples `pid`'s resident memory every [`RSS_EVERY`] until `stop`, then once more.
+async fn watch_rss(pid: u32, stop: CancellationToken) -> Vec<(f64, f64)> {
+    let started = std::time::Instant::now();
+    let mut samples = Vec::new();
+    loop {
+        if let Some(mb) = rss_mb(pid) {
+            samples.push((started.elapsed().as_secs_f64(), mb));
+        }
+        tokio::select! {
+            () = stop.cancelled() => break,
+            () = tokio::time::sleep(RSS_EVERY) => {}
+        }
+    }
+    if let Some(mb) = rss_mb(pid) {
+        samples.push((started.elapsed().as_secs_f64(), mb));
+    }
+    samples
 }
 
 /// Warms up, runs the measured requests and summarises them.
@@ -164,20 +250,54 @@ async fn measure(
     pace: Pace,
     load_s: Option<f64>,
 ) -> anyhow::Result<Report> {
+    let call = Call {
+        key: match &args.api_key {
+            Some(key) => Some(
+                format!("Bearer {key}")
+                    .parse()
+                    .context("--api-key is not a valid header value")?,
+            ),
+            None => None,
+        },
+    };
+    // Numbers past any measured request's, so warm-up prompts are their own.
+    let warmup_base = 1 << 40;
     for k in 0..args.warmup {
-        let req = workload.request(format!("bench-warmup-{k}"), args.requests + k);
-        if let Err(e) = load::one(client.clone(), req).await {
+        let req = workload.request(format!("bench-warmup-{k}"), warmup_base + k);
+        if let Err(e) = load::one(client.clone(), req, &call, false).await {
             bail!("the warm-up request failed: {e}");
         }
     }
-    let requests = (0..args.requests)
-        .map(|n| workload.request(format!("bench-{n}"), n))
-        .collect();
-    let progress = progress_bar(args.requests);
-    let run = load::run(client, requests, pace, &progress).await;
+    let text_only = std::sync::atomic::AtomicUsize::new(0);
+    let make = |n: usize| {
+        let id = format!("bench-{n}");
+        let req = if in_share(n, args.text_share) {
+            text_only.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            workload.text_request(id, n)
+        } else {
+            workload.request(id, n)
+        };
+        // Offset by half a period, so cancels and text-only requests interleave.
+        (req, in_share(n + 1, args.cancel_share))
+    };
+    let watched = args
+        .watch_pid
+        .or_else(|| load_s.map(|_| std::process::id()));
+    let stop_watching = CancellationToken::new();
+    let watch = watched.map(|pid| tokio::spawn(watch_rss(pid, stop_watching.clone())));
+    let length = args.length();
+    let progress = progress_bar(length);
+    let run = load::run(client, &make, length, pace, &call, &progress).await;
     progress.finish_and_clear();
+    stop_watching.cancel();
+    let samples = match watch {
+        Some(task) => task.await.unwrap_or_default(),
+        None => Vec::new(),
+    };
     let mut report = Report::new(&run, pace, args.image.len(), load_s);
     report.fresh_images = args.fresh_images;
+    report.text_only = text_only.into_inner();
+    report.rss = watched.and_then(|pid| Rss::of(pid, &samples));
     if report.requests == 0 {
         bail!(
             "all {} requests failed; the first: {}",
@@ -226,6 +346,7 @@ async fn bench(args: BenchArgs) -> anyhow::Result<Report> {
         auth: Default::default(),
         public_limits: Default::default(),
         remote_images: Default::default(),
+        served_model_names: Vec::new(),
     };
     opts.validate_flags()?;
     let mut model = tessera_runtime::ModelArgs {

@@ -1,5 +1,7 @@
 //! Sends the requests: each one a streamed generation, timed from the moment it
-//! is sent; at most C in flight, or at Poisson-distributed arrival times.
+//! is sent; at most C in flight (for a number of requests or for a duration), or at
+//! Poisson-distributed arrival times. A request may be abandoned after its first
+//! token, as a client that cancels does.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -10,9 +12,10 @@ use rand::{Rng, SeedableRng};
 use tessera_proto::v1::GenerateRequest;
 use tessera_proto::v1::generate_stream_response::Event;
 use tessera_proto::v1::tessera_client::TesseraClient;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_stream::StreamExt;
+use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::Channel;
 
 /// How requests are released.
@@ -28,6 +31,8 @@ pub enum Pace {
 /// The timings of one successful request.
 #[derive(Debug, Clone, Copy)]
 pub struct Sample {
+    /// The client dropped the stream after the first token (not measured).
+    pub cancelled: bool,
     /// Sent → first streamed token.
     pub ttft: Duration,
     /// Sent → end of the stream.
@@ -53,11 +58,34 @@ fn status(s: tonic::Status) -> String {
     format!("{:?}: {}", s.code(), s.message())
 }
 
-/// Sends `req` as a stream and times it.
-pub async fn one(mut client: TesseraClient<Channel>, req: GenerateRequest) -> Outcome {
+/// How each request is sent.
+#[derive(Debug, Clone, Default)]
+pub struct Call {
+    /// `authorization: Bearer KEY` on every request.
+    pub key: Option<MetadataValue<Ascii>>,
+}
+
+impl Call {
+    fn request(&self, req: GenerateRequest) -> tonic::Request<GenerateRequest> {
+        let mut request = tonic::Request::new(req);
+        if let Some(key) = &self.key {
+            request.metadata_mut().insert("authorization", key.clone());
+        }
+        request
+    }
+}
+
+/// Sends `req` as a stream and times it; with `cancel`, drops the stream once the
+/// first token arrived.
+pub async fn one(
+    mut client: TesseraClient<Channel>,
+    req: GenerateRequest,
+    call: &Call,
+    cancel: bool,
+) -> Outcome {
     let sent = Instant::now();
     let mut stream = client
-        .generate_stream(req)
+        .generate_stream(call.request(req))
         .await
         .map_err(status)?
         .into_inner();
@@ -69,6 +97,15 @@ pub async fn one(mut client: TesseraClient<Channel>, req: GenerateRequest) -> Ou
                     first = Some(sent.elapsed());
                 }
                 tokens += d.token_ids.len();
+                if cancel && tokens > 0 {
+                    return Ok(Sample {
+                        cancelled: true,
+                        ttft: first.unwrap_or_default(),
+                        latency: sent.elapsed(),
+                        output_tokens: tokens,
+                        prompt_tokens: 0,
+                    });
+                }
             }
             Some(Event::Finished(f)) => finished = Some(f),
             None => {}
@@ -77,6 +114,7 @@ pub async fn one(mut client: TesseraClient<Channel>, req: GenerateRequest) -> Ou
     let latency = sent.elapsed();
     let finished = finished.ok_or("the stream ended without its `finished` message")?;
     Ok(Sample {
+        cancelled: false,
         ttft: first.unwrap_or(latency),
         latency,
         output_tokens: tokens,
@@ -100,46 +138,83 @@ pub fn arrivals(n: usize, per_s: f64, seed: u64) -> Vec<Duration> {
         .collect()
 }
 
-/// Sends every request, paced as asked, and collects the outcomes.
+/// How many requests, or for how long.
+#[derive(Debug, Clone, Copy)]
+pub enum Length {
+    Requests(usize),
+    /// New requests until this much time has passed; those in flight then finish.
+    Duration(Duration),
+}
+
+/// The `n`-th request of a run and whether its client abandons it after the first token.
+pub type Make<'a> = &'a (dyn Fn(usize) -> (GenerateRequest, bool) + Sync);
+
+/// Sends the requests `make` gives, paced as asked, and collects the outcomes.
 pub async fn run(
     client: &TesseraClient<Channel>,
-    requests: Vec<GenerateRequest>,
+    make: Make<'_>,
+    length: Length,
     pace: Pace,
+    call: &Call,
     progress: &ProgressBar,
 ) -> Run {
-    let n = requests.len();
     let mut tasks = JoinSet::new();
+    let mut outcomes = Vec::new();
     let started = Instant::now();
-    match pace {
-        Pace::Concurrency(c) => {
+    let spawn = |tasks: &mut JoinSet<Outcome>, n: usize, slot: Option<OwnedSemaphorePermit>| {
+        let (req, cancel) = make(n);
+        let client = client.clone();
+        let progress = progress.clone();
+        let call = call.clone();
+        tasks.spawn(async move {
+            let outcome = one(client, req, &call, cancel).await;
+            drop(slot);
+            progress.inc(1);
+            outcome
+        });
+    };
+    match (pace, length) {
+        (Pace::Concurrency(c), length) => {
             let slots = Arc::new(Semaphore::new(c));
-            for req in requests {
-                let slot = slots.clone().acquire_owned().await.expect("never closed");
-                let client = client.clone();
-                let progress = progress.clone();
-                tasks.spawn(async move {
-                    let outcome = one(client, req).await;
-                    drop(slot);
-                    progress.inc(1);
-                    outcome
-                });
+            for n in 0.. {
+                match length {
+                    Length::Requests(total) if n >= total => break,
+                    Length::Duration(d) if started.elapsed() >= d => break,
+                    _ => {}
+                }
+                let slot = match length {
+                    Length::Duration(d) => {
+                        let left = d.saturating_sub(started.elapsed());
+                        match tokio::time::timeout(left, slots.clone().acquire_owned()).await {
+                            Ok(slot) => slot.expect("never closed"),
+                            Err(_) => break,
+                        }
+                    }
+                    Length::Requests(_) => {
+                        slots.clone().acquire_owned().await.expect("never closed")
+                    }
+                };
+                spawn(&mut tasks, n, Some(slot));
+                // Collect what has ended, so a long run holds only what is in flight.
+                while let Some(joined) = tasks.try_join_next() {
+                    outcomes.push(
+                        joined.unwrap_or_else(|e| Err(format!("the request task failed: {e}"))),
+                    );
+                }
             }
         }
-        Pace::Rate { per_s, seed } => {
+        (Pace::Rate { per_s, seed }, length) => {
+            let n = match length {
+                Length::Requests(n) => n,
+                Length::Duration(d) => (d.as_secs_f64() * per_s).ceil() as usize,
+            };
             let start = tokio::time::Instant::now();
-            for (req, at) in requests.into_iter().zip(arrivals(n, per_s, seed)) {
+            for (i, at) in arrivals(n, per_s, seed).into_iter().enumerate() {
                 tokio::time::sleep_until(start + at).await;
-                let client = client.clone();
-                let progress = progress.clone();
-                tasks.spawn(async move {
-                    let outcome = one(client, req).await;
-                    progress.inc(1);
-                    outcome
-                });
+                spawn(&mut tasks, i, None);
             }
         }
     }
-    let mut outcomes = Vec::with_capacity(n);
     while let Some(joined) = tasks.join_next().await {
         outcomes.push(joined.unwrap_or_else(|e| Err(format!("the request task failed: {e}"))));
     }

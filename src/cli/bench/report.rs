@@ -42,12 +42,46 @@ impl Stats {
     }
 }
 
+/// Resident memory of the watched process (`--watch-pid`, or this process with
+/// `--model`), in MB, sampled every few seconds through the run.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Rss {
+    pub pid: u32,
+    /// When the measured run started.
+    pub start_mb: f64,
+    /// The first sample at or after one minute (`None` for shorter runs).
+    pub at_1min_mb: Option<f64>,
+    /// When the run ended.
+    pub end_mb: f64,
+    pub peak_mb: f64,
+}
+
+impl Rss {
+    /// The summary of `samples` (seconds since the start, MB), in time order.
+    pub fn of(pid: u32, samples: &[(f64, f64)]) -> Option<Rss> {
+        let (first, last) = (samples.first()?, samples.last()?);
+        Some(Rss {
+            pid,
+            start_mb: first.1,
+            at_1min_mb: samples.iter().find(|(t, _)| *t >= 60.0).map(|s| s.1),
+            end_mb: last.1,
+            peak_mb: samples.iter().map(|s| s.1).fold(0.0, f64::max),
+        })
+    }
+}
+
 /// The summary of a run; `--json` prints it as is.
 #[derive(Debug, Serialize)]
 pub struct Report {
     /// Requests that succeeded (the ones measured).
     pub requests: usize,
     pub failed: usize,
+    /// Requests the client abandoned after their first token (`--cancel-share`);
+    /// neither measured nor failed.
+    pub cancelled: usize,
+    /// Requests sent without their images (`--text-share`).
+    pub text_only: usize,
+    pub rss: Option<Rss>,
     pub duration_s: f64,
     pub output_tokens: usize,
     pub output_tokens_per_s: f64,
@@ -79,7 +113,13 @@ impl Report {
             .outcomes
             .iter()
             .filter_map(|o| o.as_ref().ok())
+            .filter(|s| !s.cancelled)
             .collect();
+        let cancelled = run
+            .outcomes
+            .iter()
+            .filter(|o| o.as_ref().is_ok_and(|s| s.cancelled))
+            .count();
         let mut errors: Vec<String> = Vec::new();
         for e in run.outcomes.iter().filter_map(|o| o.as_ref().err()) {
             if errors.len() < MAX_ERRORS && !errors.contains(e) {
@@ -107,7 +147,10 @@ impl Report {
         };
         Report {
             requests: ok.len(),
-            failed: run.outcomes.len() - ok.len(),
+            failed: run.outcomes.len() - ok.len() - cancelled,
+            cancelled,
+            text_only: 0,
+            rss: None,
             duration_s,
             output_tokens,
             output_tokens_per_s: per_s(output_tokens as f64),
@@ -152,6 +195,18 @@ impl Report {
         }
         let ok_failed = format!("{} / {}", self.requests, self.failed);
         let _ = writeln!(t, "{:<24}{ok_failed:>10}", "requests ok / failed");
+        if self.cancelled > 0 || self.text_only > 0 {
+            let _ = writeln!(t, "{:<24}{:>10}", "cancelled by the client", self.cancelled);
+            let _ = writeln!(t, "{:<24}{:>10}", "sent without images", self.text_only);
+        }
+        if let Some(rss) = self.rss {
+            let at_1min = rss.at_1min_mb.map_or("-".to_owned(), |m| format!("{m:.0}"));
+            let _ = writeln!(
+                t,
+                "{:<24}{:>10.0}{:>10}{:>10.0}{:>10.0}   (pid {}: start, 1 min, end, peak)",
+                "RSS (MB)", rss.start_mb, at_1min, rss.end_mb, rss.peak_mb, rss.pid
+            );
+        }
         let rows = [
             ("duration (s)", self.duration_s, 2),
             ("output tokens", self.output_tokens as f64, 0),
@@ -223,6 +278,7 @@ mod tests {
     fn failures_are_counted_not_measured() {
         let sample = |ttft_ms, latency_ms, tokens| {
             Ok(Sample {
+                cancelled: false,
                 ttft: Duration::from_millis(ttft_ms),
                 latency: Duration::from_millis(latency_ms),
                 output_tokens: tokens,
@@ -248,5 +304,35 @@ mod tests {
         assert_eq!(r.errors, ["Unavailable: x"]);
         assert_eq!(r.prompt_tokens_mean, 10.0);
         assert!(r.table().contains("2 / 2"));
+    }
+
+    #[test]
+    fn cancelled_requests_are_neither_measured_nor_failed_and_rss_is_summarised() {
+        let run = Run {
+            outcomes: vec![
+                Ok(Sample {
+                    cancelled: true,
+                    ttft: Duration::from_millis(10),
+                    latency: Duration::from_millis(10),
+                    output_tokens: 1,
+                    prompt_tokens: 0,
+                }),
+                Err("Unavailable: x".into()),
+            ],
+            duration: Duration::from_secs(1),
+        };
+        let r = Report::new(&run, Pace::Concurrency(2), 0, None);
+        assert_eq!((r.requests, r.failed, r.cancelled), (0, 1, 1));
+        let rss = Rss::of(
+            7,
+            &[(0.0, 100.0), (30.0, 180.0), (61.0, 150.0), (90.0, 151.0)],
+        )
+        .unwrap();
+        assert_eq!(rss.at_1min_mb, Some(150.0));
+        assert_eq!(
+            (rss.start_mb, rss.end_mb, rss.peak_mb),
+            (100.0, 151.0, 180.0)
+        );
+        assert_eq!(Rss::of(7, &[(0.0, 1.0)]).unwrap().at_1min_mb, None);
     }
 }

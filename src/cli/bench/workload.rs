@@ -133,7 +133,27 @@ impl Workload {
 
     /// The request with id `id`; `n` numbers it for `--distinct-prompts`.
     pub fn request(&self, id: String, n: usize) -> GenerateRequest {
-        let mut parts = self.parts.clone();
+        self.build(id, n, self.parts.clone())
+    }
+
+    /// [`Workload::request`] without its images (and their `<image>` tags).
+    pub fn text_request(&self, id: String, n: usize) -> GenerateRequest {
+        let parts = self
+            .parts
+            .iter()
+            .filter_map(|p| match &p.kind {
+                Some(part::Kind::Text(text)) => Some(v1::Part {
+                    kind: Some(part::Kind::Text(
+                        text.replace("<image>\n", "").replace("<image>", ""),
+                    )),
+                }),
+                _ => None,
+            })
+            .collect();
+        self.build(id, n, parts)
+    }
+
+    fn build(&self, id: String, n: usize, mut parts: Vec<v1::Part>) -> GenerateRequest {
         if let Some(fresh) = &self.fresh {
             let images = parts.iter_mut().filter_map(|p| match &mut p.kind {
                 Some(part::Kind::Image(image)) => Some(image),
