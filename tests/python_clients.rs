@@ -211,6 +211,24 @@ fn python_grpc_and_openai_clients_answer_as_the_rust_grpc_client() {
         !expected.text.is_empty() && !expected.token_ids.is_empty(),
         "the greedy answer is empty, so comparing it proves nothing: {expected:?}"
     );
+    assert!(expected.logprobs.is_empty(), "none unless asked");
+    let mut asked = grpc_request();
+    let sampling = asked.sampling.as_mut().unwrap();
+    sampling.logprobs = Some(true);
+    sampling.top_logprobs = Some(3);
+    let with = grpc_generate(&addrs.grpc, asked);
+    assert_eq!(with.token_ids, expected.token_ids);
+    assert_eq!(with.logprobs.len(), with.token_ids.len());
+    for (entry, &id) in with.logprobs.iter().zip(&with.token_ids) {
+        assert_eq!(entry.token_id, id);
+        assert_eq!(entry.top_logprobs.len(), 3);
+        assert_eq!(
+            entry.top_logprobs[0].token_id, id,
+            "greedy: the most likely"
+        );
+        assert_eq!(entry.top_logprobs[0].logprob, entry.logprob);
+        assert!(entry.logprob <= 0.0);
+    }
     grpc_example_matches(&addrs.grpc, &expected);
     openai_package_matches(&http, &expected);
 }
@@ -336,6 +354,40 @@ fn openai_package_matches(http: &str, expected: &GenerateResponse) {
             assert_eq!(got[key][field], counts[field], "{key}.{field}: {got}");
         }
     }
+
+    // Log probabilities: one entry per answer token, the same streamed or whole; the
+    // greedy token is always the most likely one; none unless asked.
+    assert_eq!(got["logprobs_text"], expected.text);
+    assert_eq!(got["plain_logprobs"], Value::Null, "{got}");
+    let entries = got["logprobs"].as_array().unwrap();
+    assert_eq!(entries.len() as u32, usage.completion_tokens, "{got}");
+    assert_eq!(got["streamed_logprobs"], got["logprobs"]);
+    let mut text = String::new();
+    for e in entries {
+        let logprob = e["logprob"].as_f64().unwrap();
+        assert!(logprob <= 0.0, "{e}");
+        let top = e["top"].as_array().unwrap();
+        assert_eq!(top.len(), 2, "{e}");
+        assert_eq!(
+            top[0][0], e["token"],
+            "greedy picks the most likely token: {e}"
+        );
+        assert_eq!(top[0][1].as_f64().unwrap(), logprob, "{e}");
+        assert!(top[1][1].as_f64().unwrap() <= logprob, "{e}");
+        let bytes: Vec<u8> = e["bytes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b.as_u64().unwrap() as u8)
+            .collect();
+        assert_eq!(bytes, e["token"].as_str().unwrap().as_bytes());
+        text.push_str(e["token"].as_str().unwrap());
+    }
+    assert!(
+        text.starts_with(expected.text.trim_end()),
+        "{text:?} vs {:?}",
+        expected.text
+    );
 
     // Errors arrive as the openai package's exceptions, with our message.
     let missing = &got["unknown_model"];

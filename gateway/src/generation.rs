@@ -44,7 +44,8 @@ impl Drop for CancelGuard {
 
 /// A scheduler event the gateway acts on.
 enum Event {
-    Tokens(Vec<u32>),
+    /// Token ids, and their log probabilities when the request asked.
+    Tokens(Vec<u32>, Vec<v1::TokenLogprob>),
     Finished(Ending, FinishReason),
 }
 
@@ -87,7 +88,24 @@ impl Running {
             scheduler_error(status)
         })?;
         match event.and_then(|e| e.event) {
-            Some(token_event::Event::Tokens(t)) => Ok(Event::Tokens(t.token_ids)),
+            Some(token_event::Event::Tokens(t)) => {
+                let logprobs = t
+                    .token_ids
+                    .iter()
+                    .zip(&t.logprobs)
+                    .map(|(&id, l)| v1::TokenLogprob {
+                        token_id: id,
+                        logprob: l.logprob,
+                        top_logprobs: l
+                            .top_ids
+                            .iter()
+                            .zip(&l.top_logprobs)
+                            .map(|(&token_id, &logprob)| v1::TopLogprob { token_id, logprob })
+                            .collect(),
+                    })
+                    .collect();
+                Ok(Event::Tokens(t.token_ids, logprobs))
+            }
             Some(token_event::Event::Finished(f)) => {
                 self.guard.armed = false;
                 let (ending, reason) = match StopReason::try_from(f.reason) {
@@ -136,6 +154,8 @@ pub struct Answer {
     prepared: Prepared,
     text: IncrementalText,
     times: TokenTimes,
+    /// Every token's log probability so far, when the request asked.
+    logprobs: Vec<v1::TokenLogprob>,
 }
 
 impl Answer {
@@ -151,6 +171,7 @@ impl Answer {
             prepared,
             text,
             times: TokenTimes::default(),
+            logprobs: Vec::new(),
         }
     }
 
@@ -188,18 +209,20 @@ impl Answer {
     ) -> Result<GenerateFinished> {
         loop {
             match running.next().await? {
-                Event::Tokens(ids) => {
+                Event::Tokens(ids, logprobs) => {
                     if !ids.is_empty() {
                         self.times.arrived(Instant::now());
                     }
                     let Some(sink) = sink else {
                         self.text.push_ids(&ids);
+                        self.logprobs.extend(logprobs);
                         continue;
                     };
                     let text = self.text.push(&self.files.tokenizer, &ids)?;
                     let delta = GenerateDelta {
                         text,
                         token_ids: ids,
+                        logprobs,
                     };
                     self.send(sink, delta).await?;
                 }
@@ -210,7 +233,7 @@ impl Answer {
                     {
                         let delta = GenerateDelta {
                             text: rest,
-                            token_ids: Vec::new(),
+                            ..Default::default()
                         };
                         self.send(sink, delta).await?;
                     }
@@ -247,6 +270,14 @@ impl Answer {
             usage: finished.usage,
             groundings: finished.groundings,
             images: finished.images,
+            // The answer's tokens may stop short of what the scheduler sent (a stop
+            // string); their log probabilities stop with them.
+            logprobs: self
+                .logprobs
+                .iter()
+                .take(self.text.ids().len())
+                .cloned()
+                .collect(),
         }
     }
 

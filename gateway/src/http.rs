@@ -37,6 +37,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataMap;
 
 use crate::keys::Access;
+use crate::model_files::ModelFiles;
 use crate::openai::{self, ApiError, ChatRequest, ChunkHeader};
 use crate::remote_image::RemoteImages;
 use crate::service::{Api, Messages, TesseraService};
@@ -323,6 +324,17 @@ async fn complete(state: AppState, headers: HeaderMap, body: Body) -> Result<Res
     let model = chat.model.clone();
     let stream = chat.stream;
     let include_usage = chat.include_usage();
+    // The tokenizer that names the tokens of `logprobs`, when they are asked for.
+    let tokens = if chat.wants_logprobs() {
+        Some(
+            state
+                .service
+                .model_files()
+                .map_err(|s| ApiError::from_status(&s))?,
+        )
+    } else {
+        None
+    };
     let request = chat.into_generate(&state.remote).await?;
     let metadata = MetadataMap::from_headers(headers);
     let created = unix_seconds();
@@ -332,9 +344,12 @@ async fn complete(state: AppState, headers: HeaderMap, body: Body) -> Result<Res
             .generate_call(Api::Http, &metadata, request)
             .await
             .map_err(|s| ApiError::from_status(&s))?;
+        let logprobs = tokens.as_ref().map_or(Value::Null, |f| {
+            openai::logprobs(&response.logprobs, &f.tokenizer)
+        });
         return Ok(json_response(
             StatusCode::OK,
-            &openai::completion(&response, &model, created),
+            &openai::completion(&response, &model, created, logprobs),
         ));
     }
     let (id, messages) = state
@@ -348,7 +363,7 @@ async fn complete(state: AppState, headers: HeaderMap, body: Body) -> Result<Res
         created,
     };
     let (tx, rx) = mpsc::channel(EVENT_BUFFER);
-    tokio::spawn(events(chunks, messages, tx, include_usage));
+    tokio::spawn(events(chunks, messages, tx, include_usage, tokens));
     let mut response = Body::from_stream(ReceiverStream::new(rx)).into_response();
     let headers = response.headers_mut();
     headers.insert(
@@ -371,6 +386,7 @@ async fn events(
     mut messages: Messages,
     tx: mpsc::Sender<Result<String, Infallible>>,
     include_usage: bool,
+    tokens: Option<Arc<ModelFiles>>,
 ) {
     let role = chunks.chunk(json!({"role": "assistant", "content": ""}), None);
     if tx.send(event(&role)).await.is_err() {
@@ -383,8 +399,16 @@ async fn events(
         };
         let Some(message) = message else { break };
         let data = match message.map(|m| m.event) {
-            Ok(Some(Event::Delta(delta))) if delta.text.is_empty() => continue,
-            Ok(Some(Event::Delta(delta))) => chunks.chunk(json!({"content": delta.text}), None),
+            Ok(Some(Event::Delta(delta))) => match &tokens {
+                // Every token's log probability goes out with the chunk of its ids,
+                // whatever text it has yet.
+                Some(files) if !delta.logprobs.is_empty() => chunks.chunk_with_logprobs(
+                    json!({"content": delta.text}),
+                    openai::logprobs(&delta.logprobs, &files.tokenizer),
+                ),
+                _ if delta.text.is_empty() => continue,
+                _ => chunks.chunk(json!({"content": delta.text}), None),
+            },
             Ok(Some(Event::Finished(finished))) => {
                 let mut delta = json!({});
                 if !finished.groundings.is_empty() {

@@ -10,9 +10,10 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use serde::Deserialize;
 use serde_json::{Value, json};
+use tessera_model::chat::ChatTokenizer;
 use tessera_proto::v1::{
     self, FinishReason, GenerateRequest, GenerateResponse, Grounding, SamplingParams,
-    StoppingParams, Usage, part,
+    StoppingParams, TokenLogprob, Usage, part,
 };
 use tonic::Code;
 
@@ -36,6 +37,10 @@ pub struct ChatRequest {
     repetition_penalty: Option<f32>,
     presence_penalty: Option<f32>,
     frequency_penalty: Option<f32>,
+    /// Return each answer token's log probability.
+    logprobs: Option<bool>,
+    /// With `logprobs`: this many most likely alternatives at each position (0–20).
+    top_logprobs: Option<u32>,
     stop: Option<Stop>,
     seed: Option<u64>,
     /// Answer with server-sent events.
@@ -54,16 +59,6 @@ const UNSUPPORTED: &[(&str, &[&str], &str)] = &[
         "n",
         &["1"],
         "this server returns one choice; send n=1 (or several requests)",
-    ),
-    (
-        "logprobs",
-        &["false"],
-        "log probabilities are not returned yet",
-    ),
-    (
-        "top_logprobs",
-        &["0"],
-        "log probabilities are not returned yet",
     ),
     ("logit_bias", &["{}"], "logit biases are not supported"),
     (
@@ -321,6 +316,11 @@ impl ChatRequest {
     }
 
     /// Whether a streamed answer ends with a usage chunk.
+    pub fn wants_logprobs(&self) -> bool {
+        self.logprobs == Some(true)
+    }
+
+    /// Whether the streamed answer ends with a usage chunk.
     pub fn include_usage(&self) -> bool {
         self.stream_options
             .as_ref()
@@ -399,6 +399,8 @@ impl ChatRequest {
                 repetition_penalty: self.repetition_penalty,
                 presence_penalty: self.presence_penalty,
                 frequency_penalty: self.frequency_penalty,
+                logprobs: self.logprobs,
+                top_logprobs: self.top_logprobs,
                 seed: self.seed,
             }),
             stopping: Some(StoppingParams {
@@ -496,7 +498,38 @@ pub fn groundings(groundings: &[Grounding]) -> Value {
 }
 
 /// A `chat.completion` of a whole answer.
-pub fn completion(response: &GenerateResponse, model: &str, created: u64) -> Value {
+/// One token as OpenAI's `logprobs` show it: its text (decoded alone), the UTF-8 bytes
+/// of that text, and its log probability.
+fn token_entry(tokenizer: &ChatTokenizer, id: u32, logprob: f32) -> Value {
+    let token = tokenizer.decode(&[id], false).unwrap_or_default();
+    json!({"token": token, "logprob": logprob, "bytes": token.as_bytes()})
+}
+
+/// OpenAI's `logprobs` of a choice (`{"content": [...]}`) for `entries`.
+pub fn logprobs(entries: &[TokenLogprob], tokenizer: &ChatTokenizer) -> Value {
+    let content: Vec<Value> = entries
+        .iter()
+        .map(|e| {
+            let mut entry = token_entry(tokenizer, e.token_id, e.logprob);
+            entry["top_logprobs"] = e
+                .top_logprobs
+                .iter()
+                .map(|t| token_entry(tokenizer, t.token_id, t.logprob))
+                .collect();
+            entry
+        })
+        .collect();
+    json!({"content": content})
+}
+
+/// The `chat.completion` body of `response`, with `logprobs` as its choice's (null
+/// when not asked).
+pub fn completion(
+    response: &GenerateResponse,
+    model: &str,
+    created: u64,
+    logprobs: Value,
+) -> Value {
     json!({
         "id": format!("chatcmpl-{}", response.request_id),
         "object": "chat.completion",
@@ -509,6 +542,7 @@ pub fn completion(response: &GenerateResponse, model: &str, created: u64) -> Val
                 "content": response.text,
                 "groundings": groundings(&response.groundings),
             },
+            "logprobs": logprobs,
             "finish_reason": finish_reason(response.finish_reason),
         }],
         "usage": usage(response.usage.as_ref()),
@@ -536,6 +570,13 @@ impl ChunkHeader {
             "model": self.model,
             "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
         })
+    }
+
+    /// [`ChunkHeader::chunk`] with the choice's `logprobs`.
+    pub fn chunk_with_logprobs(&self, delta: Value, logprobs: Value) -> Value {
+        let mut chunk = self.chunk(delta, None);
+        chunk["choices"][0]["logprobs"] = logprobs;
+        chunk
     }
 
     /// The closing usage chunk (`stream_options.include_usage`): no choices.

@@ -210,7 +210,22 @@ fn sampling(p: v1::SamplingParams) -> Result<Sampling> {
         tessera_model::Error::Request(m) => Error::InvalidArgument(m),
         other => Error::InvalidArgument(other.to_string()),
     })?;
+    let top_logprobs = p.top_logprobs.unwrap_or(0);
+    if top_logprobs as usize > tessera_model::sampling::MAX_TOP_LOGPROBS {
+        return Err(Error::InvalidArgument(format!(
+            "top_logprobs must be at most {}, got {top_logprobs}",
+            tessera_model::sampling::MAX_TOP_LOGPROBS
+        )));
+    }
+    let logprobs = p.logprobs.unwrap_or(false);
+    if top_logprobs > 0 && !logprobs {
+        return Err(Error::InvalidArgument(
+            "top_logprobs needs logprobs set to true".into(),
+        ));
+    }
     Ok(Sampling {
+        logprobs,
+        top_logprobs,
         temperature: params.temperature,
         top_p: params.top_p,
         top_k: p.top_k.unwrap_or(0),

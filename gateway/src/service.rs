@@ -329,6 +329,11 @@ impl TesseraService {
         }
     }
 
+    /// The loaded model files (UNAVAILABLE while they load).
+    pub(crate) fn model_files(&self) -> Result<Arc<ModelFiles>, Status> {
+        Ok(self.files()?)
+    }
+
     /// Whether the model files are loaded and generations are served.
     pub(crate) fn is_loaded(&self) -> bool {
         self.inner.files.get().is_some()

@@ -140,6 +140,29 @@ fn bad_requests() -> Vec<(&'static str, GenerateRequest, &'static str)> {
             "top_p",
         ),
         (
+            "more than 20 top log probabilities",
+            sampling(
+                hello(),
+                SamplingParams {
+                    logprobs: Some(true),
+                    top_logprobs: Some(21),
+                    ..Default::default()
+                },
+            ),
+            "top_logprobs",
+        ),
+        (
+            "top log probabilities without logprobs",
+            sampling(
+                hello(),
+                SamplingParams {
+                    top_logprobs: Some(2),
+                    ..Default::default()
+                },
+            ),
+            "logprobs",
+        ),
+        (
             "frequency penalty beyond 2",
             sampling(
                 hello(),

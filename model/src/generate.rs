@@ -19,6 +19,9 @@ pub struct GenerationParams {
     pub sampling: SamplingParams,
     /// Keep the logits that produced every token (`tessera generate --logits-out`).
     pub record_logits: bool,
+    /// Report each token's log probability and this many most likely alternatives'
+    /// (OpenAI's `logprobs` and `top_logprobs`); `None` reports none.
+    pub logprobs: Option<usize>,
 }
 
 impl GenerationParams {
@@ -31,6 +34,7 @@ impl GenerationParams {
             stop: Vec::new(),
             sampling: SamplingParams::default(),
             record_logits: false,
+            logprobs: None,
         }
     }
 }

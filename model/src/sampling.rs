@@ -90,6 +90,40 @@ pub struct Sampler {
     rng: StdRng,
 }
 
+/// The most alternatives a request may ask log probabilities for (OpenAI's limit).
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
+/// The log probability of `token` under the model's distribution (the log-softmax of
+/// the raw `logits`, before any penalty or temperature, as vLLM reports them) and the
+/// `top` most likely tokens with theirs, most likely first (the lower id first on a
+/// tie).
+pub fn log_probs(logits: &[f32], token: u32, top: usize) -> (f32, Vec<(u32, f32)>) {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&l| f64::from(l - max).exp()).sum();
+    let log_norm = f64::from(max) + sum.ln();
+    let logprob = |l: f32| (f64::from(l) - log_norm) as f32;
+    let chosen = logits
+        .get(token as usize)
+        .map_or(f32::NEG_INFINITY, |&l| logprob(l));
+    let mut order: Vec<u32> = (0..logits.len() as u32).collect();
+    let top = top.min(order.len());
+    let by_logit = |a: &u32, b: &u32| {
+        logits[*b as usize]
+            .total_cmp(&logits[*a as usize])
+            .then(a.cmp(b))
+    };
+    if top > 0 && top < order.len() {
+        order.select_nth_unstable_by(top - 1, by_logit);
+    }
+    order.truncate(top);
+    order.sort_by(by_logit);
+    let alternatives = order
+        .into_iter()
+        .map(|id| (id, logprob(logits[id as usize])))
+        .collect();
+    (chosen, alternatives)
+}
+
 /// Index of the largest value; the first one wins a tie; NaN never wins.
 pub fn argmax(values: &[f32]) -> usize {
     let mut best = 0;
@@ -254,6 +288,21 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("frequency_penalty"), "{err}");
+    }
+
+    #[test]
+    fn log_probs_are_a_log_softmax_with_the_most_likely_first() {
+        let logits = [1.0f32, 3.0, 3.0, -2.0, 0.5];
+        let (chosen, top) = log_probs(&logits, 4, 3);
+        let norm: f64 = logits.iter().map(|&l| f64::from(l).exp()).sum::<f64>().ln();
+        assert!((f64::from(chosen) - (0.5 - norm)).abs() < 1e-6);
+        let ids: Vec<u32> = top.iter().map(|t| t.0).collect();
+        assert_eq!(ids, [1, 2, 0], "ties go to the lower id");
+        assert!((f64::from(top[2].1) - (1.0 - norm)).abs() < 1e-6);
+        let total: f64 = logits.iter().map(|&l| (f64::from(l) - norm).exp()).sum();
+        assert!((total - 1.0).abs() < 1e-9);
+        assert_eq!(log_probs(&logits, 0, 0).1, []);
+        assert_eq!(log_probs(&logits, 0, 99).1.len(), 5);
     }
 
     #[test]

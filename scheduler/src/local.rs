@@ -142,7 +142,7 @@ impl LocalEngine {
         let mut first_token = None;
         let finish_reason = loop {
             match rx.blocking_recv() {
-                Some(Ok(Event::Token { id, logits })) => {
+                Some(Ok(Event::Token { id, logits, .. })) => {
                     first_token.get_or_insert_with(Instant::now);
                     output.push(id);
                     step_logits.extend(logits);
@@ -242,6 +242,7 @@ fn submit_request(prompt: &Prompt, params: &GenerationParams) -> Result<SubmitRe
             presence_penalty: s.presence_penalty,
             frequency_penalty: s.frequency_penalty,
             seed: s.seed,
+            ..Default::default()
         }),
         stopping: Some(Stopping {
             max_tokens,

@@ -106,6 +106,14 @@ pub fn validate(req: SubmitRequest, limits: &Limits) -> Result<Validated> {
     }
 
     let sampling = req.sampling.ok_or_else(|| invalid("sampling is not set"))?;
+    let top_logprobs = sampling.top_logprobs as usize;
+    if top_logprobs > tessera_model::sampling::MAX_TOP_LOGPROBS {
+        return Err(invalid(format!(
+            "sampling.top_logprobs must be at most {}, got {top_logprobs}",
+            tessera_model::sampling::MAX_TOP_LOGPROBS
+        )));
+    }
+    let logprobs = sampling.logprobs.then_some(top_logprobs);
     let sampling = SamplingParams {
         temperature: sampling.temperature,
         top_k: (sampling.top_k > 0).then_some(sampling.top_k as usize),
@@ -148,6 +156,7 @@ pub fn validate(req: SubmitRequest, limits: &Limits) -> Result<Validated> {
             stop: stopping.stop,
             sampling,
             record_logits: false,
+            logprobs,
         },
         deadline: None,
     })

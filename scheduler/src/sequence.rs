@@ -28,13 +28,26 @@ use crate::kv::{BlockHash, BlockPool, BlockTable, TokenKey, block_hash};
 pub enum Event {
     /// A sampled token, with the logits that picked it when the request records
     /// them (`GenerationParams::record_logits`).
-    Token { id: u32, logits: Option<Vec<f32>> },
+    Token {
+        id: u32,
+        logits: Option<Vec<f32>>,
+        /// Its log probability and the top alternatives', when the request asks.
+        logprob: Option<TokenLogprob>,
+    },
     /// The last event of a request that finished.
     Finished {
         reason: FinishReason,
         prompt_tokens: u32,
         completion_tokens: u32,
     },
+}
+
+/// A token's log probability and the most likely alternatives' (id, log probability),
+/// most likely first ([`tessera_model::sampling::log_probs`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
 }
 
 /// What a request's stream carries: events, or the error that ended it.
@@ -251,9 +264,14 @@ impl Sequence {
         self.tokens.push(next);
         self.keys.push(TokenKey::Text(next));
         self.first_token_at.get_or_insert_with(Instant::now);
+        let logprob = self.params.logprobs.map(|top| {
+            let (logprob, top) = tessera_model::sampling::log_probs(&logits, next, top);
+            TokenLogprob { logprob, top }
+        });
         let event = Event::Token {
             id: next,
             logits: self.params.record_logits.then_some(logits),
+            logprob,
         };
         if self.events.try_send(Ok(event)).is_err() {
             // The client went away (or stopped reading).

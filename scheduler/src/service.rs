@@ -141,8 +141,16 @@ impl Stream for EventStream {
 /// An engine event as the `Submit` stream carries it.
 fn to_wire(event: Event) -> TokenEvent {
     let event = match event {
-        Event::Token { id, .. } => WireEvent::Tokens(Tokens {
+        Event::Token { id, logprob, .. } => WireEvent::Tokens(Tokens {
             token_ids: vec![id],
+            logprobs: logprob
+                .map(|l| tessera_proto::internal::v1::TokenLogprob {
+                    logprob: l.logprob,
+                    top_ids: l.top.iter().map(|t| t.0).collect(),
+                    top_logprobs: l.top.iter().map(|t| t.1).collect(),
+                })
+                .into_iter()
+                .collect(),
         }),
         Event::Finished {
             reason,

@@ -89,6 +89,7 @@ impl Golden {
         GenerationParams {
             ignore_eos: true,
             record_logits: true,
+            logprobs: None,
             ..GenerationParams::greedy(NEW_TOKENS, eos)
         }
     }

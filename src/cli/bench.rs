@@ -77,6 +77,14 @@ pub struct BenchArgs {
     /// `authorization: Bearer KEY`).
     #[arg(long, env = "TESSERA_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
+    /// The CA that signed the gateway's certificate, for a gateway serving TLS
+    /// (`--tls-cert`): connects with https and checks the certificate against
+    /// --tls-server-name.
+    #[arg(long, requires = "addr")]
+    tls_ca: Option<PathBuf>,
+    /// The name the gateway's certificate carries (with --tls-ca).
+    #[arg(long, default_value = tessera_runtime::tls::DEFAULT_SERVER_NAME)]
+    tls_server_name: String,
     /// Requests in flight at once: a new one is sent as soon as one ends.
     #[arg(long, default_value_t = 8, conflicts_with = "request_rate")]
     concurrency: usize,
@@ -165,14 +173,30 @@ impl BenchArgs {
     }
 }
 
-async fn connect(addr: &str, timeout: Duration) -> anyhow::Result<TesseraClient<Channel>> {
+/// TLS to the gateway: its CA and the name its certificate carries.
+type GatewayTls<'a> = Option<(&'a std::path::Path, &'a str)>;
+
+async fn connect(
+    addr: &str,
+    timeout: Duration,
+    tls: GatewayTls<'_>,
+) -> anyhow::Result<TesseraClient<Channel>> {
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let addr = if addr.contains("://") {
         addr.to_string()
     } else {
-        format!("http://{addr}")
+        format!("{scheme}://{addr}")
     };
-    let channel = tonic::transport::Endpoint::from_shared(addr.clone())
-        .with_context(|| format!("invalid --addr {addr}"))?
+    let mut endpoint = tonic::transport::Endpoint::from_shared(addr.clone())
+        .with_context(|| format!("invalid --addr {addr}"))?;
+    if let Some((ca, name)) = tls {
+        let pem = std::fs::read(ca).with_context(|| format!("cannot read {}", ca.display()))?;
+        let config = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(pem))
+            .domain_name(name);
+        endpoint = endpoint.tls_config(config).context("TLS to the gateway")?;
+    }
+    let channel = endpoint
         .connect_timeout(Duration::from_secs(10))
         .timeout(timeout)
         .connect()
@@ -329,7 +353,11 @@ async fn bench(args: BenchArgs) -> anyhow::Result<Report> {
         if args.expert_workers.is_some() {
             bail!("--expert-workers sizes the cluster of --model; it does not go with --addr");
         }
-        let client = connect(addr, timeout).await?;
+        let tls = args
+            .tls_ca
+            .as_deref()
+            .map(|ca| (ca, args.tls_server_name.as_str()));
+        let client = connect(addr, timeout, tls).await?;
         return measure(&args, &client, &workload, pace, None).await;
     }
     let model = args.model.clone().expect("clap requires --addr or --model");
@@ -363,7 +391,7 @@ async fn bench(args: BenchArgs) -> anyhow::Result<Report> {
     let cluster = super::up::start(opts, CancellationToken::new()).await?;
     let load_s = cluster.load_time.as_secs_f64();
     eprintln!("tessera bench: cluster ready in {load_s:.1}s");
-    let report = match connect(&cluster.addr.to_string(), timeout).await {
+    let report = match connect(&cluster.addr.to_string(), timeout, None).await {
         Ok(client) => measure(&args, &client, &workload, pace, Some(load_s)).await,
         Err(e) => Err(e),
     };

@@ -176,6 +176,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             ..Default::default()
         },
         record_logits: args.logits_out.is_some(),
+        logprobs: None,
     };
     params.sampling.validate()?;
     if args.chunk_size == Some(0) {

@@ -72,7 +72,33 @@ def main():
                 content_chunks += 1
             stream_finish = choice.finish_reason or stream_finish
 
+    # Log probabilities, whole and streamed: each token's and its 2 best alternatives'.
+    with_logprobs = client.chat.completions.create(**request, logprobs=True, top_logprobs=2)
+
+    def entries(content):
+        return [
+            {
+                "token": e.token,
+                "logprob": e.logprob,
+                "bytes": e.bytes,
+                "top": [[t.token, t.logprob] for t in e.top_logprobs],
+            }
+            for e in content
+        ]
+
+    streamed_logprobs = []
+    for chunk in client.chat.completions.create(
+        **request, stream=True, logprobs=True, top_logprobs=2
+    ):
+        for choice in chunk.choices:
+            if choice.logprobs is not None and choice.logprobs.content:
+                streamed_logprobs += entries(choice.logprobs.content)
+
     out = {
+        "logprobs_text": with_logprobs.choices[0].message.content,
+        "logprobs": entries(with_logprobs.choices[0].logprobs.content),
+        "streamed_logprobs": streamed_logprobs,
+        "plain_logprobs": plain.choices[0].logprobs,
         "models": models,
         "plain_text": plain.choices[0].message.content,
         "plain_finish_reason": plain.choices[0].finish_reason,

@@ -155,7 +155,10 @@ impl FakeScheduler {
 
 fn tokens(ids: Vec<u32>) -> Result<TokenEvent, Status> {
     Ok(TokenEvent {
-        event: Some(token_event::Event::Tokens(Tokens { token_ids: ids })),
+        event: Some(token_event::Event::Tokens(Tokens {
+            token_ids: ids,
+            logprobs: Vec::new(),
+        })),
     })
 }
 
