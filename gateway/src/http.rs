@@ -30,6 +30,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use serde_json::{Value, json};
 use tessera_proto::v1::generate_stream_response::Event;
+use tessera_proto::v1::{GenerateRequest, GenerateStreamResponse, Usage};
 use tessera_runtime::shutdown::CancellationToken;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, mpsc};
@@ -335,35 +336,62 @@ async fn complete(state: AppState, headers: HeaderMap, body: Body) -> Result<Res
     } else {
         None
     };
+    let n = chat.choices();
     let request = chat.into_generate(&state.remote).await?;
+    let requests = choice_requests(request, n);
     let metadata = MetadataMap::from_headers(headers);
     let created = unix_seconds();
     if !stream {
-        let response = state
+        // Every choice runs as its own request, all at once.
+        let calls: Vec<_> = requests
+            .into_iter()
+            .map(|request| {
+                let service = state.service.clone();
+                let metadata = metadata.clone();
+                tokio::spawn(
+                    async move { service.generate_call(Api::Http, &metadata, request).await },
+                )
+            })
+            .collect();
+        let mut answers = Vec::with_capacity(n);
+        for call in calls {
+            let response = call
+                .await
+                .map_err(|e| ApiError::from_status(&tonic::Status::internal(e.to_string())))?
+                .map_err(|s| ApiError::from_status(&s))?;
+            let logprobs = tokens.as_ref().map_or(Value::Null, |f| {
+                openai::logprobs(&response.logprobs, &f.tokenizer)
+            });
+            answers.push((response, logprobs));
+        }
+        let body = if n == 1 {
+            let (response, logprobs) = answers.pop().expect("one answer");
+            openai::completion(&response, &model, created, logprobs)
+        } else {
+            openai::completions(&answers, &model, created)
+        };
+        return Ok(json_response(StatusCode::OK, &body));
+    }
+    let mut streams = Vec::with_capacity(n);
+    let mut first_id = None;
+    for request in requests {
+        // A choice that cannot start fails the whole request; those started are
+        // cancelled as their streams drop.
+        let (id, messages) = state
             .service
-            .generate_call(Api::Http, &metadata, request)
+            .stream_call(Api::Http, &metadata, request)
             .await
             .map_err(|s| ApiError::from_status(&s))?;
-        let logprobs = tokens.as_ref().map_or(Value::Null, |f| {
-            openai::logprobs(&response.logprobs, &f.tokenizer)
-        });
-        return Ok(json_response(
-            StatusCode::OK,
-            &openai::completion(&response, &model, created, logprobs),
-        ));
+        first_id.get_or_insert(id);
+        streams.push(messages);
     }
-    let (id, messages) = state
-        .service
-        .stream_call(Api::Http, &metadata, request)
-        .await
-        .map_err(|s| ApiError::from_status(&s))?;
     let chunks = ChunkHeader {
-        id: format!("chatcmpl-{id}"),
+        id: format!("chatcmpl-{}", first_id.expect("at least one choice")),
         model,
         created,
     };
     let (tx, rx) = mpsc::channel(EVENT_BUFFER);
-    tokio::spawn(events(chunks, messages, tx, include_usage, tokens));
+    tokio::spawn(events(chunks, merge(streams), tx, include_usage, tokens));
     let mut response = Body::from_stream(ReceiverStream::new(rx)).into_response();
     let headers = response.headers_mut();
     headers.insert(
@@ -374,59 +402,127 @@ async fn complete(state: AppState, headers: HeaderMap, body: Body) -> Result<Res
     Ok(response)
 }
 
+/// The requests of `n` choices: the same request, each with its own seed (the client's
+/// seed plus the choice's index, so a seeded request is reproducible; without one
+/// the server picks a different seed for each).
+fn choice_requests(request: GenerateRequest, n: usize) -> Vec<GenerateRequest> {
+    (0..n)
+        .map(|i| {
+            let mut request = request.clone();
+            if let Some(seed) = request.sampling.as_mut().and_then(|s| s.seed.as_mut()) {
+                *seed = seed.wrapping_add(i as u64);
+            }
+            request
+        })
+        .collect()
+}
+
+/// One choice's stream message.
+type Tagged = (usize, Result<GenerateStreamResponse, tonic::Status>);
+
+/// The messages of every choice's stream in one channel, each with its choice's
+/// index; the channel ends when every stream has. Dropping the receiver drops the
+/// streams, which cancels their requests.
+fn merge(streams: Vec<Messages>) -> mpsc::Receiver<Tagged> {
+    let (tx, rx) = mpsc::channel(EVENT_BUFFER);
+    for (index, mut messages) in streams.into_iter().enumerate() {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    message = messages.recv() => match message {
+                        Some(message) => {
+                            if tx.send((index, message)).await.is_err() {
+                                return;
+                            }
+                        }
+                        None => return,
+                    },
+                    () = tx.closed() => return,
+                }
+            }
+        });
+    }
+    rx
+}
+
 fn event(data: &Value) -> Result<String, Infallible> {
     Ok(format!("data: {data}\n\n"))
 }
 
-/// Turns the stream's messages into server-sent events: the role, the text deltas,
-/// the finish reason (with the groundings), the usage if asked, then `[DONE]`. When
-/// the client goes away `messages` is dropped, which cancels the request.
+/// Turns the choices' stream messages into server-sent events: each choice's role, its
+/// text deltas, its finish reason (with the groundings), then the usage if asked (the
+/// prompt once, the answers' tokens summed), then `[DONE]`. When the client goes away
+/// `messages` is dropped, which cancels the requests.
 async fn events(
     chunks: ChunkHeader,
-    mut messages: Messages,
+    mut messages: mpsc::Receiver<Tagged>,
     tx: mpsc::Sender<Result<String, Infallible>>,
     include_usage: bool,
     tokens: Option<Arc<ModelFiles>>,
 ) {
-    let role = chunks.chunk(json!({"role": "assistant", "content": ""}), None);
-    if tx.send(event(&role)).await.is_err() {
-        return;
-    }
+    let mut roles_sent = std::collections::HashSet::new();
+    let mut usage: Option<Usage> = None;
     loop {
         let message = tokio::select! {
             message = messages.recv() => message,
             () = tx.closed() => return,
         };
-        let Some(message) = message else { break };
+        let Some((index, message)) = message else {
+            break;
+        };
+        if roles_sent.insert(index) {
+            let role = chunks.chunk_of(index, json!({"role": "assistant", "content": ""}), None);
+            if tx.send(event(&role)).await.is_err() {
+                return;
+            }
+        }
         let data = match message.map(|m| m.event) {
             Ok(Some(Event::Delta(delta))) => match &tokens {
                 // Every token's log probability goes out with the chunk of its ids,
                 // whatever text it has yet.
                 Some(files) if !delta.logprobs.is_empty() => chunks.chunk_with_logprobs(
+                    index,
                     json!({"content": delta.text}),
                     openai::logprobs(&delta.logprobs, &files.tokenizer),
                 ),
                 _ if delta.text.is_empty() => continue,
-                _ => chunks.chunk(json!({"content": delta.text}), None),
+                _ => chunks.chunk_of(index, json!({"content": delta.text}), None),
             },
             Ok(Some(Event::Finished(finished))) => {
                 let mut delta = json!({});
                 if !finished.groundings.is_empty() {
                     delta["groundings"] = openai::groundings(&finished.groundings);
                 }
-                let last = chunks.chunk(delta, Some(openai::finish_reason(finished.finish_reason)));
-                if tx.send(event(&last)).await.is_err() {
-                    return;
+                if let Some(u) = finished.usage {
+                    let total = usage.get_or_insert(Usage {
+                        completion_tokens: 0,
+                        ..u
+                    });
+                    total.completion_tokens += u.completion_tokens;
                 }
-                if !include_usage {
-                    continue;
-                }
-                chunks.usage_chunk(finished.usage.as_ref())
+                chunks.chunk_of(
+                    index,
+                    delta,
+                    Some(openai::finish_reason(finished.finish_reason)),
+                )
             }
             Ok(None) => continue,
-            Err(status) => ApiError::from_status(&status).body(),
+            Err(status) => {
+                // One choice failed: the error ends the whole stream (and dropping the
+                // others' streams cancels them).
+                let _ = tx.send(event(&ApiError::from_status(&status).body())).await;
+                let _ = tx.send(Ok("data: [DONE]\n\n".to_owned())).await;
+                return;
+            }
         };
         if tx.send(event(&data)).await.is_err() {
+            return;
+        }
+    }
+    if include_usage {
+        let last = chunks.usage_chunk(usage.as_ref());
+        if tx.send(event(&last)).await.is_err() {
             return;
         }
     }

@@ -37,6 +37,8 @@ pub struct ChatRequest {
     repetition_penalty: Option<f32>,
     presence_penalty: Option<f32>,
     frequency_penalty: Option<f32>,
+    /// Choices to generate, each its own sequence (1 to [`MAX_CHOICES`]).
+    n: Option<u32>,
     /// Return each answer token's log probability.
     logprobs: Option<bool>,
     /// With `logprobs`: this many most likely alternatives at each position (0–20).
@@ -52,14 +54,12 @@ pub struct ChatRequest {
     others: serde_json::Map<String, Value>,
 }
 
+/// The most choices (`n`) one request may ask for; each runs as its own sequence.
+pub const MAX_CHOICES: u32 = 16;
+
 /// OpenAI request fields this server does not honour, each with the values that ask
 /// for nothing (accepted) and why another value is refused.
 const UNSUPPORTED: &[(&str, &[&str], &str)] = &[
-    (
-        "n",
-        &["1"],
-        "this server returns one choice; send n=1 (or several requests)",
-    ),
     ("logit_bias", &["{}"], "logit biases are not supported"),
     (
         "response_format",
@@ -312,10 +312,23 @@ impl ChatRequest {
                 ));
             }
         }
+        if let Some(n) = request.n
+            && !(1..=MAX_CHOICES).contains(&n)
+        {
+            return Err(ApiError::invalid(
+                format!("`n` must be between 1 and {MAX_CHOICES}, got {n}"),
+                Some("n"),
+            ));
+        }
         Ok(request)
     }
 
-    /// Whether a streamed answer ends with a usage chunk.
+    /// How many choices to generate.
+    pub fn choices(&self) -> usize {
+        self.n.unwrap_or(1) as usize
+    }
+
+    /// Whether the client asked for log probabilities.
     pub fn wants_logprobs(&self) -> bool {
         self.logprobs == Some(true)
     }
@@ -522,6 +535,35 @@ pub fn logprobs(entries: &[TokenLogprob], tokenizer: &ChatTokenizer) -> Value {
     json!({"content": content})
 }
 
+/// The `chat.completion` body of several answers to one request (`n`), each with its
+/// `logprobs` (null when not asked), as the choices with their indices; the prompt is
+/// counted once, the answers' tokens summed.
+pub fn completions(answers: &[(GenerateResponse, Value)], model: &str, created: u64) -> Value {
+    let (first, _) = &answers[0];
+    let mut body = completion(first, model, created, Value::Null);
+    body["choices"] = answers
+        .iter()
+        .enumerate()
+        .map(|(i, (response, logprobs))| {
+            let mut choice =
+                completion(response, model, created, logprobs.clone())["choices"][0].take();
+            choice["index"] = json!(i);
+            choice
+        })
+        .collect();
+    let prompt = first.usage.as_ref().map_or(0, |u| u.prompt_tokens);
+    let answered: u32 = answers
+        .iter()
+        .map(|(r, _)| r.usage.as_ref().map_or(0, |u| u.completion_tokens))
+        .sum();
+    body["usage"] = json!({
+        "prompt_tokens": prompt,
+        "completion_tokens": answered,
+        "total_tokens": prompt + answered,
+    });
+    body
+}
+
 /// The `chat.completion` body of `response`, with `logprobs` as its choice's (null
 /// when not asked).
 pub fn completion(
@@ -563,18 +605,23 @@ pub struct ChunkHeader {
 impl ChunkHeader {
     /// A chunk with one choice of `delta` and `finish_reason`.
     pub fn chunk(&self, delta: Value, finish_reason: Option<&str>) -> Value {
+        self.chunk_of(0, delta, finish_reason)
+    }
+
+    /// A chunk of choice `index` (of `n`) with `delta` and `finish_reason`.
+    pub fn chunk_of(&self, index: usize, delta: Value, finish_reason: Option<&str>) -> Value {
         json!({
             "id": self.id,
             "object": "chat.completion.chunk",
             "created": self.created,
             "model": self.model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+            "choices": [{"index": index, "delta": delta, "finish_reason": finish_reason}],
         })
     }
 
-    /// [`ChunkHeader::chunk`] with the choice's `logprobs`.
-    pub fn chunk_with_logprobs(&self, delta: Value, logprobs: Value) -> Value {
-        let mut chunk = self.chunk(delta, None);
+    /// [`ChunkHeader::chunk_of`] with the choice's `logprobs`.
+    pub fn chunk_with_logprobs(&self, index: usize, delta: Value, logprobs: Value) -> Value {
+        let mut chunk = self.chunk_of(index, delta, None);
         chunk["choices"][0]["logprobs"] = logprobs;
         chunk
     }

@@ -312,6 +312,99 @@ async fn models_health_and_images() {
     assert_eq!(cluster.vision.calls.lock().unwrap().len(), 1);
 }
 
+/// `n` choices run as `n` requests, seeded one apart, and come back as indexed
+/// choices, whole or streamed, with the answers' tokens summed in the usage; `n`
+/// beyond 1 to 16 is a 400 naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn n_choices_are_n_requests() {
+    let (cluster, scheduler) = cluster_and_scheduler({
+        let tok = ChatTokenizer::from_dir(&fixture(FIXTURE)).unwrap();
+        let ids = tok.encode(ANSWER).unwrap();
+        SchedulerScript::Tokens(vec![ids], StopReason::Length)
+    })
+    .await;
+    let one = {
+        let (status, body) = cluster.chat(&ask_body("Hi.")).await;
+        assert_eq!(status, 200, "{body}");
+        body["usage"]["completion_tokens"].as_u64().unwrap()
+    };
+    let mut request = ask_body("Hi.");
+    request["n"] = json!(3);
+    request["seed"] = json!(40);
+    request["temperature"] = json!(0.7);
+    let (status, body) = cluster.chat(&request).await;
+    assert_eq!(status, 200, "{body}");
+    let choices = body["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 3, "{body}");
+    for (i, choice) in choices.iter().enumerate() {
+        assert_eq!(choice["index"], i, "{body}");
+        assert_eq!(choice["message"]["content"], ANSWER);
+    }
+    assert_eq!(
+        body["usage"]["completion_tokens"].as_u64().unwrap(),
+        3 * one
+    );
+    let mut seeds: Vec<u64> = scheduler
+        .submitted
+        .lock()
+        .unwrap()
+        .iter()
+        .skip(1)
+        .map(|s| s.1.sampling.as_ref().unwrap().seed)
+        .collect();
+    seeds.sort_unstable();
+    assert_eq!(seeds, [40, 41, 42]);
+
+    request["stream"] = json!(true);
+    request["n"] = json!(2);
+    request["stream_options"] = json!({"include_usage": true});
+    let (status, _, text) = cluster
+        .call(
+            Method::POST,
+            "/v1/chat/completions",
+            request.to_string().into_bytes(),
+        )
+        .await;
+    assert_eq!(status, 200, "{text}");
+    let events: Vec<Value> = text
+        .split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .filter(|e| *e != "[DONE]")
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+    for index in 0..2 {
+        let of_choice: Vec<&Value> = events
+            .iter()
+            .filter(|e| e["choices"].get(0).is_some_and(|c| c["index"] == index))
+            .collect();
+        let content: String = of_choice
+            .iter()
+            .filter_map(|e| e["choices"][0]["delta"]["content"].as_str())
+            .collect();
+        assert_eq!(content, ANSWER, "choice {index}: {text}");
+        let finished = of_choice
+            .iter()
+            .filter(|e| !e["choices"][0]["finish_reason"].is_null())
+            .count();
+        assert_eq!(finished, 1, "choice {index}: {text}");
+    }
+    let usage = &events.last().unwrap()["usage"];
+    assert_eq!(
+        usage["completion_tokens"].as_u64().unwrap(),
+        2 * one,
+        "{text}"
+    );
+
+    for n in [0, 17] {
+        let mut bad = ask_body("Hi.");
+        bad["n"] = json!(n);
+        let (status, body) = cluster.chat(&bad).await;
+        assert_eq!(status, 400, "{body}");
+        assert_eq!(body["error"]["param"], "n", "{body}");
+    }
+}
+
 /// `--served-model-name` twice: both names are listed and served, the first is the
 /// one `ModelInfo` reports, and the snapshot's own name is no longer one of them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1030,7 +1123,6 @@ async fn unsupported_openai_fields_are_refused_by_name() {
     })
     .await;
     for (field, value) in [
-        ("n", json!(2)),
         ("logit_bias", json!({"42": 10})),
         ("response_format", json!({"type": "json_object"})),
         (
