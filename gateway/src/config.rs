@@ -211,6 +211,15 @@ pub struct ClientAuth {
     /// (a separate `--metrics` address is always open).
     #[arg(long, env = "TESSERA_OPEN_METRICS")]
     pub open_metrics: bool,
+    /// Generations one API key may have running at once; more are refused with
+    /// RESOURCE_EXHAUSTED (HTTP 429) [default: 0, no limit]. Needs --api-key-file.
+    #[arg(long, env = "TESSERA_MAX_CONCURRENT_PER_KEY", default_value_t = 0)]
+    pub max_concurrent_per_key: usize,
+    /// Generations one API key may start per minute (GCRA: evenly spaced, with a
+    /// burst of the whole minute's allowance); more are refused with RESOURCE_EXHAUSTED
+    /// (HTTP 429 with Retry-After) [default: 0, no limit]. Needs --api-key-file.
+    #[arg(long, env = "TESSERA_REQUESTS_PER_MINUTE_PER_KEY", default_value_t = 0)]
+    pub requests_per_minute_per_key: u32,
 }
 
 /// The limits a request is validated against.

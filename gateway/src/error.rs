@@ -30,6 +30,10 @@ pub enum Error {
     /// The call has no valid API key (`--api-key-file`).
     #[error("{0}")]
     Unauthenticated(String),
+    /// The caller's key is over one of its limits (`--max-concurrent-per-key`,
+    /// `--requests-per-minute-per-key`).
+    #[error("{0}")]
+    OverKeyLimit(String),
     /// A request arrived before the model files were loaded.
     #[error("the gateway is still loading the model files; retry shortly")]
     Loading,
@@ -105,6 +109,7 @@ impl From<Error> for tonic::Status {
         match e {
             Error::InvalidArgument(_) => Self::invalid_argument(message),
             Error::Unauthenticated(_) => Self::unauthenticated(message),
+            Error::OverKeyLimit(_) => Self::resource_exhausted(message),
             Error::Loading | Error::NoMember(_) => Self::unavailable(message),
             Error::Upstream { status, .. } => Self::new(status.code(), message),
             Error::Timeout(_) => Self::deadline_exceeded(message),

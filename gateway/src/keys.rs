@@ -29,6 +29,9 @@ pub const RELOAD_EVERY: Duration = Duration::from_secs(2);
 
 type Hash = [u8; 32];
 
+/// A key by its SHA-256: what per-key limits count under.
+pub type KeyId = Hash;
+
 /// What a caller may see.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Access {
@@ -85,8 +88,14 @@ impl ApiKeys {
     /// Checks the `authorization` of a call: what its key allows, UNAUTHENTICATED
     /// without a known key when keys are required (and [`Access::Admin`] when not).
     pub fn check(&self, metadata: &MetadataMap) -> Result<Access> {
+        self.caller(metadata).map(|(access, _)| access)
+    }
+
+    /// [`ApiKeys::check`], and which key the call carried (none when no keys are
+    /// required).
+    pub fn caller(&self, metadata: &MetadataMap) -> Result<(Access, Option<KeyId>)> {
         if !self.required() {
-            return Ok(Access::Admin);
+            return Ok((Access::Admin, None));
         }
         let Some(key) = bearer(metadata) else {
             return Err(Error::Unauthenticated(
@@ -101,7 +110,9 @@ impl ApiKeys {
             .hashes
             .get(&hash)
             .copied();
-        known.ok_or_else(|| Error::Unauthenticated("the API key is not valid".into()))
+        known
+            .map(|access| (access, Some(hash)))
+            .ok_or_else(|| Error::Unauthenticated("the API key is not valid".into()))
     }
 
     /// Reads the file again if it changed since it was read (or `force`); keeps the

@@ -27,6 +27,7 @@ pub mod detokenize;
 pub mod error;
 pub mod generation;
 pub mod http;
+pub mod key_limits;
 pub mod keys;
 pub mod metrics;
 pub mod model_files;

@@ -32,6 +32,7 @@ use crate::cluster::redact;
 use crate::config::{Config, Limits};
 use crate::error::{Error, Result};
 use crate::generation::{Answer, Running, TokenTimes};
+use crate::key_limits::{Admitted, KeyLimits};
 use crate::keys::{Access, ApiKeys};
 use crate::metrics::Gateway;
 use crate::model_files::ModelFiles;
@@ -126,6 +127,7 @@ impl Drop for Call {
 
 struct Inner {
     files: OnceLock<Arc<ModelFiles>>,
+    key_limits: KeyLimits,
     /// `--served-model-name`: empty for the snapshot's own id.
     names: Vec<String>,
     keys: Arc<ApiKeys>,
@@ -163,6 +165,7 @@ impl TesseraService {
         Self {
             inner: Arc::new(Inner {
                 files: OnceLock::new(),
+                key_limits: KeyLimits::new(&cfg.auth),
                 keys,
                 upstream: Arc::new(Upstream::new(discovery, tls)),
                 limits: cfg.limits(),
@@ -181,6 +184,16 @@ impl TesseraService {
     /// OK without `--api-key-file`).
     pub(crate) fn authorize(&self, metadata: &MetadataMap) -> Result<Access, Status> {
         self.inner.keys.check(metadata).map_err(Status::from)
+    }
+
+    /// [`TesseraService::authorize`] for a generation, admitted under its key's limits
+    /// (RESOURCE_EXHAUSTED over them); the generation holds the result while it runs.
+    fn admit(&self, metadata: &MetadataMap) -> Result<Admitted, Status> {
+        let (_, key) = self.inner.keys.caller(metadata).map_err(Status::from)?;
+        self.inner
+            .key_limits
+            .admit(key.as_ref())
+            .map_err(Status::from)
     }
 
     /// Whether calls need an API key.
@@ -243,10 +256,13 @@ impl TesseraService {
         request: GenerateRequest,
     ) -> Result<GenerateResponse, Status> {
         let call = Call::start(api);
-        if let Err(status) = self.authorize(metadata) {
-            call.failed(&status);
-            return Err(status);
-        }
+        let admitted = match self.admit(metadata) {
+            Ok(admitted) => admitted,
+            Err(status) => {
+                call.failed(&status);
+                return Err(status);
+            }
+        };
         let result = match request_id(metadata, &request.request_id) {
             Ok(id) => {
                 let span = tracing::info_span!("generate", request_id = %id);
@@ -256,6 +272,7 @@ impl TesseraService {
             }
             Err(e) => Err(failed(e)),
         };
+        drop(admitted);
         match result {
             Ok((response, times)) => {
                 call.succeeded(response.usage.as_ref(), times);
@@ -279,10 +296,13 @@ impl TesseraService {
         request: GenerateRequest,
     ) -> Result<(String, Messages), Status> {
         let call = Call::start(api);
-        if let Err(status) = self.authorize(metadata) {
-            call.failed(&status);
-            return Err(status);
-        }
+        let admitted = match self.admit(metadata) {
+            Ok(admitted) => admitted,
+            Err(status) => {
+                call.failed(&status);
+                return Err(status);
+            }
+        };
         let id = match request_id(metadata, &request.request_id) {
             Ok(id) => id,
             Err(e) => {
@@ -307,6 +327,7 @@ impl TesseraService {
         };
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let stream = Stream {
+            _admitted: admitted,
             answer,
             running,
             deadline,
@@ -351,6 +372,8 @@ fn failed(e: Error) -> Status {
 
 /// A submitted stream, as its forwarding task owns it.
 struct Stream {
+    /// The key's slot, held until the stream ends.
+    _admitted: Admitted,
     answer: Answer,
     running: Running,
     deadline: Instant,
@@ -362,6 +385,7 @@ struct Stream {
 /// the deadline.
 async fn forward(stream: Stream, tx: mpsc::Sender<Result<GenerateStreamResponse, Status>>) {
     let Stream {
+        _admitted,
         mut answer,
         mut running,
         deadline,
