@@ -522,7 +522,7 @@ def check_memory(objs, ctx):
         if c.role == "scheduler":
             kv = setting(c, objs, "--kv-cache-bytes", "TESSERA_KV_CACHE_BYTES")
             if kv is None:
-                out.append(f"{c.where('env')}: TESSERA_KV_CACHE_BYTES unset (its default ignores the memory limit)")
+                out.append(f"{c.where('env')}: TESSERA_KV_CACHE_BYTES unset (its default is a tenth of the memory limit; size it from the pod's budget)")
                 continue
             need += int(str(kv))
         need += PROCESS_OVERHEAD
