@@ -96,16 +96,7 @@ async fn a_stream_is_chunks_of_the_same_text_then_done() {
         .await;
     assert_eq!(status, 200, "{events}");
     assert_eq!(kind, "text/event-stream");
-    let data: Vec<&str> = events
-        .split("\n\n")
-        .filter(|e| !e.is_empty())
-        .map(|e| e.strip_prefix("data: ").expect("a data event"))
-        .collect();
-    assert_eq!(data.last(), Some(&"[DONE]"));
-    let chunks: Vec<Value> = data[..data.len() - 1]
-        .iter()
-        .map(|d| serde_json::from_str(d).unwrap())
-        .collect();
+    let chunks = sse_chunks(&events);
     assert!(
         chunks
             .iter()

@@ -80,13 +80,7 @@ async fn n_choices_are_n_requests() {
         )
         .await;
     assert_eq!(status, 200, "{text}");
-    let events: Vec<Value> = text
-        .split("\n\n")
-        .filter_map(|e| e.strip_prefix("data: "))
-        .filter(|e| *e != "[DONE]")
-        .map(|e| serde_json::from_str(e).unwrap())
-        .collect();
-    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+    let events = sse_chunks(&text);
     for index in 0..2 {
         let of_choice: Vec<&Value> = events
             .iter()

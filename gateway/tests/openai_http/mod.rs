@@ -173,3 +173,17 @@ pub fn error_message(body: &Value, kind: &str) -> String {
     );
     error["message"].as_str().unwrap().to_owned()
 }
+
+/// The chunks of a streamed completion's body: `data:` events, the last `[DONE]`.
+pub fn sse_chunks(body: &str) -> Vec<Value> {
+    let data: Vec<&str> = body
+        .split("\n\n")
+        .filter(|e| !e.is_empty())
+        .map(|e| e.strip_prefix("data: ").expect("a data event"))
+        .collect();
+    assert_eq!(data.last(), Some(&"[DONE]"), "{body}");
+    data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect()
+}
