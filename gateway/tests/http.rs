@@ -14,16 +14,14 @@ use axum::http::{Method, Request, header};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use common::*;
-use fakes::{FakeScheduler, FakeVision, SchedulerScript, VisionScript};
+use fakes::SchedulerScript;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use openai_http::*;
 use serde_json::{Value, json};
-use tessera_gateway::Config;
 use tessera_model::chat::ChatTokenizer;
 use tessera_proto::internal::v1::StopReason;
-use tessera_runtime::MemoryDiscovery;
 use tonic::{Code, Status};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -279,28 +277,17 @@ async fn only_json_completions_and_known_paths_are_served() {
 /// A gateway whose HTTP server closes connections after `read_timeout` seconds
 /// without a request head and holds at most `max_connections`.
 async fn bounded_cluster(read_timeout: u64, max_connections: usize) -> Cluster {
-    let tok = ChatTokenizer::from_dir(&fixture(FIXTURE)).unwrap();
-    let ids = tok.encode(ANSWER).unwrap();
-    let batches = ids.chunks(3).map(<[u32]>::to_vec).collect();
-    let discovery = MemoryDiscovery::new();
-    let vision = FakeVision::new(&fixture(FIXTURE), VisionScript::Correct);
-    let scheduler = FakeScheduler::new(SchedulerScript::Tokens(batches, StopReason::Length));
-    let members = fakes::register(&discovery, &vision, &scheduler).await;
-    let mut cfg = Config::new(fixture(FIXTURE));
-    cfg.public_limits.http_read_timeout_seconds = read_timeout;
-    cfg.public_limits.http_max_connections = max_connections;
-    let gateway = Gateway::start_http(cfg, discovery).await;
-    Cluster {
-        http: gateway.http.unwrap(),
-        gateway,
-        vision,
-        // No pooled connections: the server closes idle ones after the short read
-        // timeout, and a pooled one could be reused just as it closes.
-        client: Client::builder(TokioExecutor::new())
-            .pool_max_idle_per_host(0)
-            .build_http(),
-        _members: members,
-    }
+    let (mut cluster, _) = cluster_configured(answer_script(), |cfg| {
+        cfg.public_limits.http_read_timeout_seconds = read_timeout;
+        cfg.public_limits.http_max_connections = max_connections;
+    })
+    .await;
+    // No pooled connections: the server closes idle ones after the short read
+    // timeout, and a pooled one could be reused just as it closes.
+    cluster.client = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(0)
+        .build_http();
+    cluster
 }
 
 /// Reads until the server closes `stream`, within the tests' deadline; returns what

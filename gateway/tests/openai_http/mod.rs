@@ -34,10 +34,15 @@ pub struct Cluster {
 
 /// A gateway with HTTP whose scheduler answers [`ANSWER`] in batches of 3 tokens.
 pub async fn cluster() -> Cluster {
+    cluster_with(answer_script()).await
+}
+
+/// A scheduler script answering [`ANSWER`] in batches of 3 tokens.
+pub fn answer_script() -> SchedulerScript {
     let tok = ChatTokenizer::from_dir(&fixture(FIXTURE)).unwrap();
     let ids = tok.encode(ANSWER).unwrap();
     let batches = ids.chunks(3).map(<[u32]>::to_vec).collect();
-    cluster_with(SchedulerScript::Tokens(batches, StopReason::Length)).await
+    SchedulerScript::Tokens(batches, StopReason::Length)
 }
 
 /// A gateway with HTTP whose scheduler follows `script`.
