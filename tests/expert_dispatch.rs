@@ -61,6 +61,10 @@ impl Cluster {
             let addr = listener.local_addr().unwrap();
             let mut worker = Config::new(dir);
             worker.member.id = Some(id.clone());
+            // One owner per expert: each worker holds 1/N (replicas are the
+            // failover tests' business).
+            worker.pool.expert_replicas = Some(1);
+            worker.placement_settle_ms = 100;
             servers.push(runtime.spawn(tessera_expert_worker::run(
                 worker,
                 listener,

@@ -140,10 +140,11 @@ fn counters_move_by_what_each_request_did() {
     let top_k = f64::from(info.num_experts_per_token);
 
     assert_eq!(http(&web, "GET", "/health", ""), (200, "ok".to_owned()));
-    // Every routed expert is held once the workers have applied the placement.
+    // Every routed expert is held twice (two replicas on the two workers) once the
+    // workers have applied the placement.
     let all_experts = moe_layers * f64::from(info.num_routed_experts);
     let before = scrape_until(&web, |s| {
-        s.sum("tessera_expert_worker_held_experts", &[]) == all_experts
+        s.sum("tessera_expert_worker_held_experts", &[]) == 2.0 * all_experts
     });
     for family in [
         "tessera_kv_blocks_used",

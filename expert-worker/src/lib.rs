@@ -21,11 +21,13 @@ pub mod metrics;
 pub mod service;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tessera_proto::Limited;
 use tessera_proto::internal::v1::expert_server::ExpertServer;
 use tessera_runtime::member::{self, Context, Grpc, MemberArgs, Readiness};
 use tessera_runtime::placer::{self, ExpertLayout};
+use tessera_runtime::pool::PoolArgs;
 use tessera_runtime::{CancellationToken, Discovery, Role};
 use tokio::net::TcpListener;
 
@@ -38,6 +40,28 @@ pub use service::ExpertService;
 pub struct Config {
     #[command(flatten)]
     pub member: MemberArgs,
+    /// The most bytes of routed-expert weights this worker holds (e.g. 20GiB); the
+    /// placement gives it no more, and it drops what it loses before loading what it
+    /// gains when both do not fit [default: inside a container, 85% of its memory
+    /// limit less what the process holds once the model is open; else no limit].
+    #[arg(long, env = "TESSERA_EXPERT_MEMORY_BYTES", value_parser = parse_size, value_name = "SIZE")]
+    pub expert_memory_bytes: Option<u64>,
+    /// Milliseconds the published placement must stay unchanged before a starting
+    /// worker loads its share (workers starting together each publish one; only the
+    /// last is loaded).
+    #[arg(long, env = "TESSERA_PLACEMENT_SETTLE_MS", default_value_t = DEFAULT_SETTLE_MS)]
+    pub placement_settle_ms: u64,
+    /// How experts are placed over the pool (every expert-worker and scheduler
+    /// places, so give all of them the same values).
+    #[command(flatten)]
+    pub pool: PoolArgs,
+}
+
+/// Default for `--placement-settle-ms`.
+pub const DEFAULT_SETTLE_MS: u64 = 1000;
+
+fn parse_size(text: &str) -> std::result::Result<u64, String> {
+    tessera_runtime::memory::parse_size(text)
 }
 
 impl Config {
@@ -45,14 +69,27 @@ impl Config {
     pub fn new(model: impl Into<std::path::PathBuf>) -> Self {
         Self {
             member: MemberArgs::new(model),
+            expert_memory_bytes: None,
+            placement_settle_ms: DEFAULT_SETTLE_MS,
+            pool: PoolArgs::default(),
         }
+    }
+
+    /// The expert budget: `--expert-memory-bytes`, else derived from the cgroup's
+    /// limit and what the process holds now (`None`: no limit).
+    pub fn budget(&self) -> Option<u64> {
+        self.expert_memory_bytes.or_else(|| {
+            let limit = tessera_runtime::memory::cgroup_limit()?;
+            let held = tessera_runtime::memory::resident_bytes().unwrap_or(0);
+            Some((limit / 100 * 85).saturating_sub(held))
+        })
     }
 }
 
 /// The expert-worker as the member lifecycle drives it.
 struct Worker {
     service: ExpertService,
-    member: MemberArgs,
+    cfg: Config,
 }
 
 impl member::Service for Worker {
@@ -68,16 +105,29 @@ impl member::Service for Worker {
     /// Reads the model's config and fingerprint; experts load as placements
     /// arrive.
     async fn load(&self, ctx: &Context) -> Result<String> {
-        let (service, dir) = (self.service.clone(), self.member.model_dir().to_path_buf());
-        let (id, compute) = (ctx.id.clone(), ctx.compute.clone());
-        tokio::task::spawn_blocking(move || service.open(&dir, &id, compute))
+        let (service, dir) = (
+            self.service.clone(),
+            self.cfg.member.model_dir().to_path_buf(),
+        );
+        let (id, compute, cfg) = (ctx.id.clone(), ctx.compute.clone(), self.cfg.clone());
+        tokio::task::spawn_blocking(move || service.open(&dir, &id, compute, cfg.budget()))
             .await
             .map_err(Error::Join)??;
+        if let Some(capacity) = self.service.capacity() {
+            tracing::info!(
+                capacity,
+                "expert budget: the most routed experts this worker holds"
+            );
+        }
         Ok(self.service.fingerprint().to_string())
     }
 
     fn fingerprint(fingerprint: &String) -> String {
         fingerprint.clone()
+    }
+
+    fn capacity(&self) -> Option<usize> {
+        self.service.capacity()
     }
 
     async fn start(&self, _: String, ctx: &Context) -> Result<Readiness> {
@@ -88,12 +138,19 @@ impl member::Service for Worker {
         };
         // Both stop when shutdown begins: a draining worker keeps the shard it has.
         let tasks = ctx.shutdown.child_token();
-        tokio::spawn(placer::run(ctx.discovery.clone(), layout, tasks.clone()));
+        tokio::spawn(placer::run(
+            ctx.discovery.clone(),
+            layout,
+            self.cfg.pool.policy(),
+            None,
+            tasks.clone(),
+        ));
         tokio::spawn(follow::run(
             self.service.clone(),
             ctx.id.clone(),
             ctx.discovery.clone(),
             ctx.health.clone(),
+            Duration::from_millis(self.cfg.placement_settle_ms),
             tasks,
         ));
         Ok(Readiness::Later)
@@ -111,7 +168,7 @@ pub async fn run(
 ) -> Result<()> {
     let worker = Worker {
         service: ExpertService::new(),
-        member: cfg.member.clone(),
+        cfg: cfg.clone(),
     };
     member::run(worker, &cfg.member, listener, discovery, shutdown).await
 }

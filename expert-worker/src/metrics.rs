@@ -25,6 +25,10 @@ pub struct ExpertWorkerMetrics {
     pub held_bytes: IntGauge,
     /// Version of the last placement applied.
     pub placement_version: IntGauge,
+    /// Bytes of expert weights loaded, over the worker's life.
+    pub loaded_bytes: IntCounter,
+    /// The most bytes of expert weights this worker may hold.
+    pub budget_bytes: IntGauge,
 }
 
 impl ExpertWorkerMetrics {
@@ -38,6 +42,8 @@ impl ExpertWorkerMetrics {
             held: IntGaugeVec,
             bytes: IntGaugeVec,
             version: IntGaugeVec,
+            loaded: IntCounterVec,
+            budget: IntGaugeVec,
         }
         static WORKER: LazyLock<Families> = LazyLock::new(|| {
             let l = &["worker"];
@@ -78,6 +84,17 @@ impl ExpertWorkerMetrics {
                     "Version of the last expert placement applied (0 before any).",
                     l,
                 ),
+                loaded: counters(
+                    "tessera_expert_worker_loaded_bytes_total",
+                    "Bytes of routed-expert weights loaded, over the worker's life.",
+                    l,
+                ),
+                budget: gauges(
+                    "tessera_expert_worker_budget_bytes",
+                    "The most bytes of routed-expert weights the worker may hold \
+                     (--expert-memory-bytes; 0: no limit).",
+                    l,
+                ),
             }
         });
         let l = &[worker];
@@ -90,6 +107,8 @@ impl ExpertWorkerMetrics {
             held_experts: WORKER.held.with_label_values(l),
             held_bytes: WORKER.bytes.with_label_values(l),
             placement_version: WORKER.version.with_label_values(l),
+            loaded_bytes: WORKER.loaded.with_label_values(l),
+            budget_bytes: WORKER.budget.with_label_values(l),
         }
     }
 

@@ -39,7 +39,27 @@ struct Shard {
     /// Version of the last placement applied; 0 before any.
     placement_version: u64,
     /// Whether a placement (or a `Load`) has been applied.
-    ready: bool,
+    applied: bool,
+    /// What the last applied placement gives this worker: while any of it is not
+    /// held (an `Unload`), the worker is not ready.
+    share: BTreeSet<(usize, usize)>,
+}
+
+impl Shard {
+    /// Whether a placement was applied and all of its share is held.
+    fn ready(&self) -> bool {
+        self.applied && self.share.is_subset(&self.held)
+    }
+}
+
+/// How [`ExpertService::apply`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// The held set is the placement's share.
+    Done,
+    /// A newer placement arrived while loading; what was loaded is kept, the rest
+    /// is for the newer one to decide.
+    Superseded,
 }
 
 /// What does not change once the model is opened.
@@ -51,6 +71,10 @@ struct Model {
     /// Where and in what precision experts are loaded and computed.
     compute: Compute,
     metrics: ExpertWorkerMetrics,
+    /// Bytes one routed expert takes once loaded (measured on one at open).
+    expert_bytes: usize,
+    /// The most bytes of experts this worker may hold (`None`: no limit).
+    budget: Option<u64>,
 }
 
 /// Serves `tessera.internal.v1.Expert` for one shard of routed experts, which
@@ -62,6 +86,8 @@ pub struct ExpertService {
     shard: Arc<RwLock<Arc<Shard>>>,
     /// Serialises loads and unloads (forwards never wait on it).
     changing: Arc<tokio::sync::Mutex<()>>,
+    /// Woken when experts of the share are dropped outside a placement (`Unload`).
+    lost: Arc<tokio::sync::Notify>,
 }
 
 impl std::fmt::Debug for ExpertService {
@@ -88,21 +114,45 @@ impl ExpertService {
             model: Arc::default(),
             shard: Arc::default(),
             changing: Arc::default(),
+            lost: Arc::default(),
         }
     }
 
-    /// Reads the snapshot's config and fingerprint (once); experts will load
-    /// onto `compute`, and the metrics carry the member id `worker`. Holds no
-    /// experts yet. Blocking.
-    pub fn open(&self, dir: &Path, worker: &str, compute: Compute) -> Result<()> {
+    /// Reads the snapshot's config and fingerprint (once) and measures one routed
+    /// expert's loaded size; experts will load onto `compute`, never more than
+    /// `budget` bytes of them (`None`: no limit), and the metrics carry the member id
+    /// `worker`. Holds no experts yet. Blocking.
+    pub fn open(
+        &self,
+        dir: &Path,
+        worker: &str,
+        compute: Compute,
+        budget: Option<u64>,
+    ) -> Result<()> {
         let config = ModelConfig::from_dir(dir).map_err(Error::Load)?;
         let fingerprint = tessera_model::fingerprint(dir).map_err(Error::Load)?;
+        let expert_bytes = match config.language.moe_layers().first() {
+            Some(&layer) if config.language.moe.is_some() => {
+                let checkpoint = Checkpoint::open(dir).map_err(Error::Load)?;
+                let one = ExpertSelection::Only([(layer, 0)].into());
+                LocalExperts::load(&config.language, compute.target(&checkpoint), &one)
+                    .map_err(Error::Load)?
+                    .bytes()
+            }
+            _ => 0,
+        };
+        let metrics = ExpertWorkerMetrics::new(worker);
+        metrics
+            .budget_bytes
+            .set(budget.map_or(0, |b| i64::try_from(b).unwrap_or(i64::MAX)));
         let model = Model {
             dir: dir.to_path_buf(),
             config,
             fingerprint,
             compute,
-            metrics: ExpertWorkerMetrics::new(worker),
+            metrics,
+            expert_bytes,
+            budget,
         };
         if self.model.set(model).is_err() {
             tracing::warn!("the expert-worker's model was already open");
@@ -128,6 +178,24 @@ impl ExpertService {
         let lang = &model.config.language;
         let n = lang.moe.as_ref().map_or(0, |m| m.n_routed_experts);
         (lang.moe_layers(), n)
+    }
+
+    /// The most `(layer, expert)` pairs this worker may hold under its budget
+    /// (`None`: no limit, or not open yet).
+    pub fn capacity(&self) -> Option<usize> {
+        let model = self.model.get()?;
+        let budget = usize::try_from(model.budget?).unwrap_or(usize::MAX);
+        Some(budget / model.expert_bytes.max(1))
+    }
+
+    /// Whether the last placement was applied and all of its share is held.
+    pub fn is_ready(&self) -> bool {
+        self.current().ready()
+    }
+
+    /// Resolves when experts of the share were dropped outside a placement.
+    pub async fn share_lost(&self) {
+        self.lost.notified().await;
     }
 
     fn current(&self) -> Arc<Shard> {
@@ -166,49 +234,149 @@ impl ExpertService {
         self.current().placement_version
     }
 
-    /// Makes the held set exactly `want` for placement `version`: loads the missing
-    /// experts from the checkpoint (on a blocking thread) first, then drops the
-    /// ones no longer wanted, so experts kept across placements never stop being
-    /// served.
-    pub async fn apply(&self, version: u64, want: &BTreeSet<(usize, usize)>) -> Result<()> {
+    /// Makes the held set exactly `want` for placement `version`. Within the budget
+    /// it loads the missing experts first and then drops the ones no longer
+    /// wanted, so experts kept across placements never stop being served. When
+    /// both do not fit, it first drops `droppable` (lost pairs another worker keeps
+    /// holding), then, only if still needed, the other lost pairs. Missing experts
+    /// load one layer at a time; between layers `superseded` is asked whether a newer
+    /// placement arrived, and if so it stops there ([`Applied::Superseded`]).
+    pub async fn apply(
+        &self,
+        version: u64,
+        want: &BTreeSet<(usize, usize)>,
+        droppable: &BTreeSet<(usize, usize)>,
+        superseded: impl Fn() -> bool,
+    ) -> Result<Applied> {
         let _guard = self.changing.lock().await;
-        let missing: BTreeSet<(usize, usize)> =
-            want.difference(&self.current().held).copied().collect();
-        let loaded = self.load_blocking(missing).await?;
+        let model = self.model()?;
+        let held = self.current().held.clone();
+        let missing: BTreeSet<(usize, usize)> = want.difference(&held).copied().collect();
+        let lost: BTreeSet<(usize, usize)> = held.difference(want).copied().collect();
+        if let Some(budget) = model.budget {
+            let need = |held: usize| (held + missing.len()) as u64 * model.expert_bytes as u64;
+            if need(held.len()) > budget {
+                let first: BTreeSet<_> = lost.intersection(droppable).copied().collect();
+                self.drop_pairs(&first);
+                let left = self.current().held.len();
+                if need(left) > budget {
+                    tracing::warn!(
+                        version,
+                        "the budget leaves no room to load before dropping; experts this \
+                         worker alone held are dropped before their new owners hold them"
+                    );
+                    self.drop_pairs(&lost);
+                }
+            }
+        }
+        let room = model.budget.map_or(usize::MAX, |budget| {
+            let held = self.current().held.len();
+            usize::try_from(budget / model.expert_bytes.max(1) as u64)
+                .unwrap_or(usize::MAX)
+                .saturating_sub(held)
+        });
+        if missing.len() > room {
+            tracing::error!(
+                version,
+                share = want.len(),
+                room,
+                "the placement gives this worker more experts than its budget holds \
+                 (--expert-memory-bytes); loading only what fits"
+            );
+        }
+        let mut by_layer: BTreeMap<usize, BTreeSet<(usize, usize)>> = BTreeMap::new();
+        for &(layer, expert) in missing.iter().take(room) {
+            by_layer.entry(layer).or_default().insert((layer, expert));
+        }
+        for (_, pairs) in by_layer {
+            if superseded() {
+                tracing::info!(
+                    version,
+                    "a newer placement arrived; applying that one instead"
+                );
+                return Ok(Applied::Superseded);
+            }
+            let loaded = self.load_blocking(pairs).await?;
+            model.metrics.loaded_bytes.inc_by(loaded.bytes() as u64);
+            let mut shard = (*self.current()).clone();
+            shard.experts.merge(&loaded);
+            shard.held = shard.experts.held();
+            self.replace(shard);
+            // Reading and packing leave freed buffers behind in the loading
+            // thread's arena.
+            release_freed_memory();
+        }
         let mut shard = (*self.current()).clone();
-        shard.experts.merge(&loaded);
         shard.experts.retain(|l, e| want.contains(&(l, e)));
         shard.held = shard.experts.held();
         shard.placement_version = shard.placement_version.max(version);
-        shard.ready = true;
+        shard.applied = true;
+        shard.share.clone_from(want);
         tracing::info!(
             version,
             experts = shard.held.len(),
             bytes = shard.experts.bytes(),
             "expert placement applied"
         );
-        let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
-        let m = &self.model()?.metrics;
-        m.held_experts.set(gauge(shard.held.len()));
-        m.held_bytes.set(gauge(shard.experts.bytes()));
-        m.placement_version
-            .set(i64::try_from(shard.placement_version).unwrap_or(i64::MAX));
+        self.publish(shard);
+        Ok(Applied::Done)
+    }
+
+    /// Drops `pairs` now (a placement's losses), keeping the share as it is.
+    fn drop_pairs(&self, pairs: &BTreeSet<(usize, usize)>) {
+        if pairs.is_empty() {
+            return;
+        }
+        let mut shard = (*self.current()).clone();
+        shard.experts.retain(|l, e| !pairs.contains(&(l, e)));
+        shard.held = shard.experts.held();
+        self.publish(shard);
+    }
+
+    /// Swaps in `shard` and reports what it holds in the metrics.
+    fn publish(&self, shard: Shard) {
+        let dropped = shard.experts.bytes() < self.current().experts.bytes();
+        if let Ok(model) = self.model() {
+            let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+            let m = &model.metrics;
+            m.held_experts.set(gauge(shard.held.len()));
+            m.held_bytes.set(gauge(shard.experts.bytes()));
+            m.placement_version
+                .set(i64::try_from(shard.placement_version).unwrap_or(i64::MAX));
+        }
         self.replace(shard);
+        if dropped {
+            release_freed_memory();
+        }
+    }
+
+    /// Loads `add` next to the experts already held (the share stays as it is).
+    async fn add(&self, add: BTreeSet<(usize, usize)>) -> Result<()> {
+        let _guard = self.changing.lock().await;
+        let missing: BTreeSet<(usize, usize)> =
+            add.difference(&self.current().held).copied().collect();
+        let loaded = self.load_blocking(missing).await?;
+        self.model()?
+            .metrics
+            .loaded_bytes
+            .inc_by(loaded.bytes() as u64);
+        let mut shard = (*self.current()).clone();
+        shard.experts.merge(&loaded);
+        shard.held = shard.experts.held();
+        shard.applied = true;
+        self.publish(shard);
         Ok(())
     }
 
-    /// Loads `add` next to the experts already held.
-    async fn add(&self, version: u64, add: BTreeSet<(usize, usize)>) -> Result<()> {
-        let mut want = self.current().held.clone();
-        want.extend(add);
-        self.apply(version, &want).await
-    }
-
-    /// Drops `remove` from the experts held.
-    async fn remove(&self, version: u64, remove: &BTreeSet<(usize, usize)>) -> Result<()> {
-        let want: BTreeSet<(usize, usize)> =
-            self.current().held.difference(remove).copied().collect();
-        self.apply(version, &want).await
+    /// Drops `remove` from the experts held. Dropping part of the share makes the
+    /// worker not ready until it has loaded them again (its placement task does).
+    async fn remove(&self, remove: &BTreeSet<(usize, usize)>) -> Result<()> {
+        let _guard = self.changing.lock().await;
+        self.drop_pairs(remove);
+        if !self.current().ready() {
+            self.lost.notify_one();
+        }
+        Ok(())
     }
 
     async fn load_blocking(&self, pairs: BTreeSet<(usize, usize)>) -> Result<LocalExperts> {
@@ -273,6 +441,21 @@ impl ExpertService {
         Ok(ForwardResponse {
             sums: Some(tensor::encode(&sums)?),
         })
+    }
+}
+
+/// Hands memory freed by dropped experts (or by loading) back to the system. glibc keeps freed
+/// heap memory in its arenas (one per thread that allocated) for reuse, so the
+/// resident set would stay at its high-water mark and a worker that drops experts
+/// to load others could pass its budget; `malloc_trim` returns every arena's free
+/// pages.
+#[allow(unsafe_code)]
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: `malloc_trim` only releases free memory held by the allocator; it
+    // touches no live allocation and is thread-safe.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
@@ -424,7 +607,7 @@ impl Expert for ExpertService {
         let req = request.into_inner();
         self.model()?;
         let add = pairs(&req.experts, &self.layout())?;
-        self.add(req.placement_version, add).await?;
+        self.add(add).await?;
         Ok(Response::new(LoadResponse {
             held: by_layer(&self.current().held),
         }))
@@ -437,7 +620,7 @@ impl Expert for ExpertService {
         let req = request.into_inner();
         self.model()?;
         let remove = pairs(&req.experts, &self.layout())?;
-        self.remove(req.placement_version, &remove).await?;
+        self.remove(&remove).await?;
         Ok(Response::new(UnloadResponse {
             held: by_layer(&self.current().held),
         }))
@@ -449,7 +632,7 @@ impl Expert for ExpertService {
         Ok(Response::new(InfoResponse {
             model_fingerprint: fingerprint,
             held: by_layer(&shard.held),
-            ready: shard.ready,
+            ready: shard.ready(),
             placement_version: shard.placement_version,
             held_bytes: shard.experts.bytes() as u64,
         }))

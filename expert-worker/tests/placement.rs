@@ -49,6 +49,9 @@ async fn start_with(discovery: &Arc<MemoryDiscovery>, id: &str, model: PathBuf) 
     let mut cfg = Config::new(model);
     cfg.member.id = Some(id.to_string());
     cfg.member.grace_seconds = 5;
+    // One owner per expert, so that each worker's share is 1/N.
+    cfg.pool.expert_replicas = Some(1);
+    cfg.placement_settle_ms = 100;
     let stop = CancellationToken::new();
     let task = tokio::spawn(tessera_expert_worker::run(
         cfg,
@@ -332,6 +335,9 @@ async fn load_and_unload_change_what_is_held_and_bad_layers_are_refused() {
     let after = pairs(&unloaded.held);
     assert_eq!(after.len(), all.len() - 2);
     assert!(!after.contains(&(layer as usize, 0)));
+    // Its share is missing two experts: it loads them again and serves again.
+    holds_its_share_again(&w, &all).await;
+    // `Load` adds beyond the share (here: what it already holds, so nothing).
     let loaded = w
         .client
         .clone()
@@ -345,7 +351,7 @@ async fn load_and_unload_change_what_is_held_and_bad_layers_are_refused() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(pairs(&loaded.held).len(), all.len() - 1);
+    assert_eq!(pairs(&loaded.held), all);
 
     let err = w
         .client
@@ -366,7 +372,137 @@ async fn load_and_unload_change_what_is_held_and_bad_layers_are_refused() {
         err.message()
     );
     // Still serving.
-    assert_eq!(pairs(&info(&w).await.held).len(), all.len() - 1);
+    assert_eq!(pairs(&info(&w).await.held), all);
     w.stop.cancel();
     w.task.await.unwrap().unwrap();
+}
+
+/// Polls until `w` holds `share`, reports ready and its health SERVING.
+async fn holds_its_share_again(w: &Worker, share: &BTreeSet<(usize, usize)>) {
+    tokio::time::timeout(DEADLINE, async {
+        loop {
+            let i = info(w).await;
+            let health = HealthClient::new(w.channel.clone())
+                .check(HealthCheckRequest::default())
+                .await
+                .unwrap()
+                .into_inner()
+                .status();
+            if i.ready && pairs(&i.held) == *share && health == ServingStatus::Serving {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the worker loads its share again before the deadline");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_missing_part_of_its_share_is_not_ready_until_it_has_reloaded_it() {
+    let discovery = Arc::new(MemoryDiscovery::new());
+    let w = start(&discovery, "reloads").await;
+    settled(&discovery, &[&w], 1).await;
+    let all = pairs(&info(&w).await.held);
+    let layer = all.iter().next().unwrap().0 as u32;
+    // Unload, then ask at once: the answer is taken before the reload can finish
+    // only sometimes, so what is checked is that a worker short of its share never
+    // says it is ready.
+    let mut saw_not_ready = false;
+    for _ in 0..5 {
+        w.client
+            .clone()
+            .unload(UnloadRequest {
+                placement_version: 0,
+                experts: vec![LayerExperts {
+                    layer,
+                    experts: (0..8).collect(),
+                }],
+            })
+            .await
+            .unwrap();
+        let i = info(&w).await;
+        let short = !pairs(&i.held).is_superset(&all);
+        assert!(!(short && i.ready), "ready while missing part of its share");
+        saw_not_ready |= !i.ready;
+        holds_its_share_again(&w, &all).await;
+    }
+    println!("saw the worker not ready after an unload: {saw_not_ready}");
+    w.stop.cancel();
+    w.task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_budget_caps_what_a_worker_is_given_and_holds() {
+    let discovery = Arc::new(MemoryDiscovery::new());
+    let cfg = ModelConfig::from_dir(&fixture()).unwrap();
+    let per_expert = total_expert_bytes()
+        / (cfg.language.moe_layers().len() * cfg.language.moe.as_ref().unwrap().n_routed_experts);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut config = Config::new(fixture());
+    config.member.id = Some("small".into());
+    config.expert_memory_bytes = Some(10 * per_expert as u64);
+    config.placement_settle_ms = 100;
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(tessera_expert_worker::run(
+        config,
+        listener,
+        discovery.clone(),
+        stop.clone(),
+    ));
+    let client = ExpertClient::new(
+        Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect_lazy(),
+    );
+    let big = start(&discovery, "big").await;
+    // The worker registers its capacity, and the placement gives it no more.
+    let registered = tokio::time::timeout(DEADLINE, async {
+        loop {
+            let member = discovery.members().into_iter().find(|m| m.id == "small");
+            if let Some(capacity) = member.and_then(|m| m.capacity) {
+                return capacity;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(registered, 10);
+    let p = tokio::time::timeout(DEADLINE, async {
+        loop {
+            if let Some(p) = discovery.placement().filter(|p| p.workers().count() == 2) {
+                return p;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        p.experts_of("small").len() <= 10,
+        "{:?}",
+        p.experts_of("small")
+    );
+    assert!(p.is_complete(), "the unbounded worker holds the rest");
+    let held = tokio::time::timeout(DEADLINE, async {
+        loop {
+            let i = client.clone().info(InfoRequest {}).await;
+            if let Ok(i) = i.map(|r| r.into_inner())
+                && i.ready
+                && i.placement_version >= p.version
+            {
+                return i.held_bytes;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap();
+    assert!(held as usize <= 10 * per_expert, "{held} bytes held");
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    big.stop.cancel();
+    big.task.await.unwrap().unwrap();
 }

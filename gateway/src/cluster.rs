@@ -106,6 +106,7 @@ mod tests {
                 layers: vec![1, 2],
                 n_experts: 4,
                 assignment,
+                ..Default::default()
             })
             .unwrap();
         let status = cluster_status(&discovery);

@@ -2,7 +2,9 @@
 //!
 //! Bad input is INVALID_ARGUMENT with a message the caller can act on (never the
 //! prompt or the pixels); a status from a vision-worker or scheduler keeps its
-//! code; a member that answers against the protocol is INTERNAL.
+//! code, except that a member gone or broken (UNKNOWN, CANCELLED, or INTERNAL made
+//! by this side's transport) and a request no member could serve are UNAVAILABLE,
+//! never UNKNOWN; a member that answers against the protocol is INTERNAL.
 
 use std::path::PathBuf;
 
@@ -53,6 +55,16 @@ pub enum Error {
     /// A vision-worker or scheduler answered with an error status.
     #[error("{role}: {}", .status.message())]
     Upstream { role: Role, status: tonic::Status },
+    /// Every member of `role` tried failed (gone or broken), or none other was left
+    /// to try (`crate::failover`).
+    #[error("no {role} could serve the request ({} failed; the last: {last})", .failed.join(", "))]
+    Unserved {
+        role: Role,
+        /// The ids of the members that failed, in order.
+        failed: Vec<String>,
+        /// Why the last one failed.
+        last: String,
+    },
     /// A vision-worker or scheduler answered against the protocol.
     #[error("{role} answered against the protocol: {message}")]
     Protocol { role: Role, message: String },
@@ -110,8 +122,10 @@ impl From<Error> for tonic::Status {
             Error::InvalidArgument(_) => Self::invalid_argument(message),
             Error::Unauthenticated(_) => Self::unauthenticated(message),
             Error::OverKeyLimit(_) => Self::resource_exhausted(message),
-            Error::Loading | Error::NoMember(_) => Self::unavailable(message),
-            Error::Upstream { status, .. } => Self::new(status.code(), message),
+            Error::Loading | Error::NoMember(_) | Error::Unserved { .. } => {
+                Self::unavailable(message)
+            }
+            Error::Upstream { status, .. } => Self::new(client_code(&status), message),
             Error::Timeout(_) => Self::deadline_exceeded(message),
             Error::ClientGone => Self::cancelled(message),
             Error::Config(_)
@@ -123,6 +137,19 @@ impl From<Error> for tonic::Status {
             | Error::Tokenizer(_)
             | Error::Join(_) => Self::internal(message),
         }
+    }
+}
+
+/// The code a member's `status` reaches the client with: its own, except that a
+/// member gone or broken is UNAVAILABLE: UNKNOWN (what tonic makes of a broken
+/// stream), CANCELLED (the client did not cancel) and INTERNAL with a source error
+/// (made by this side's transport, not sent by the member).
+fn client_code(status: &tonic::Status) -> tonic::Code {
+    use tonic::Code;
+    match status.code() {
+        Code::Unknown | Code::Cancelled => Code::Unavailable,
+        Code::Internal if std::error::Error::source(status).is_some() => Code::Unavailable,
+        code => code,
     }
 }
 
@@ -152,5 +179,45 @@ mod tests {
         assert_eq!(bad.code(), Code::InvalidArgument);
         let broken: tonic::Status = Error::protocol(Role::Scheduler, "no finish").into();
         assert_eq!(broken.code(), Code::Internal);
+    }
+
+    #[test]
+    fn a_member_gone_or_broken_is_unavailable_never_unknown() {
+        for code in [Code::Unknown, Code::Cancelled] {
+            let status: tonic::Status = Error::upstream(
+                Role::Scheduler,
+                tonic::Status::new(code, "h2 protocol error"),
+            )
+            .into();
+            assert_eq!(status.code(), Code::Unavailable, "{code:?}");
+            assert_eq!(status.message(), "scheduler: h2 protocol error");
+        }
+        // INTERNAL from this side's transport (it carries the cause) ...
+        let mut transport = tonic::Status::internal("h2 protocol error: stream reset");
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset");
+        transport.set_source(std::sync::Arc::new(io));
+        let status: tonic::Status = Error::upstream(Role::VisionWorker, transport).into();
+        assert_eq!(status.code(), Code::Unavailable);
+        assert!(
+            status.message().starts_with("vision-worker: "),
+            "{status:?}"
+        );
+        // ... but INTERNAL sent by the member keeps its code.
+        let sent = tonic::Status::internal("model failed");
+        let status: tonic::Status = Error::upstream(Role::Scheduler, sent).into();
+        assert_eq!(status.code(), Code::Internal);
+
+        let unserved = Error::Unserved {
+            role: Role::Scheduler,
+            failed: vec!["s-a".into(), "s-b".into()],
+            last: "scheduler: Unknown: h2 protocol error".into(),
+        };
+        let status: tonic::Status = unserved.into();
+        assert_eq!(status.code(), Code::Unavailable);
+        assert_eq!(
+            status.message(),
+            "no scheduler could serve the request (s-a, s-b failed; the last: scheduler: \
+             Unknown: h2 protocol error)"
+        );
     }
 }

@@ -2,12 +2,21 @@
 //! the public deltas and the closing usage, finish reason, groundings and image
 //! tilings. Dropping a [`Running`] before its `finished` event cancels the request
 //! on the scheduler (the stream is reset and `Scheduler.Cancel` is sent).
+//!
+//! When the scheduler fails mid-stream (it is gone, or its stream ends without
+//! `finished`), [`Running`] resubmits the request to another scheduler with the
+//! tokens streamed so far appended to the prompt as resumed output
+//! ([`crate::failover::resubmission`]) and reads on from there: the client sees
+//! one stream. Greedy answers are the same token for token; a sampled one goes on
+//! with fresh draws of the new scheduler's sampler.
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use tessera_model::grounding::parse_groundings;
-use tessera_proto::internal::v1::{StopReason, TokenEvent, token_event};
+use tessera_model::text::StopStrings;
+use tessera_proto::internal::v1::scheduler_client::SchedulerClient;
+use tessera_proto::internal::v1::{StopReason, SubmitRequest, TokenEvent, token_event};
 use tessera_proto::v1::{
     self, FinishReason, GenerateDelta, GenerateFinished, GenerateResponse, GenerateStreamResponse,
     Grounding, Usage, generate_stream_response,
@@ -15,9 +24,13 @@ use tessera_proto::v1::{
 use tessera_runtime::{Member, Role, telemetry};
 use tokio::sync::mpsc;
 use tonic::Streaming;
+use tonic::transport::Channel;
 
-use crate::detokenize::{Ending, IncrementalText};
+use crate::detokenize::{Decode, Ending, IncrementalText};
 use crate::error::{Error, Result};
+use crate::failover::{
+    Failed, MAX_FAILOVERS, call_with_retries, member_gone, resubmission, status_text,
+};
 use crate::model_files::ModelFiles;
 use crate::prepare::Prepared;
 use crate::upstream::Upstream;
@@ -31,6 +44,13 @@ struct CancelGuard {
     scheduler: Member,
     request_id: String,
     armed: bool,
+}
+
+impl CancelGuard {
+    /// The request ended on the scheduler (finished or failed): nothing to cancel.
+    fn disarm(&mut self) {
+        self.armed = false;
+    }
 }
 
 impl Drop for CancelGuard {
@@ -49,46 +69,78 @@ enum Event {
     Finished(Ending, FinishReason),
 }
 
-/// A request running on a scheduler.
+/// A request running on a scheduler, moved to another one when that one fails.
 pub struct Running {
+    upstream: Arc<Upstream>,
+    files: Arc<ModelFiles>,
+    /// The request as first submitted.
+    original: SubmitRequest,
+    /// Every token id the schedulers streamed so far, in order (the answer's text
+    /// may stop short of them, at a stop string).
+    streamed: Vec<u32>,
+    /// The schedulers that failed the request.
+    failed: Failed,
+    /// Times the request moved to another scheduler mid-stream.
+    failovers: usize,
     stream: Streaming<TokenEvent>,
     guard: CancelGuard,
 }
 
 impl Running {
-    /// Submits `prepared` to the next scheduler.
-    pub async fn submit(upstream: &Arc<Upstream>, prepared: &Prepared) -> Result<Self> {
-        let (scheduler, mut client) = upstream.scheduler()?;
-        tracing::debug!(scheduler = %scheduler.id, "submitting");
-        let mut guard = CancelGuard {
+    /// Submits `prepared` to the next scheduler, or to another one when that one is
+    /// gone (`crate::failover::call_with_retries`); `files` are the served model's.
+    pub async fn submit(
+        upstream: &Arc<Upstream>,
+        files: &Arc<ModelFiles>,
+        prepared: &Prepared,
+    ) -> Result<Self> {
+        let original = prepared.submit.clone();
+        let mut failed = Failed::new(Role::Scheduler);
+        let (stream, guard) = submit_to_any(upstream, &original, &mut failed).await?;
+        Ok(Self {
             upstream: Arc::clone(upstream),
-            scheduler,
-            request_id: prepared.submit.request_id.clone(),
-            armed: true,
-        };
-        let request =
-            telemetry::request_with_id(prepared.submit.clone(), &prepared.submit.request_id);
-        match client.submit(request).await {
-            Ok(response) => Ok(Self {
-                stream: response.into_inner(),
-                guard,
-            }),
-            Err(status) => {
-                guard.armed = false;
-                Err(Error::upstream(Role::Scheduler, status))
+            files: Arc::clone(files),
+            original,
+            streamed: Vec::new(),
+            failed,
+            failovers: 0,
+            stream,
+            guard,
+        })
+    }
+
+    /// The next event; the stream ends with exactly one `finished`. When the
+    /// scheduler fails (a status saying it is gone, or the end of its stream without
+    /// `finished`), the request goes on on another scheduler and so do its events.
+    async fn next(&mut self) -> Result<Event> {
+        loop {
+            let why = match self.stream.message().await {
+                Ok(Some(TokenEvent { event: Some(event) })) => return self.event(event),
+                Ok(Some(TokenEvent { event: None })) => {
+                    self.guard.disarm();
+                    return Err(Error::protocol(
+                        Role::Scheduler,
+                        "sent an empty token event",
+                    ));
+                }
+                Ok(None) => "the token stream ended without a finished event".to_owned(),
+                Err(status) if member_gone(&status) => status_text(Role::Scheduler, &status),
+                Err(status) => {
+                    self.guard.disarm();
+                    return Err(Error::upstream(Role::Scheduler, status));
+                }
+            };
+            self.guard.disarm();
+            if let Some(finished) = self.fail_over(why).await? {
+                return Ok(finished);
             }
         }
     }
 
-    /// The next event; the stream must end with exactly one `finished`.
-    async fn next(&mut self) -> Result<Event> {
-        let scheduler_error = |status| Error::upstream(Role::Scheduler, status);
-        let event = self.stream.message().await.map_err(|status| {
-            self.guard.armed = false;
-            scheduler_error(status)
-        })?;
-        match event.and_then(|e| e.event) {
-            Some(token_event::Event::Tokens(t)) => {
+    /// A scheduler's event as the gateway acts on it.
+    fn event(&mut self, event: token_event::Event) -> Result<Event> {
+        match event {
+            token_event::Event::Tokens(t) => {
                 let logprobs = t
                     .token_ids
                     .iter()
@@ -104,10 +156,11 @@ impl Running {
                             .collect(),
                     })
                     .collect();
+                self.streamed.extend_from_slice(&t.token_ids);
                 Ok(Event::Tokens(t.token_ids, logprobs))
             }
-            Some(token_event::Event::Finished(f)) => {
-                self.guard.armed = false;
+            token_event::Event::Finished(f) => {
+                self.guard.disarm();
                 let (ending, reason) = match StopReason::try_from(f.reason) {
                     Ok(StopReason::Eos) => (Ending::Eos, FinishReason::Eos),
                     Ok(StopReason::Length) => (Ending::Length, FinishReason::Length),
@@ -121,15 +174,104 @@ impl Running {
                 };
                 Ok(Event::Finished(ending, reason))
             }
-            None => {
-                self.guard.armed = false;
-                Err(Error::protocol(
-                    Role::Scheduler,
-                    "the token stream ended without a finished event",
-                ))
-            }
         }
     }
+
+    /// After the scheduler failed for `why`: the `finished` event when the output
+    /// streamed so far is already complete, else the request resubmitted to another
+    /// scheduler (`None`: read on). UNAVAILABLE after [`MAX_FAILOVERS`] failovers or
+    /// when no other scheduler takes the request.
+    async fn fail_over(&mut self, why: String) -> Result<Option<Event>> {
+        let from = self.guard.scheduler.id.clone();
+        self.failed.record(&self.guard.scheduler, why);
+        let resumed = match self.stopped()? {
+            Some(ended) => Err(ended),
+            None => resubmission(&self.original, &self.streamed)
+                .ok_or((Ending::Length, FinishReason::Length)),
+        };
+        let request = match resumed {
+            Ok(request) => request,
+            Err((ending, reason)) => {
+                tracing::warn!(
+                    request_id = %self.original.request_id,
+                    scheduler = %from,
+                    streamed = self.streamed.len(),
+                    "the scheduler failed after the answer's last token; the answer is complete"
+                );
+                return Ok(Some(Event::Finished(ending, reason)));
+            }
+        };
+        if self.failovers == MAX_FAILOVERS {
+            return Err(self.failed.unserved());
+        }
+        self.failovers += 1;
+        let (stream, guard) = submit_to_any(&self.upstream, &request, &mut self.failed).await?;
+        tracing::warn!(
+            request_id = %request.request_id,
+            failed = %from,
+            scheduler = %guard.scheduler.id,
+            streamed = self.streamed.len(),
+            failover = self.failovers,
+            "the scheduler failed mid-stream; the request goes on on another scheduler"
+        );
+        self.stream = stream;
+        self.guard = guard;
+        Ok(None)
+    }
+
+    /// Whether the output streamed so far already ends with the end-of-sequence token
+    /// or contains a stop string (the scheduler failed before sending `finished`),
+    /// checked in the scheduler's order; a full `max_tokens` is
+    /// [`resubmission`]'s to see.
+    fn stopped(&self) -> Result<Option<(Ending, FinishReason)>> {
+        let stopping = self.original.stopping.clone().unwrap_or_default();
+        let eos = self.files.tokenizer.special().eos;
+        if !stopping.ignore_eos && self.streamed.last() == Some(&eos) {
+            return Ok(Some((Ending::Eos, FinishReason::Eos)));
+        }
+        let stops = StopStrings::new(&stopping.stop);
+        if !stops.is_empty() {
+            let text = Decode::decode(&self.files.tokenizer, &self.streamed)?;
+            if stops.earliest(&text).is_some() {
+                return Ok(Some((Ending::Stop, FinishReason::Stop)));
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// Submits `request` to a scheduler not in `failed`, to another one while the one
+/// tried is gone; returns its stream and the guard that cancels it there.
+async fn submit_to_any(
+    upstream: &Arc<Upstream>,
+    request: &SubmitRequest,
+    failed: &mut Failed,
+) -> Result<(Streaming<TokenEvent>, CancelGuard)> {
+    let pick = |exclude: &[String]| {
+        let (scheduler, client) = upstream.scheduler_except(exclude)?;
+        Ok((scheduler.clone(), (scheduler, client)))
+    };
+    let submit = |(scheduler, mut client): (Member, SchedulerClient<Channel>)| {
+        tracing::debug!(scheduler = %scheduler.id, "submitting");
+        let mut guard = CancelGuard {
+            upstream: Arc::clone(upstream),
+            scheduler,
+            request_id: request.request_id.clone(),
+            armed: true,
+        };
+        let call = telemetry::request_with_id(request.clone(), &request.request_id);
+        async move {
+            match client.submit(call).await {
+                Ok(response) => Ok((response.into_inner(), guard)),
+                Err(status) => {
+                    guard.disarm();
+                    Err(status)
+                }
+            }
+        }
+    };
+    let (_, answer) = call_with_retries(failed, pick, submit).await?;
+    Ok(answer)
 }
 
 /// When an answer's tokens arrived from the scheduler (for the gateway's metrics).

@@ -180,10 +180,10 @@ fn hangups() -> Hangups {
 /// The next SIGHUP (never, where there are none).
 async fn next_hangup(hangups: &mut Hangups) {
     #[cfg(unix)]
-    if let Some(signal) = hangups {
-        if signal.recv().await.is_some() {
-            return;
-        }
+    if let Some(signal) = hangups
+        && signal.recv().await.is_some()
+    {
+        return;
     }
     let _ = hangups;
     std::future::pending::<()>().await;

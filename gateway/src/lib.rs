@@ -7,9 +7,13 @@
 //! - [`request`]: checking a public request, conversation → chat messages
 //! - [`planning`]: image headers → tilings → the tokenized prompt
 //! - [`prepare`]: request → vision-worker → the scheduler's `SubmitRequest`
-//! - [`generation`]: the scheduler's token stream → deltas and the closing message
+//! - [`generation`]: the scheduler's token stream → deltas and the closing message;
+//!   a scheduler that fails mid-stream is replaced by another one
+//! - [`failover`]: retrying a failed member's call on another one, and the request
+//!   that resumes a generation on another scheduler
 //! - [`detokenize`]: text deltas that concatenate exactly to the answer's text
-//! - [`upstream`]: members from discovery, round-robin, cached channels
+//! - [`upstream`]: members from discovery, round-robin (skipping failed ones),
+//!   cached channels
 //! - [`cluster`]: `ClusterStatus` from discovery and the placement
 //! - [`service`]: the gRPC service
 //! - [`openai`]: OpenAI's chat-completions shapes ⇄ the public request and answer
@@ -25,6 +29,7 @@ pub mod cluster;
 pub mod config;
 pub mod detokenize;
 pub mod error;
+pub mod failover;
 pub mod generation;
 pub mod http;
 pub mod key_limits;

@@ -1,20 +1,23 @@
 //! From a public request to a scheduler's `SubmitRequest`: check the request, plan
 //! the prompt from the image headers, bound `max_tokens` by the model's maximum
-//! position, and have one vision-worker encode all the request's images, checked
-//! against the plan.
+//! position, and have one vision-worker encode all the request's images (another
+//! one if it fails: `crate::failover`), checked against the plan.
 
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
 use tessera_model::image_tokens::cropping_enabled;
 
+use tessera_proto::internal::v1::vision_client::VisionClient;
 use tessera_proto::internal::v1::{
     EncodeRequest, EncodedImage, ImageInput, ImageRun, SubmitRequest,
 };
 use tessera_proto::v1::GenerateRequest;
 use tessera_runtime::{Role, telemetry};
+use tonic::transport::Channel;
 
 use crate::config::Limits;
 use crate::error::{Error, Result};
+use crate::failover::{Failed, call_with_retries};
 use crate::model_files::ModelFiles;
 use crate::planning::{ImagePlan, Plan, image_size, plan};
 use crate::request::{CheckedRequest, check};
@@ -80,6 +83,7 @@ pub async fn prepare(
             image_runs,
             sampling: Some(checked.sampling),
             stopping: Some(stopping),
+            resumed_tokens: 0,
         },
         image_tokens: plan.image_tokens(),
         images: plan.images,
@@ -143,8 +147,9 @@ fn max_tokens(
     }
 }
 
-/// One `Vision.Encode` with all the request's images; each answer is checked against
-/// the plan and becomes the image run it fills.
+/// One `Vision.Encode` with all the request's images, on another vision-worker when
+/// one is gone ([`call_with_retries`]); each answer is checked against the plan and
+/// becomes the image run it fills.
 async fn encode_images(
     files: &ModelFiles,
     upstream: &Upstream,
@@ -152,19 +157,21 @@ async fn encode_images(
     images: &[ImageInput],
     request_id: &str,
 ) -> Result<Vec<ImageRun>> {
-    let (member, mut client) = upstream.vision()?;
-    tracing::debug!(vision_worker = %member.id, images = images.len(), "encoding images");
     let request = EncodeRequest {
         request_id: request_id.to_owned(),
         model_fingerprint: files.fingerprint.clone(),
+        // `Bytes` clones share the buffers.
         images: images.to_vec(),
     };
-    let encoded = client
-        .encode(telemetry::request_with_id(request, request_id))
-        .await
-        .map_err(|status| Error::upstream(Role::VisionWorker, status))?
-        .into_inner()
-        .images;
+    let mut failed = Failed::new(Role::VisionWorker);
+    let encode = |mut client: VisionClient<Channel>| {
+        let request = telemetry::request_with_id(request.clone(), request_id);
+        async move { client.encode(request).await }
+    };
+    let (member, response) =
+        call_with_retries(&mut failed, |ex| upstream.vision_except(ex), encode).await?;
+    tracing::debug!(vision_worker = %member.id, images = images.len(), "images encoded");
+    let encoded = response.into_inner().images;
     if encoded.len() != plan.images.len() {
         return Err(Error::protocol(
             Role::VisionWorker,

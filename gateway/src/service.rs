@@ -4,7 +4,9 @@
 //! A generation is prepared (checked, planned, images encoded) and submitted to a
 //! scheduler inside the call, so bad input and a missing member fail the call itself;
 //! a stream's tokens are then forwarded by a task that stops, and cancels the request
-//! on the scheduler, as soon as the client goes away or the request times out.
+//! on the scheduler, as soon as the client goes away or the request times out. A
+//! vision-worker or scheduler that fails is replaced by another one
+//! (`crate::failover`), mid-stream too: the client sees one stream.
 //! The HTTP API (`crate::http`) calls the same `generate_call` and `stream_call`,
 //! which also count every generation in the process's metrics
 //! (`crate::metrics::Gateway`): its outcome, time to first token, time
@@ -220,7 +222,7 @@ impl TesseraService {
         let inner = &self.inner;
         let work = async {
             let prepared = prepare(&files, &inner.upstream, &inner.limits, request, id).await?;
-            let running = Running::submit(&inner.upstream, &prepared).await?;
+            let running = Running::submit(&inner.upstream, &files, &prepared).await?;
             Ok((Answer::new(Arc::clone(&files), prepared), running))
         };
         tokio::time::timeout_at(deadline, work)

@@ -1,6 +1,6 @@
 //! The members the gateway calls: vision-workers and schedulers from discovery,
-//! picked round-robin, each reached over one lazily connected, cached channel with
-//! the raised message limits.
+//! picked round-robin among those a request has not seen fail, each reached over
+//! one lazily connected, cached channel with the raised message limits.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -58,18 +58,23 @@ impl Upstream {
         self.discovery.as_ref()
     }
 
-    /// The next vision-worker, round-robin, and a client to it.
-    pub fn vision(&self) -> Result<(Member, VisionClient<Channel>)> {
-        let member = self.pick(Role::VisionWorker, &self.next_vision)?;
+    /// The next vision-worker, round-robin, whose id is not in `exclude` (those that
+    /// failed the request), and a client to it. [`Error::NoMember`] when none is left.
+    pub fn vision_except(&self, exclude: &[String]) -> Result<(Member, VisionClient<Channel>)> {
+        let member = self.pick(Role::VisionWorker, &self.next_vision, exclude)?;
         let client = VisionClient::new(self.channel(&member)?)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         Ok((member, client))
     }
 
-    /// The next scheduler, round-robin, and a client to it.
-    pub fn scheduler(&self) -> Result<(Member, SchedulerClient<Channel>)> {
-        let member = self.pick(Role::Scheduler, &self.next_scheduler)?;
+    /// The next scheduler, round-robin, whose id is not in `exclude` (those that
+    /// failed the request), and a client to it. [`Error::NoMember`] when none is left.
+    pub fn scheduler_except(
+        &self,
+        exclude: &[String],
+    ) -> Result<(Member, SchedulerClient<Channel>)> {
+        let member = self.pick(Role::Scheduler, &self.next_scheduler, exclude)?;
         let client = scheduler_client(self.channel(&member)?);
         Ok((member, client))
     }
@@ -108,13 +113,14 @@ impl Upstream {
         });
     }
 
-    /// The next registered member with `role`, counting with `next`.
-    fn pick(&self, role: Role, next: &AtomicUsize) -> Result<Member> {
+    /// The next registered member with `role` and an id not in `exclude`, counting
+    /// with `next`.
+    fn pick(&self, role: Role, next: &AtomicUsize, exclude: &[String]) -> Result<Member> {
         let members: Vec<Member> = self
             .discovery
             .members()
             .into_iter()
-            .filter(|m| m.role == role)
+            .filter(|m| m.role == role && !exclude.contains(&m.id))
             .collect();
         if members.is_empty() {
             return Err(Error::NoMember(role));
@@ -163,7 +169,7 @@ mod tests {
         let discovery = Arc::new(MemoryDiscovery::new());
         let upstream = Upstream::new(discovery.clone(), None);
         assert!(matches!(
-            upstream.scheduler(),
+            upstream.scheduler_except(&[]),
             Err(Error::NoMember(Role::Scheduler))
         ));
         let _a = discovery
@@ -175,9 +181,10 @@ mod tests {
         let _v = discovery
             .register(Member::new(Role::VisionWorker, "v", "127.0.0.1:3"))
             .unwrap();
-        let picked: Vec<String> = (0..4).map(|_| upstream.scheduler().unwrap().0.id).collect();
+        let pick = |exclude: &[String]| upstream.scheduler_except(exclude).unwrap().0.id;
+        let picked: Vec<String> = (0..4).map(|_| pick(&[])).collect();
         assert_eq!(picked, ["s-a", "s-b", "s-a", "s-b"]);
-        assert_eq!(upstream.vision().unwrap().0.id, "v");
+        assert_eq!(upstream.vision_except(&[]).unwrap().0.id, "v");
         assert!(matches!(
             Upstream::new(discovery.clone(), None).channel(&Member::new(
                 Role::Scheduler,
@@ -187,5 +194,30 @@ mod tests {
             Err(Error::BadAddress { .. })
         ));
         assert_eq!(upstream.channels.lock().unwrap().len(), 3);
+    }
+
+    #[tokio::test]
+    async fn failed_members_are_skipped_and_none_left_is_no_member() {
+        let discovery = Arc::new(MemoryDiscovery::new());
+        let upstream = Upstream::new(discovery.clone(), None);
+        let _a = discovery
+            .register(Member::new(Role::Scheduler, "s-a", "127.0.0.1:1"))
+            .unwrap();
+        let _b = discovery
+            .register(Member::new(Role::Scheduler, "s-b", "127.0.0.1:2"))
+            .unwrap();
+        let failed = ["s-a".to_string()];
+        for _ in 0..3 {
+            assert_eq!(upstream.scheduler_except(&failed).unwrap().0.id, "s-b");
+        }
+        let both = ["s-b".to_string(), "s-a".to_string()];
+        assert!(matches!(
+            upstream.scheduler_except(&both),
+            Err(Error::NoMember(Role::Scheduler))
+        ));
+        assert!(matches!(
+            upstream.vision_except(&[]),
+            Err(Error::NoMember(Role::VisionWorker))
+        ));
     }
 }

@@ -363,10 +363,19 @@ async fn idle_and_slow_clients_are_closed_and_the_connection_limit_holds() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_statuses_become_http_statuses() {
-    for (code, status, kind) in [
-        (Code::ResourceExhausted, 429, "rate_limit_error"),
-        (Code::Unavailable, 503, "service_unavailable"),
-        (Code::Internal, 500, "server_error"),
+    // An UNAVAILABLE scheduler is tried once more elsewhere; with none other, the
+    // message names it.
+    let unserved = "no scheduler could serve the request (scheduler-0 failed; the last: \
+                    scheduler: Unavailable: busy)";
+    for (code, status, kind, message) in [
+        (
+            Code::ResourceExhausted,
+            429,
+            "rate_limit_error",
+            "scheduler: busy",
+        ),
+        (Code::Unavailable, 503, "service_unavailable", unserved),
+        (Code::Internal, 500, "server_error", "scheduler: busy"),
     ] {
         let cluster = cluster_with(SchedulerScript::Fail(Status::new(code, "busy"))).await;
         let request = Request::builder()
@@ -384,7 +393,7 @@ async fn upstream_statuses_become_http_statuses() {
         );
         let (got, body) = cluster.chat(&ask_body("Hi.")).await;
         assert_eq!(got, status, "{body}");
-        assert_eq!(error_message(&body, kind), "scheduler: busy");
+        assert_eq!(error_message(&body, kind), message);
         let mut streamed = ask_body("Hi.");
         streamed["stream"] = json!(true);
         let (got, _) = cluster.chat(&streamed).await;

@@ -403,7 +403,7 @@ async fn unsupported_openai_fields_are_refused_by_name() {
     let (status, answer) = cluster.chat(&neutral).await;
     assert_eq!(status, 200, "{answer}");
     let submitted = scheduler.submitted.lock().unwrap();
-    let sampling = submitted[0].1.sampling.clone().unwrap();
+    let sampling = submitted[0].1.sampling.unwrap();
     assert_eq!(sampling.top_k, 5);
     assert_eq!(sampling.repetition_penalty, 1.1);
     assert_eq!(sampling.presence_penalty, 0.4);

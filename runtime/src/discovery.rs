@@ -66,6 +66,10 @@ pub struct Member {
     /// unset in static member files.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fingerprint: Option<String>,
+    /// For an expert-worker: the most `(layer, expert)` pairs it may hold (its
+    /// expert memory budget over one expert's bytes); unset is unbounded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<usize>,
 }
 
 impl Member {
@@ -76,6 +80,7 @@ impl Member {
             address: address.into(),
             shard: None,
             fingerprint: None,
+            capacity: None,
         }
     }
 
@@ -94,6 +99,12 @@ impl Member {
     /// The same member with a shard label.
     pub fn with_shard(mut self, shard: impl Into<String>) -> Self {
         self.shard = Some(shard.into());
+        self
+    }
+
+    /// The same member able to hold at most `n` `(layer, expert)` pairs.
+    pub fn with_capacity(mut self, n: usize) -> Self {
+        self.capacity = Some(n);
         self
     }
 
@@ -339,12 +350,14 @@ impl Discovery for StaticDiscovery {
                 id: member.id,
             });
         };
-        // A static file does not know fingerprints; one that names one must match.
+        // A static file does not know fingerprints or capacities; one that names
+        // one must match.
         let comparable = Member {
             fingerprint: configured
                 .fingerprint
                 .clone()
                 .or(member.fingerprint.clone()),
+            capacity: configured.capacity.or(member.capacity),
             ..configured.clone()
         };
         if comparable != member {

@@ -7,10 +7,13 @@
 //!   file), [`MemoryDiscovery`] (one process: tests and `tessera up`) and
 //!   [`EtcdDiscovery`] (the distributed one: leased registrations in etcd). It
 //!   also carries the published [`Placement`].
+//! - [`pool`]: the flags that shape the placement (`--expert-replicas`,
+//!   `--rebalance-seconds`), the same on every member.
 //! - [`placer`]: the task that republishes the placement when expert-workers
 //!   join or leave.
 //! - [`member`]: the lifecycle every member shares (serve, load, register, drain)
 //!   and the flags every member takes ([`MemberArgs`]).
+//! - [`memory`]: the process's memory limit and resident set, and size flags.
 //! - [`device`]: `--device` and `--dtype`, and the one place a device is chosen.
 //! - [`shutdown`]: the root cancellation token, cancelled by SIGTERM/SIGINT.
 //! - [`serving`]: gRPC health (NOT_SERVING until ready) and reflection.
@@ -25,9 +28,11 @@ pub mod discovery;
 pub mod error;
 pub mod hub;
 pub mod member;
+pub mod memory;
 pub mod metrics;
 pub mod placement;
 pub mod placer;
+pub mod pool;
 pub mod serving;
 pub mod shutdown;
 pub mod telemetry;

@@ -192,6 +192,12 @@ pub trait Service: Send + Sync + 'static {
 
     /// The grace period ran out with calls still in flight: end them.
     fn grace_expired(&self) {}
+
+    /// How many routed experts the member may hold, registered for the placer
+    /// (expert-workers with a memory budget; `None`: no limit or not applicable).
+    fn capacity(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// Runs `service` on `listener` as configured by `args` until `shutdown` (see
@@ -308,7 +314,10 @@ async fn until_shutdown<S: Service>(
     if readiness == Readiness::Serving {
         ctx.health.serving().await;
     }
-    let member = Member::new(S::ROLE, &ctx.id, &ctx.advertise).with_fingerprint(&fingerprint);
+    let mut member = Member::new(S::ROLE, &ctx.id, &ctx.advertise).with_fingerprint(&fingerprint);
+    if let Some(capacity) = service.capacity() {
+        member = member.with_capacity(capacity);
+    }
     let registration = ctx.discovery.register(member).map_err(Error::from)?;
     tracing::info!(role = %S::ROLE, id = %ctx.id, %fingerprint, "serving");
     tokio::select! {

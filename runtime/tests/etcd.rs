@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use etcd::EtcdServer;
+use tessera_runtime::placement::PlacementPolicy;
 use tessera_runtime::placer::{self, ExpertLayout};
 use tessera_runtime::{
     CancellationToken, Discovery, Error, EtcdDiscovery, Member, Placement, Role, even_split,
@@ -253,7 +254,14 @@ async fn the_placer_on_etcd_follows_expert_workers_of_another_client() {
     };
     let shutdown = CancellationToken::new();
     let discovery: Arc<dyn Discovery> = scheduler_side.clone();
-    let task = tokio::spawn(placer::run(discovery, layout, shutdown.clone()));
+    let policy = PlacementPolicy::fixed(1);
+    let task = tokio::spawn(placer::run(
+        discovery,
+        layout,
+        policy,
+        None,
+        shutdown.clone(),
+    ));
     let holders = |p: &Placement| p.workers().map(str::to_owned).collect::<Vec<_>>();
 
     let w0 = workers.register(worker("w0", 1)).unwrap();

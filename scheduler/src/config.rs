@@ -6,11 +6,15 @@ use std::time::Duration;
 
 use candle_core::DType;
 use tessera_runtime::MemberArgs;
+use tessera_runtime::pool::PoolArgs;
 
 use crate::error::{Error, Result};
 
 /// Default for `--max-waiting`.
 pub const DEFAULT_MAX_WAITING: usize = 64;
+
+/// Default for `--expert-timeout-ms`.
+pub const DEFAULT_EXPERT_TIMEOUT_MS: u64 = 5000;
 
 /// What one scheduler serves and how.
 #[derive(Debug, Clone, clap::Args)]
@@ -30,9 +34,17 @@ pub struct Config {
     /// placement) before its request fails with UNAVAILABLE.
     #[arg(long, env = "TESSERA_EXPERT_WAIT_SECONDS", default_value_t = 30)]
     pub expert_wait_seconds: u64,
+    /// Milliseconds one expert `Forward` call may take; a call that fails or takes
+    /// longer is sent at once to another replica of its experts (0: no limit).
+    #[arg(long, env = "TESSERA_EXPERT_TIMEOUT_MS", default_value_t = DEFAULT_EXPERT_TIMEOUT_MS)]
+    pub expert_timeout_ms: u64,
     /// How the engine batches, caches and overlaps.
     #[command(flatten)]
     pub engine: EngineConfig,
+    /// How experts are placed over the pool (every scheduler and expert-worker
+    /// places, so give all of them the same values).
+    #[command(flatten)]
+    pub pool: PoolArgs,
 }
 
 /// How the engine batches requests, sizes its KV cache and dispatches experts
@@ -141,13 +153,20 @@ impl Config {
             member: MemberArgs::new(model),
             max_waiting: DEFAULT_MAX_WAITING,
             expert_wait_seconds: 30,
+            expert_timeout_ms: DEFAULT_EXPERT_TIMEOUT_MS,
             engine: EngineConfig::default(),
+            pool: PoolArgs::default(),
         }
     }
 
     /// How long a layer waits for a ready owner of its experts.
     pub fn expert_wait(&self) -> Duration {
         Duration::from_secs(self.expert_wait_seconds)
+    }
+
+    /// How long one expert call may take (`None`: no limit).
+    pub fn expert_timeout(&self) -> Option<Duration> {
+        (self.expert_timeout_ms > 0).then(|| Duration::from_millis(self.expert_timeout_ms))
     }
 
     /// Rejects values the scheduler cannot run with.

@@ -23,12 +23,45 @@ pub struct WorkerBatch {
     pub routes: Vec<ExpertRoute>,
 }
 
-/// Splits `routes` by owning worker (the first owner of each expert that has a
-/// client) and re-indexes each worker's rows. An expert without a live owner is
-/// an error naming it.
+impl WorkerBatch {
+    /// The routes with `row` back in the layer's batch numbering.
+    pub fn global_routes(&self) -> impl Iterator<Item = ExpertRoute> + '_ {
+        self.routes.iter().map(|r| ExpertRoute {
+            row: self.rows[r.row as usize],
+            ..*r
+        })
+    }
+}
+
+/// Which replica of `(layer, expert)` serves it: among the owners that are
+/// `usable` (have a client, not excluded), those `preferred` (not suspected of
+/// being down) if any, and among those one fixed by the expert, so that the
+/// replicas of a layer's experts share its load and the same expert goes to the
+/// same worker from step to step (the sums then add up in the same order).
+fn pick<'p>(
+    placement: &'p Placement,
+    usable: &impl Fn(&str) -> bool,
+    preferred: &impl Fn(&str) -> bool,
+    layer: usize,
+    expert: usize,
+) -> Option<&'p str> {
+    let owners: Vec<&str> = placement
+        .owners(layer, expert)
+        .into_iter()
+        .filter(|w| usable(w))
+        .collect();
+    let good: Vec<&str> = owners.iter().copied().filter(|w| preferred(w)).collect();
+    let from = if good.is_empty() { owners } else { good };
+    (!from.is_empty()).then(|| from[(layer + expert) % from.len()])
+}
+
+/// Splits `routes` by serving worker (one replica per expert, [`pick`]) and
+/// re-indexes each worker's rows. An expert without a usable owner is an error
+/// naming it.
 pub fn plan<'p>(
     placement: &'p Placement,
-    live: impl Fn(&str) -> bool,
+    usable: impl Fn(&str) -> bool,
+    preferred: impl Fn(&str) -> bool,
     layer: usize,
     routes: &[ExpertRoute],
 ) -> Result<BTreeMap<&'p str, WorkerBatch>, String> {
@@ -38,13 +71,9 @@ pub fn plan<'p>(
         let owner = match owner_of.get(&r.expert) {
             Some(&w) => w,
             None => {
-                let w = placement
-                    .owners(layer, r.expert as usize)
-                    .into_iter()
-                    .find(|w| live(w))
-                    .ok_or_else(|| {
-                        format!("no live owner for layer {layer} expert {}", r.expert)
-                    })?;
+                let w = pick(placement, &usable, &preferred, layer, r.expert as usize).ok_or_else(
+                    || format!("no live owner for layer {layer} expert {}", r.expert),
+                )?;
                 owner_of.insert(r.expert, w);
                 w
             }
@@ -188,7 +217,7 @@ mod tests {
             route(2, 0),
             route(5, 2),
         ];
-        let got = plan(&p, |_| true, 1, &routes).unwrap();
+        let got = plan(&p, |_| true, |_| true, 1, &routes).unwrap();
         assert_eq!(
             got["a"],
             WorkerBatch {
@@ -208,18 +237,58 @@ mod tests {
     #[test]
     fn a_worker_without_routes_gets_no_request() {
         let p = placement();
-        let got = plan(&p, |_| true, 2, &[route(0, 1)]).unwrap();
+        let got = plan(&p, |_| true, |_| true, 2, &[route(0, 1)]).unwrap();
         assert_eq!(got.keys().copied().collect::<BTreeSet<_>>(), ["a"].into());
     }
 
     #[test]
     fn an_expert_without_a_live_owner_is_an_error() {
         let p = placement();
-        let err = plan(&p, |w| w != "b", 1, &[route(0, 3)]).unwrap_err();
+        let err = plan(&p, |w| w != "b", |_| true, 1, &[route(0, 3)]).unwrap_err();
         assert!(
             err.to_string()
                 .contains("no live owner for layer 1 expert 3"),
             "{err}"
         );
+    }
+
+    /// Two replicas of every expert: "a" and "b" hold all four.
+    fn replicated() -> Placement {
+        let mut p = placement();
+        let all: std::collections::BTreeSet<_> = [1, 2]
+            .into_iter()
+            .flat_map(|l| (0..4).map(move |e| (l, e)))
+            .collect();
+        p.assignment.insert("a".into(), all.clone());
+        p.assignment.insert("b".into(), all);
+        p
+    }
+
+    #[test]
+    fn replicas_share_a_layers_experts_and_a_suspect_is_passed_over() {
+        let p = replicated();
+        let routes: Vec<ExpertRoute> = (0..4).map(|e| route(e, e)).collect();
+        let got = plan(&p, |_| true, |_| true, 1, &routes).unwrap();
+        let experts = |w: &str| -> Vec<u32> { got[w].routes.iter().map(|r| r.expert).collect() };
+        // (layer + expert) % 2 picks: 1 → b, 2 → a, ...
+        assert_eq!(experts("a"), [1, 3]);
+        assert_eq!(experts("b"), [0, 2]);
+        let again = plan(&p, |_| true, |_| true, 1, &routes).unwrap();
+        assert_eq!(again, got, "the same expert goes to the same replica");
+
+        let avoiding_b = plan(&p, |_| true, |w| w != "b", 1, &routes).unwrap();
+        assert_eq!(avoiding_b.keys().copied().collect::<Vec<_>>(), ["a"]);
+        // A suspect is still used when it is the only owner left.
+        let only_b = plan(&p, |w| w == "b", |w| w != "b", 1, &routes).unwrap();
+        assert_eq!(only_b.keys().copied().collect::<Vec<_>>(), ["b"]);
+    }
+
+    #[test]
+    fn a_batch_maps_its_routes_back_to_the_layers_rows() {
+        let p = placement();
+        let routes = [route(4, 0), route(9, 1), route(4, 1)];
+        let got = plan(&p, |_| true, |_| true, 1, &routes).unwrap();
+        let back: Vec<ExpertRoute> = got["a"].global_routes().collect();
+        assert_eq!(back, routes);
     }
 }

@@ -79,24 +79,7 @@ impl Experts for RemoteExperts {
     }
 }
 
-/// The memory this process may use: the cgroup's limit (`memory.max`, cgroup v2, as a
-/// container's memory limit sets it) when there is one, else the machine's.
-pub fn memory_limit() -> u64 {
-    const FALLBACK: u64 = 10 << 30;
-    let machine = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find(|l| l.starts_with("MemTotal:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<u64>().ok())
-        })
-        .map_or(FALLBACK, |kb| kb * 1024);
-    let cgroup = std::fs::read_to_string("/sys/fs/cgroup/memory.max")
-        .ok()
-        .and_then(|v| v.trim().parse::<u64>().ok());
-    cgroup.map_or(machine, |limit| limit.min(machine))
-}
+use tessera_runtime::memory::memory_limit;
 
 /// Default KV-cache size: what `max_seqs` sequences of the model's whole context
 /// need (`needed`), but at most 10% of [`memory_limit`] and at most 8 GiB.

@@ -55,6 +55,13 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 pub use config::{Config, EngineConfig, WireDtype};
+
+use crate::metrics::ExpertDispatch;
+
+/// How much a load-aware placement must cut the busiest worker's expected load
+/// (relative to the mean) before a scheduler publishes it: rebalancing moves
+/// experts, so small gains are not worth it.
+const REBALANCE_MIN_GAIN: f64 = 0.1;
 pub use error::{Error, Result};
 pub use remote_experts::{RemoteExperts, RoutingTable};
 pub use service::SchedulerService;
@@ -150,9 +157,21 @@ impl member::Service for Scheduler {
         // requests still need it.
         let background: CancellationToken = ctx.stopped.clone();
         let (tables_tx, tables) = watch::channel(None);
+        let n_experts = layout.n_experts;
+        let loads = self
+            .cfg
+            .pool
+            .rebalance_every()
+            .map(|every| placer::LoadSource {
+                measure: Arc::new(move || ExpertDispatch::get().loads(n_experts)),
+                every,
+                min_gain: REBALANCE_MIN_GAIN,
+            });
         tokio::spawn(placer::run(
             ctx.discovery.clone(),
             layout,
+            self.cfg.pool.policy(),
+            loads,
             background.clone(),
         ));
         tokio::spawn(router::run(
@@ -167,15 +186,17 @@ impl member::Service for Scheduler {
             expert_wire = wire.as_str(),
             "hidden states to expert-workers"
         );
-        let experts = Arc::new(
-            RemoteExperts::following(
-                tables,
-                tokio::runtime::Handle::current(),
-                loaded.fingerprint.clone(),
-                self.cfg.expert_wait(),
-            )
-            .with_wire(wire),
-        );
+        let mut remote = RemoteExperts::following(
+            tables,
+            tokio::runtime::Handle::current(),
+            loaded.fingerprint.clone(),
+            self.cfg.expert_wait(),
+        )
+        .with_wire(wire);
+        if let Some(timeout) = self.cfg.expert_timeout() {
+            remote = remote.with_call_timeout(timeout);
+        }
+        let experts = Arc::new(remote);
         let (vocab_size, hidden_size) = (language.vocab_size, language.hidden_size);
         let (max_positions, eos_token_id) =
             (language.max_position_embeddings, language.eos_token_id);

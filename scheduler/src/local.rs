@@ -249,5 +249,6 @@ fn submit_request(prompt: &Prompt, params: &GenerationParams) -> Result<SubmitRe
             stop: params.stop.clone(),
             ignore_eos: params.ignore_eos,
         }),
+        resumed_tokens: 0,
     })
 }

@@ -152,6 +152,7 @@ pub struct ExpertDispatch {
     forward_seconds: HistogramVec,
     forward_bytes: IntCounterVec,
     forward_failures: IntCounterVec,
+    failovers: IntCounter,
     routed_tokens: IntCounterVec,
     /// `routed_tokens` children by (layer, expert), to skip formatting labels.
     routed: RwLock<HashMap<(u32, u32), IntCounter>>,
@@ -177,6 +178,13 @@ impl ExpertDispatch {
                 "Forward calls that failed (retried on a newer routing table or fatal), by expert-worker.",
                 &["worker"],
             ),
+            failovers: counters(
+                "tessera_expert_failovers_total",
+                "Forward calls sent to another replica of their experts because the first \
+                 owner's call failed or timed out (--expert-timeout-ms).",
+                &[],
+            )
+            .with_label_values::<&str>(&[]),
             routed_tokens: counters(
                 "tessera_expert_routed_tokens_total",
                 "Tokens the gates routed to each routed expert, by MoE layer.",
@@ -208,6 +216,27 @@ impl ExpertDispatch {
     /// Counts a failed `Forward` call to `worker`.
     pub fn failed(&self, worker: &str) {
         self.forward_failures.with_label_values(&[worker]).inc();
+    }
+
+    /// Counts `calls` sent to other replicas after a failed call.
+    pub fn failed_over(&self, calls: usize) {
+        self.failovers.inc_by(calls as u64);
+    }
+
+    /// Tokens routed so far to each expert of each MoE layer (`layer` → per-expert
+    /// counts, `n_experts` long): the load picture placement balances.
+    pub fn loads(&self, n_experts: usize) -> std::collections::BTreeMap<usize, Vec<f64>> {
+        let routed = self.routed.read().unwrap_or_else(PoisonError::into_inner);
+        let mut loads: std::collections::BTreeMap<usize, Vec<f64>> = Default::default();
+        for (&(layer, expert), counter) in routed.iter() {
+            let per_expert = loads
+                .entry(layer as usize)
+                .or_insert_with(|| vec![0.0; n_experts]);
+            if let Some(slot) = per_expert.get_mut(expert as usize) {
+                *slot = counter.get() as f64;
+            }
+        }
+        loads
     }
 
     /// Adds `tokens` routed to `expert` of MoE layer `layer`.

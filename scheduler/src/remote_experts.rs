@@ -27,7 +27,7 @@
 //! on a tokio runtime through its [`Handle`]. Never call it from inside that
 //! runtime (it blocks on the handle).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -57,10 +57,43 @@ type ModelResult<T> = tessera_model::Result<T>;
 pub struct RoutingTable {
     pub placement: Placement,
     pub clients: BTreeMap<String, ExpertClient<Channel>>,
+    /// Where each worker was reached when the table was made (empty for a fixed
+    /// table): a worker registered elsewhere since makes the router build it again.
+    pub addresses: BTreeMap<String, String>,
 }
 
 /// The newest routing table, swapped by the router; `None` before the first.
 pub type Tables = watch::Receiver<Option<Arc<RoutingTable>>>;
+
+/// How long a worker whose call failed is passed over while its experts have
+/// another replica: long enough that the layers after a death do not each try it
+/// again, short enough that a worker that only hiccuped is soon used again.
+const SUSPECT_FOR: Duration = Duration::from_secs(3);
+
+/// Workers whose last call failed, and until when they are passed over.
+#[derive(Debug, Default)]
+struct Suspects(std::sync::Mutex<BTreeMap<String, Instant>>);
+
+impl Suspects {
+    fn mark(&self, worker: &str) {
+        let mut map = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        map.insert(worker.to_string(), Instant::now() + SUSPECT_FOR);
+    }
+
+    /// The workers passed over now.
+    fn now(&self) -> BTreeSet<String> {
+        let mut map = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = Instant::now();
+        map.retain(|_, until| *until > now);
+        map.keys().cloned().collect()
+    }
+}
 
 /// How waiting for a newer table ended.
 enum Waited {
@@ -82,6 +115,12 @@ pub struct RemoteExperts {
     attempts: AtomicU64,
     /// The dtype hidden states travel in (`None`: as computed).
     wire: Option<DType>,
+    /// How long one `Forward` may take before it counts as failed and its rows are
+    /// sent to another replica (`None`: no limit).
+    call_timeout: Option<Duration>,
+    /// Workers whose last call failed, until when they are passed over while
+    /// another replica of their experts is there.
+    suspects: Suspects,
 }
 
 impl std::fmt::Debug for RemoteExperts {
@@ -110,8 +149,8 @@ struct Layer {
     routes: Vec<ExpertRoute>,
     /// Newer tables arrive here (the one used was marked seen).
     tables: Tables,
-    /// The placement version the calls were planned with, if any.
-    version: Option<u64>,
+    /// The table the calls were planned with, if any.
+    table: Option<Arc<RoutingTable>>,
     /// The calls in flight, (worker, its batch, the call), or why none could start.
     sent: Result<Vec<(String, WorkerBatch, Call)>, Failure>,
 }
@@ -126,7 +165,11 @@ impl RemoteExperts {
         handle: Handle,
         fingerprint: impl Into<String>,
     ) -> Self {
-        let table = RoutingTable { placement, clients };
+        let table = RoutingTable {
+            placement,
+            clients,
+            addresses: BTreeMap::new(),
+        };
         // The sender is dropped: no newer table will ever come.
         let (_, tables) = watch::channel(Some(Arc::new(table)));
         Self::following(tables, handle, fingerprint, Duration::ZERO)
@@ -149,7 +192,16 @@ impl RemoteExperts {
             bytes_received: AtomicU64::new(0),
             attempts: AtomicU64::new(0),
             wire: None,
+            call_timeout: None,
+            suspects: Suspects::default(),
         }
+    }
+
+    /// Gives up on a `Forward` after `timeout` and sends its rows to another
+    /// replica of the same experts (`--expert-timeout-ms`).
+    pub fn with_call_timeout(mut self, timeout: Duration) -> Self {
+        self.call_timeout = Some(timeout);
+        self
     }
 
     /// Sends hidden states in `dtype` (workers compute in their own dtype and answer
@@ -195,7 +247,7 @@ impl RemoteExperts {
             xs: xs.clone(),
             routes: routes.to_vec(),
             tables: self.tables.clone(),
-            version: None,
+            table: None,
             sent: Ok(Vec::new()),
         };
         if !layer.routes.is_empty() {
@@ -210,24 +262,29 @@ impl RemoteExperts {
         // Counted once the table is taken: a table published after this count
         // is seen as newer.
         self.attempts.fetch_add(1, Ordering::Relaxed);
-        layer.version = table.as_ref().map(|t| t.placement.version);
+        layer.table.clone_from(&table);
         layer.sent = match &table {
             None => Err(Failure::Retry(format!(
                 "layer {}: no expert placement is ready (are any expert-workers running?)",
                 layer.layer
             ))),
-            Some(table) => self.dispatch(table, layer),
+            Some(table) => self.dispatch(table, layer, &layer.routes, &BTreeSet::new()),
         };
     }
 
-    /// Starts one `Forward` per worker of `table` that owns experts of the layer.
+    /// Starts one `Forward` per worker of `table` that owns experts of `routes`,
+    /// choosing among each expert's replicas ([`plan`]) and never one in `excluded`.
     fn dispatch(
         &self,
         table: &RoutingTable,
         layer: &Layer,
+        routes: &[ExpertRoute],
+        excluded: &BTreeSet<String>,
     ) -> Result<Vec<(String, WorkerBatch, Call)>, Failure> {
-        let live = |w: &str| table.clients.contains_key(w);
-        let batches = plan(&table.placement, live, layer.layer, &layer.routes)
+        let usable = |w: &str| table.clients.contains_key(w) && !excluded.contains(w);
+        let suspects = self.suspects.now();
+        let preferred = |w: &str| !suspects.contains(w);
+        let batches = plan(&table.placement, usable, preferred, layer.layer, routes)
             .map_err(|e| Failure::Retry(format!("{e} (placement {})", table.placement.version)))?;
         let metrics = ExpertDispatch::get();
         let mut calls = Vec::with_capacity(batches.len());
@@ -243,9 +300,21 @@ impl RemoteExperts {
             append_request_ids(req.metadata_mut(), ids);
             let mut client = table.clients[worker].clone();
             let name = worker.to_string();
+            let timeout = self.call_timeout;
             let call = self.handle.spawn(async move {
                 let sent = Instant::now();
-                let answer = client.forward(req).await.map(|r| r.into_inner());
+                let answer = match timeout {
+                    Some(limit) => tokio::time::timeout(limit, client.forward(req))
+                        .await
+                        .unwrap_or_else(|_| {
+                            Err(tonic::Status::deadline_exceeded(format!(
+                                "no answer within {} ms (--expert-timeout-ms)",
+                                limit.as_millis()
+                            )))
+                        }),
+                    None => client.forward(req).await,
+                }
+                .map(|r| r.into_inner());
                 match &answer {
                     Ok(response) => {
                         let seconds = sent.elapsed().as_secs_f64();
@@ -275,7 +344,7 @@ impl RemoteExperts {
             let deadline = *deadline.get_or_insert_with(|| tokio::time::Instant::now() + self.wait);
             tracing::debug!(
                 layer = layer.layer,
-                version = ?layer.version,
+                version = ?layer.table.as_ref().map(|t| t.placement.version),
                 %reason,
                 "expert layer failed; waiting for a newer routing table"
             );
@@ -298,7 +367,12 @@ impl RemoteExperts {
         }
     }
 
-    /// Waits for one attempt's calls and adds up the workers' partial sums.
+    /// Waits for one attempt's calls and adds up the workers' partial sums. The rows
+    /// of a worker whose call fails for a reason a newer table could fix (it died,
+    /// broke the connection, timed out) are sent at once to other replicas of the
+    /// same experts in the same table, and that worker is passed over for a while
+    /// ([`Suspects`]); only when no other replica is left does the layer fail with
+    /// [`Failure::Retry`] (and wait for a newer table).
     fn gather(
         &self,
         calls: Vec<(String, WorkerBatch, Call)>,
@@ -307,6 +381,78 @@ impl RemoteExperts {
         let fatal = |e: candle_core::Error| Failure::Fatal(Error::Model(e.into()));
         let xs = &layer.xs;
         let (n_rows, hidden) = xs.dims2().map_err(fatal)?;
+        let mut acc = Tensor::zeros((n_rows, hidden), DType::F32, xs.device()).map_err(fatal)?;
+        let mut excluded = BTreeSet::new();
+        let mut pending = calls;
+        while !pending.is_empty() {
+            let (meta, responses) = self.wait_all(pending, layer)?;
+            let mut failed: Vec<ExpertRoute> = Vec::new();
+            let mut reasons = Vec::new();
+            for ((worker, batch), response) in meta.iter().zip(responses) {
+                let failure = match response {
+                    Ok(Ok(response)) => {
+                        self.bytes_received
+                            .fetch_add(response.encoded_len() as u64, Ordering::Relaxed);
+                        let sums = decode_sums(worker, &response, batch.rows.len(), hidden, xs)
+                            .map_err(Failure::Fatal)?;
+                        let idx =
+                            Tensor::from_vec(batch.rows.clone(), batch.rows.len(), xs.device())
+                                .map_err(fatal)?;
+                        acc = acc.index_add(&idx, &sums, 0).map_err(fatal)?;
+                        continue;
+                    }
+                    Ok(Err(status)) => classify(layer.layer, worker, status),
+                    Err(e) => Failure::Retry(format!(
+                        "layer {}: call to expert-worker {worker} failed: {e}",
+                        layer.layer
+                    )),
+                };
+                let reason = match failure {
+                    Failure::Fatal(e) => return Err(Failure::Fatal(e)),
+                    Failure::Retry(reason) => reason,
+                };
+                self.suspects.mark(worker);
+                excluded.insert(worker.clone());
+                failed.extend(batch.global_routes());
+                reasons.push(reason);
+            }
+            if failed.is_empty() {
+                break;
+            }
+            let Some(table) = layer.table.as_deref() else {
+                return Err(Failure::Retry(reasons.join("; ")));
+            };
+            // The same table's other replicas: no waiting for a lease to expire.
+            pending = self
+                .dispatch(table, layer, &failed, &excluded)
+                .map_err(|e| match e {
+                    Failure::Retry(why) => Failure::Retry(format!("{}; {why}", reasons.join("; "))),
+                    fatal => fatal,
+                })?;
+            ExpertDispatch::get().failed_over(pending.len());
+            tracing::debug!(
+                layer = layer.layer,
+                failed = %reasons.join("; "),
+                "expert rows sent to other replicas"
+            );
+        }
+        acc.to_dtype(xs.dtype()).map_err(fatal)
+    }
+
+    /// Waits for every call (each has its own deadline), or for the step's
+    /// cancellation, which aborts them.
+    #[allow(clippy::type_complexity)]
+    fn wait_all(
+        &self,
+        calls: Vec<(String, WorkerBatch, Call)>,
+        layer: &Layer,
+    ) -> Result<
+        (
+            Vec<(String, WorkerBatch)>,
+            Vec<Result<Result<ForwardResponse, tonic::Status>, tokio::task::JoinError>>,
+        ),
+        Failure,
+    > {
         let (meta, calls): (Vec<_>, Vec<_>) = calls
             .into_iter()
             .map(|(worker, batch, call)| ((worker, batch), call))
@@ -325,32 +471,13 @@ impl RemoteExperts {
                 () = layer.step.cancelled() => None,
             }
         });
-        let Some(responses) = responses else {
-            aborts.iter().for_each(|a| a.abort());
-            return Err(Failure::Fatal(Error::Cancelled));
-        };
-
-        let mut acc = Tensor::zeros((n_rows, hidden), DType::F32, xs.device()).map_err(fatal)?;
-        for ((worker, batch), response) in meta.iter().zip(responses) {
-            let response = match response {
-                Ok(Ok(response)) => response,
-                Ok(Err(status)) => return Err(classify(layer.layer, worker, status)),
-                Err(e) => {
-                    return Err(Failure::Retry(format!(
-                        "layer {}: call to expert-worker {worker} failed: {e}",
-                        layer.layer
-                    )));
-                }
-            };
-            self.bytes_received
-                .fetch_add(response.encoded_len() as u64, Ordering::Relaxed);
-            let sums = decode_sums(worker, &response, batch.rows.len(), hidden, xs)
-                .map_err(Failure::Fatal)?;
-            let idx = Tensor::from_vec(batch.rows.clone(), batch.rows.len(), xs.device())
-                .map_err(fatal)?;
-            acc = acc.index_add(&idx, &sums, 0).map_err(fatal)?;
+        match responses {
+            Some(responses) => Ok((meta, responses)),
+            None => {
+                aborts.iter().for_each(|a| a.abort());
+                Err(Failure::Fatal(Error::Cancelled))
+            }
         }
-        acc.to_dtype(xs.dtype()).map_err(fatal)
     }
 
     /// The request for one worker's share of `xs`.
@@ -455,6 +582,7 @@ mod tests {
         Arc::new(RoutingTable {
             placement,
             clients: BTreeMap::new(),
+            addresses: BTreeMap::new(),
         })
     }
 

@@ -2,7 +2,7 @@
 //! engine needs is in range, so a bad request fails at once with
 //! INVALID_ARGUMENT and a message naming the field, never its contents.
 
-use std::ops::Range;
+use std::ops::{Deref, Range};
 use std::time::Instant;
 
 use tessera_model::generate::GenerationParams;
@@ -33,10 +33,53 @@ pub struct ImageInput {
     pub content_hash: Option<[u8; 32]>,
 }
 
+/// A request's input ids: its prompt and, when it resumes on this scheduler after
+/// another one failed, the output it had generated there (the last
+/// [`PromptIds::resumed`] ids). Reads as the slice of every id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PromptIds {
+    ids: Vec<u32>,
+    resumed: usize,
+}
+
+impl PromptIds {
+    /// `ids`, of which the last `resumed` are output generated before; `resumed` is
+    /// clamped to `ids.len()`.
+    pub fn new(ids: Vec<u32>, resumed: usize) -> Self {
+        let resumed = resumed.min(ids.len());
+        Self { ids, resumed }
+    }
+
+    /// How many of the last ids are the request's own earlier output.
+    pub fn resumed(&self) -> usize {
+        self.resumed
+    }
+
+    /// Every id, prompt then resumed output.
+    pub fn into_ids(self) -> Vec<u32> {
+        self.ids
+    }
+}
+
+impl From<Vec<u32>> for PromptIds {
+    fn from(ids: Vec<u32>) -> Self {
+        Self::new(ids, 0)
+    }
+}
+
+impl Deref for PromptIds {
+    type Target = [u32];
+
+    fn deref(&self) -> &[u32] {
+        &self.ids
+    }
+}
+
 /// A request that passed [`validate`]: ready for the engine.
 #[derive(Debug, Clone)]
 pub struct Validated {
-    pub input_ids: Vec<u32>,
+    /// Every input id; the last `input_ids.resumed()` are resumed output.
+    pub input_ids: PromptIds,
     /// Image runs in prompt order.
     pub image_runs: Vec<ImageInput>,
     pub params: GenerationParams,
@@ -105,6 +148,19 @@ pub fn validate(req: SubmitRequest, limits: &Limits) -> Result<Validated> {
         });
     }
 
+    let resumed = req.resumed_tokens as usize;
+    if resumed > n {
+        return Err(invalid(format!(
+            "resumed_tokens ({resumed}) is more than the {n} input_ids"
+        )));
+    }
+    if resumed > n - end_of_previous {
+        return Err(invalid(format!(
+            "resumed_tokens ({resumed}) reaches into image_runs (which end at token \
+             {end_of_previous} of {n}); resumed output follows every image"
+        )));
+    }
+
     let sampling = req.sampling.ok_or_else(|| invalid("sampling is not set"))?;
     let top_logprobs = sampling.top_logprobs as usize;
     if top_logprobs > tessera_model::sampling::MAX_TOP_LOGPROBS {
@@ -147,7 +203,7 @@ pub fn validate(req: SubmitRequest, limits: &Limits) -> Result<Validated> {
         )));
     }
     Ok(Validated {
-        input_ids: req.input_ids,
+        input_ids: PromptIds::new(req.input_ids, resumed),
         image_runs,
         params: GenerationParams {
             max_new_tokens: max_tokens,
@@ -248,6 +304,7 @@ mod tests {
                 stop: vec![],
                 ignore_eos: true,
             }),
+            resumed_tokens: 0,
         }
     }
 
@@ -270,6 +327,26 @@ mod tests {
         assert!(v.params.ignore_eos);
         assert_eq!(v.params.eos_token_id, 1);
         assert_eq!(v.params.sampling.top_k, None);
+        assert_eq!(v.input_ids.resumed(), 0);
+    }
+
+    #[test]
+    fn resumed_tokens_are_the_last_input_ids_after_every_image() {
+        let mut req = request();
+        req.resumed_tokens = 2;
+        let v = validate(req, &LIMITS).unwrap();
+        assert_eq!(v.input_ids.resumed(), 2);
+        assert_eq!(v.input_ids.len(), 10);
+        assert!(error_of(|r| r.resumed_tokens = 11).contains("more than the 10 input_ids"));
+        // The second image run ends at token 8 of 10.
+        assert!(error_of(|r| r.resumed_tokens = 3).contains("reaches into image_runs"));
+        let mut text_only = request();
+        text_only.image_runs.clear();
+        text_only.resumed_tokens = 10;
+        assert_eq!(
+            validate(text_only, &LIMITS).unwrap().input_ids.resumed(),
+            10
+        );
     }
 
     #[test]

@@ -44,10 +44,19 @@ pub async fn run(
     let mut channels: BTreeMap<String, ExpertClient<Channel>> = BTreeMap::new();
     loop {
         let newest = placements.borrow_and_update().clone();
-        let routed = tables.borrow().as_ref().map(|t| t.placement.version);
+        let members_now = members.borrow_and_update().clone();
+        let routed = tables.borrow().clone();
+        // A newer placement, or a worker of the routed one back at a new address (a
+        // restarted process under the same id: the placement does not change).
+        let stale = |p: &Placement| {
+            routed.as_ref().is_none_or(|t| {
+                p.version > t.placement.version
+                    || (p.version == t.placement.version && moved(t, &members_now))
+            })
+        };
         let pending = match newest {
-            Some(p) if routed.is_none_or(|v| p.version > v) => {
-                let members = members.borrow_and_update().clone();
+            Some(p) if stale(&p) => {
+                let members = members_now;
                 match ready_table(&p, &members, &mut channels, &fingerprint, tls.as_deref()).await {
                     Some(table) => {
                         tracing::info!(
@@ -74,6 +83,18 @@ pub async fn run(
     }
 }
 
+/// Whether a worker of `table` is registered at another address than the one it
+/// was routed at.
+fn moved(table: &RoutingTable, members: &[Member]) -> bool {
+    members.iter().any(|m| {
+        m.role == Role::ExpertWorker
+            && table
+                .addresses
+                .get(&m.id)
+                .is_some_and(|address| address != &m.address)
+    })
+}
+
 /// The addresses of `p`'s workers that hold experts.
 fn table_addresses<'m>(p: &Placement, members: &'m [Member]) -> BTreeSet<&'m String> {
     members
@@ -92,6 +113,7 @@ async fn ready_table(
     tls: Option<&ClusterTls>,
 ) -> Option<RoutingTable> {
     let mut clients = BTreeMap::new();
+    let mut addresses = BTreeMap::new();
     for (id, held) in &p.assignment {
         if held.is_empty() {
             continue;
@@ -112,6 +134,7 @@ async fn ready_table(
             }
         };
         clients.insert(id.clone(), client);
+        addresses.insert(id.clone(), member.address.clone());
     }
 
     let checks: Vec<_> = clients
@@ -146,6 +169,7 @@ async fn ready_table(
     all_ready.then(|| RoutingTable {
         placement: p.clone(),
         clients,
+        addresses,
     })
 }
 

@@ -7,6 +7,13 @@
 //! token. Preemption forgets the cache (`computed = 0`) and keeps everything else,
 //! so the sequence recomputes its prompt and output later and goes on with the
 //! same sampler.
+//!
+//! A request resumed after another scheduler failed (`SubmitRequest.resumed_tokens`)
+//! ends its prompt with its own earlier output: those tokens run as prompt, but
+//! the presence and frequency penalties count them as output and the stop-string
+//! matcher is fed their text before the first new token, so the new tokens are
+//! picked and stopped as the failed scheduler would have. Its sampler starts
+//! afresh: a seeded sampled request continues with new draws.
 
 use std::time::Instant;
 
@@ -22,6 +29,7 @@ use tonic::Status;
 use crate::active::ActiveEntry;
 use crate::error::{Error, Result};
 use crate::kv::{BlockHash, BlockPool, BlockTable, TokenKey, block_hash};
+use crate::request::PromptIds;
 
 /// What the engine tells a request's reader.
 #[derive(Debug, Clone, PartialEq)]
@@ -75,6 +83,10 @@ pub struct Sequence {
     /// Prompt ids, then every generated id.
     tokens: Vec<u32>,
     prompt_len: usize,
+    /// The last ids of the prompt that are the request's earlier output (resumed).
+    resumed: usize,
+    /// Whether the resumed output's text has been fed to `stops` yet.
+    stops_seeded: bool,
     /// What each token is for prefix hashing (image tokens by image content).
     keys: Vec<TokenKey>,
     /// Input embeddings of the prompt (image rows in place): (prompt, hidden).
@@ -119,7 +131,7 @@ pub struct NewSequence {
     pub serial: u64,
     pub deadline: Option<Instant>,
     pub params: GenerationParams,
-    pub prompt: Vec<u32>,
+    pub prompt: PromptIds,
     pub keys: Vec<TokenKey>,
     pub prompt_embeds: Tensor,
 }
@@ -128,6 +140,7 @@ impl Sequence {
     pub fn new(n: NewSequence) -> Result<Self> {
         let sampler = Sampler::new(n.params.sampling.clone()).map_err(Error::from_model)?;
         let stops = StopStrings::new(&n.params.stop);
+        let resumed = n.prompt.resumed();
         Ok(Self {
             entry: n.entry,
             trace_id: n.trace_id,
@@ -138,7 +151,9 @@ impl Sequence {
             params: n.params,
             sampler,
             prompt_len: n.prompt.len(),
-            tokens: n.prompt,
+            resumed,
+            stops_seeded: resumed == 0,
+            tokens: n.prompt.into_ids(),
             keys: n.keys,
             prompt_embeds: n.prompt_embeds,
             computed: 0,
@@ -260,7 +275,9 @@ impl Sequence {
     /// Picks the next token from `logits`, streams it, and says whether that ends
     /// the sequence.
     pub fn sample(&mut self, logits: Vec<f32>, tokenizer: &ChatTokenizer) -> Option<Outcome> {
-        let next = self.sampler.sample(&logits, &self.tokens, self.prompt_len);
+        // The penalties over output tokens count the resumed output too.
+        let output_start = self.prompt_len - self.resumed;
+        let next = self.sampler.sample(&logits, &self.tokens, output_start);
         self.tokens.push(next);
         self.keys.push(TokenKey::Text(next));
         self.first_token_at.get_or_insert_with(Instant::now);
@@ -281,6 +298,9 @@ impl Sequence {
             return Some(Outcome::Finished(FinishReason::Eos));
         }
         if !self.stops.is_empty() {
+            if let Err(e) = self.seed_stops(tokenizer) {
+                return Some(Outcome::Failed(Status::from(Error::from_model(e))));
+            }
             let piece = match self.text.push(tokenizer, next) {
                 Ok(piece) => piece,
                 Err(e) => return Some(Outcome::Failed(Status::from(Error::from_model(e)))),
@@ -293,5 +313,117 @@ impl Sequence {
             return Some(Outcome::Finished(FinishReason::Length));
         }
         None
+    }
+
+    /// Feeds the resumed output's text to the detokenizer and the stop-string matcher
+    /// (once), so that a stop string spanning the resumption is found.
+    fn seed_stops(&mut self, tokenizer: &ChatTokenizer) -> tessera_model::Result<()> {
+        if self.stops_seeded {
+            return Ok(());
+        }
+        self.stops_seeded = true;
+        for &id in &self.tokens[self.prompt_len - self.resumed..self.prompt_len] {
+            let piece = self.text.push(tokenizer, id)?;
+            self.stops.push(&piece);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use candle_core::{DType, Device};
+    use tessera_model::sampling::SamplingParams;
+
+    use super::*;
+    use crate::active::ActiveRequests;
+
+    fn tokenizer() -> ChatTokenizer {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny-mha-softmax");
+        ChatTokenizer::from_dir(&dir).unwrap()
+    }
+
+    /// A sequence of `ids`, the last `resumed` of them resumed output, and the
+    /// receiver of its events.
+    fn sequence(
+        ids: Vec<u32>,
+        resumed: usize,
+        params: GenerationParams,
+    ) -> (Sequence, mpsc::Receiver<EventResult>) {
+        let (events, rx) = mpsc::channel(64);
+        let n = ids.len();
+        let seq = Sequence::new(NewSequence {
+            entry: ActiveRequests::default().insert("r").unwrap(),
+            trace_id: "r".into(),
+            events,
+            serial: 0,
+            deadline: None,
+            params,
+            keys: ids.iter().map(|&id| TokenKey::Text(id)).collect(),
+            prompt: PromptIds::new(ids, resumed),
+            prompt_embeds: Tensor::zeros((n, 4), DType::F32, &Device::Cpu).unwrap(),
+        })
+        .unwrap();
+        (seq, rx)
+    }
+
+    /// Logits over `vocab` tokens favouring `best`, then `second`.
+    fn logits(vocab: usize, best: u32, second: u32) -> Vec<f32> {
+        let mut l = vec![0.0; vocab];
+        l[best as usize] = 2.0;
+        l[second as usize] = 1.9;
+        l
+    }
+
+    #[test]
+    fn resumed_output_counts_for_the_presence_and_frequency_penalties() {
+        let tokenizer = tokenizer();
+        let vocab = tokenizer.vocab_size();
+        let params = GenerationParams {
+            sampling: SamplingParams {
+                presence_penalty: 0.5,
+                ..SamplingParams::default()
+            },
+            ..GenerationParams::greedy(4, 1)
+        };
+        // 40 was generated before the request resumed here: penalized, 41 wins.
+        let (mut resumed, _rx) = sequence(vec![7, 8, 40], 1, params.clone());
+        assert!(resumed.sample(logits(vocab, 40, 41), &tokenizer).is_none());
+        assert_eq!(resumed.output(), [41]);
+        // The same 40 in a prompt is not penalized.
+        let (mut prompted, _rx) = sequence(vec![7, 8, 40], 0, params);
+        assert!(prompted.sample(logits(vocab, 40, 41), &tokenizer).is_none());
+        assert_eq!(prompted.output(), [40]);
+    }
+
+    #[test]
+    fn a_stop_string_across_the_resumption_is_found() {
+        let tokenizer = tokenizer();
+        let vocab = tokenizer.vocab_size();
+        let ids = tokenizer.encode("The lighthouse keeper").unwrap();
+        assert!(ids.len() >= 2, "{ids:?}");
+        let whole = tokenizer.decode(&ids, false).unwrap();
+        let last = *ids.last().unwrap();
+        let params = GenerationParams {
+            stop: vec![whole.trim().to_owned()],
+            ..GenerationParams::greedy(4, 1)
+        };
+        let prompt = [vec![5_u32, 6], ids[..ids.len() - 1].to_vec()].concat();
+        let other = if last == 9 { 10 } else { 9 };
+        let (mut resumed, _rx) = sequence(prompt.clone(), ids.len() - 1, params.clone());
+        let outcome = resumed.sample(logits(vocab, last, other), &tokenizer);
+        assert!(
+            matches!(outcome, Some(Outcome::Finished(FinishReason::Stop))),
+            "{outcome:?}"
+        );
+        // Without the resumed output's text, the last token alone is no stop.
+        let (mut fresh, _rx) = sequence(prompt, 0, params);
+        assert!(
+            fresh
+                .sample(logits(vocab, last, other), &tokenizer)
+                .is_none()
+        );
     }
 }

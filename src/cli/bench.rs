@@ -132,6 +132,8 @@ pub struct BenchArgs {
     /// How the in-process cluster's scheduler batches (--model).
     #[command(flatten, next_help_heading = "Engine (with --model)")]
     engine: EngineConfig,
+    #[command(flatten, next_help_heading = "Expert placement (with --model)")]
+    pool: tessera_runtime::pool::PoolArgs,
 }
 
 impl BenchArgs {
@@ -375,6 +377,7 @@ async fn bench(args: BenchArgs) -> anyhow::Result<Report> {
         public_limits: Default::default(),
         remote_images: Default::default(),
         served_model_names: Vec::new(),
+        pool: args.pool.clone(),
     };
     opts.validate_flags()?;
     let mut model = tessera_runtime::ModelArgs {

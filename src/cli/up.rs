@@ -12,6 +12,7 @@ use anyhow::{Context, anyhow, bail};
 use clap::Args;
 use tessera_runtime::device::ComputeArgs;
 use tessera_runtime::member::{DEFAULT_GRACE_SECONDS, MemberArgs, check_folder};
+use tessera_runtime::pool::PoolArgs;
 use tessera_runtime::{CancellationToken, Discovery, MemoryDiscovery, ModelArgs, Role};
 use tessera_scheduler::EngineConfig;
 use tokio::net::TcpListener;
@@ -71,6 +72,8 @@ pub struct UpArgs {
     public_limits: tessera_gateway::PublicLimits,
     #[command(flatten, next_help_heading = "Remote images (OpenAI API)")]
     remote_images: tessera_gateway::RemoteImageConfig,
+    #[command(flatten, next_help_heading = "Expert placement")]
+    pool: PoolArgs,
 }
 
 type Task = (&'static str, anyhow::Result<()>);
@@ -105,6 +108,8 @@ pub struct Options {
     pub public_limits: tessera_gateway::PublicLimits,
     /// Whether the gateway fetches http(s) image URLs, and within which limits.
     pub remote_images: tessera_gateway::RemoteImageConfig,
+    /// How the routed experts are placed over the expert-workers.
+    pub pool: PoolArgs,
 }
 
 impl Options {
@@ -154,6 +159,7 @@ impl From<&UpArgs> for Options {
             auth: args.auth.clone(),
             public_limits: args.public_limits,
             remote_images: args.remote_images.clone(),
+            pool: args.pool.clone(),
         }
     }
 }
@@ -241,35 +247,51 @@ pub async fn start(opts: Options, shutdown: CancellationToken) -> anyhow::Result
     let shared: Arc<dyn Discovery> = discovery.clone();
     let started = Instant::now();
     let mut tasks: JoinSet<Task> = JoinSet::new();
+    let stages = Stages::follow(&shutdown);
 
     for i in 0..opts.expert_workers {
         let cfg = tessera_expert_worker::Config {
             member: opts.member(Some(format!("expert-worker-{i}"))),
+            pool: opts.pool.clone(),
+            ..tessera_expert_worker::Config::new(&opts.model)
         };
-        let run =
-            tessera_expert_worker::run(cfg, loopback().await?, shared.clone(), shutdown.clone());
+        let run = tessera_expert_worker::run(
+            cfg,
+            loopback().await?,
+            shared.clone(),
+            stages.backends.clone(),
+        );
         tasks.spawn(async move { ("expert-worker", run.await.map_err(anyhow::Error::from)) });
     }
     let vision = tessera_vision_worker::Config {
         member: opts.member(None),
         ..tessera_vision_worker::Config::new(&opts.model)
     };
-    let run =
-        tessera_vision_worker::run(vision, loopback().await?, shared.clone(), shutdown.clone());
+    let run = tessera_vision_worker::run(
+        vision,
+        loopback().await?,
+        shared.clone(),
+        stages.backends.clone(),
+    );
     tasks.spawn(async move { ("vision-worker", run.await.map_err(anyhow::Error::from)) });
     let scheduler = tessera_scheduler::Config {
         member: opts.member(None),
         max_waiting: opts.max_waiting,
         engine: opts.engine.clone(),
+        pool: opts.pool.clone(),
         ..tessera_scheduler::Config::new(&opts.model)
     };
     let run = tessera_scheduler::run(
         scheduler,
         loopback().await?,
         shared.clone(),
-        shutdown.clone(),
+        stages.scheduler.clone(),
     );
-    tasks.spawn(async move { ("scheduler", run.await.map_err(anyhow::Error::from)) });
+    let done = stages.scheduler_done.clone().drop_guard();
+    tasks.spawn(async move {
+        let _done = done;
+        ("scheduler", run.await.map_err(anyhow::Error::from))
+    });
     let public = match TcpListener::bind(opts.grpc).await {
         Ok(public) => public,
         Err(e) => {
@@ -312,7 +334,11 @@ pub async fn start(opts: Options, shutdown: CancellationToken) -> anyhow::Result
         shared.clone(),
         shutdown.clone(),
     );
-    tasks.spawn(async move { ("gateway", run.await.map_err(anyhow::Error::from)) });
+    let done = stages.gateway_done.clone().drop_guard();
+    tasks.spawn(async move {
+        let _done = done;
+        ("gateway", run.await.map_err(anyhow::Error::from))
+    });
 
     tokio::select! {
         ready = tokio::time::timeout(opts.ready_timeout, ready(&discovery, opts.expert_workers)) => {
@@ -334,6 +360,45 @@ pub async fn start(opts: Options, shutdown: CancellationToken) -> anyhow::Result
         load_time: started.elapsed(),
         tasks,
     })
+}
+
+/// The order a cluster stops in: the gateway first (it refuses new requests and
+/// drains the ones in flight within the grace period), then the scheduler, then the
+/// vision-worker and the expert-workers, which the in-flight requests needed to
+/// the end.
+struct Stages {
+    /// Cancelled once the gateway's task has ended.
+    gateway_done: CancellationToken,
+    /// Stops the scheduler.
+    scheduler: CancellationToken,
+    /// Cancelled once the scheduler's task has ended.
+    scheduler_done: CancellationToken,
+    /// Stops the vision-worker and the expert-workers.
+    backends: CancellationToken,
+}
+
+impl Stages {
+    /// Stages that start stopping when `shutdown` is cancelled (the gateway stops on
+    /// `shutdown` itself).
+    fn follow(shutdown: &CancellationToken) -> Self {
+        let stages = Self {
+            gateway_done: CancellationToken::new(),
+            scheduler: CancellationToken::new(),
+            scheduler_done: CancellationToken::new(),
+            backends: CancellationToken::new(),
+        };
+        let (shutdown, gateway_done) = (shutdown.clone(), stages.gateway_done.clone());
+        let (scheduler, scheduler_done) = (stages.scheduler.clone(), stages.scheduler_done.clone());
+        let backends = stages.backends.clone();
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            gateway_done.cancelled().await;
+            scheduler.cancel();
+            scheduler_done.cancelled().await;
+            backends.cancel();
+        });
+        stages
+    }
 }
 
 /// Resolves once every member is registered and a placement over all

@@ -119,6 +119,10 @@ pub enum SchedulerScript {
     Fail(Status),
     /// This first batch, then nothing until the call is cancelled.
     Hang(Vec<u32>),
+    /// These token batches, then this status (a scheduler failing mid-stream).
+    Break(Vec<Vec<u32>>, Status),
+    /// These token batches, then the end of the stream without `finished`.
+    Cut(Vec<Vec<u32>>),
 }
 
 /// One `Submit` as received: its `x-request-id` metadata and its body.
@@ -192,6 +196,17 @@ impl Scheduler for FakeScheduler {
                 }))
                 .await
                 .unwrap();
+            }
+            SchedulerScript::Break(batches, status) => {
+                for batch in batches {
+                    tx.send(tokens(batch)).await.unwrap();
+                }
+                tx.send(Err(status)).await.unwrap();
+            }
+            SchedulerScript::Cut(batches) => {
+                for batch in batches {
+                    tx.send(tokens(batch)).await.unwrap();
+                }
             }
             SchedulerScript::Hang(first) => {
                 tx.send(tokens(first)).await.unwrap();

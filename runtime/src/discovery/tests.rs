@@ -3,7 +3,7 @@ use std::time::Duration;
 use tokio::time::timeout;
 
 use super::*;
-use crate::placement::{even_split, next_placement};
+use crate::placement::{PlacementPolicy, PoolWorker, even_split, next_placement};
 
 const WAIT: Duration = Duration::from_secs(5);
 
@@ -209,13 +209,8 @@ async fn placement_only_moves_forward_and_must_be_complete() {
 async fn static_discovery_carries_placements_too() {
     let d = StaticDiscovery::from_members(vec![worker("a", 1)]).unwrap();
     let mut rx = d.subscribe_placement();
-    let p = next_placement(
-        None,
-        &[1],
-        8,
-        &ids_with_role(&d.members(), Role::ExpertWorker),
-    )
-    .unwrap();
+    let live = PoolWorker::unbounded_all(&ids_with_role(&d.members(), Role::ExpertWorker));
+    let p = next_placement(None, &[1], 8, &live, &PlacementPolicy::default(), None).unwrap();
     d.publish_placement(p.clone()).unwrap();
     assert_eq!(next(&mut rx).await, Some(p));
 }
@@ -228,8 +223,9 @@ async fn placement_follows_membership() {
     let mut placements = d.subscribe_placement();
     let layers: Vec<usize> = (1..12).collect();
     let replan = |members: &[Member]| {
-        let live = ids_with_role(members, Role::ExpertWorker);
-        let p = next_placement(d.placement().as_ref(), &layers, 64, &live).unwrap();
+        let live = PoolWorker::unbounded_all(&ids_with_role(members, Role::ExpertWorker));
+        let single = PlacementPolicy::fixed(1);
+        let p = next_placement(d.placement().as_ref(), &layers, 64, &live, &single, None).unwrap();
         d.publish_placement(p).unwrap();
     };
 
@@ -254,7 +250,8 @@ async fn placement_follows_membership() {
     replan(&next(&mut members).await);
     let three = next(&mut placements).await.unwrap();
     assert_eq!(three.version, 2);
-    assert_eq!(three.experts_of("w2").len(), 11 * 21);
+    // w0 and w1 keep up to ceil(64 / 3) = 22 per layer; w2 takes the rest.
+    assert_eq!(three.experts_of("w2").len(), 11 * 20);
 
     drop(w0);
     replan(&next(&mut members).await);

@@ -197,6 +197,7 @@ pub fn request(
             stop: Vec::new(),
             ignore_eos: true,
         }),
+        resumed_tokens: 0,
     }
 }
 

@@ -332,38 +332,7 @@ pub fn human_bytes(bytes: u64) -> String {
     }
 }
 
-/// Parses a size such as `4GB`, `500MB`, `1.5GiB` or a plain byte count (`kB`/`MB`/`GB`
-/// are powers of 1000, `KiB`/`MiB`/`GiB` powers of 1024; case does not matter).
-pub fn parse_size(text: &str) -> Result<u64, String> {
-    let t = text.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (number, unit) = t.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("`{text}` is not a size like 4GB, 500MB or 2GiB"))?;
-    let scale: f64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1.0,
-        "k" | "kb" => 1e3,
-        "m" | "mb" => 1e6,
-        "g" | "gb" => 1e9,
-        "t" | "tb" => 1e12,
-        "kib" => 1024.0,
-        "mib" => 1024.0 * 1024.0,
-        "gib" => 1024.0 * 1024.0 * 1024.0,
-        other => {
-            return Err(format!(
-                "unknown size unit `{other}` (use kB, MB, GB, KiB, MiB or GiB)"
-            ));
-        }
-    };
-    let bytes = value * scale;
-    if bytes < 1.0 {
-        return Err(format!("`{text}` is less than one byte"));
-    }
-    Ok(bytes as u64)
-}
+pub use tessera_runtime::memory::parse_size;
 
 #[cfg(test)]
 mod tests {
@@ -432,16 +401,5 @@ mod tests {
             [vec!["t0", "t1"], vec!["t2"], vec!["t3"], vec!["t4"]]
         );
         assert_eq!(plan_shards(&specs, StoredDtype::F32, u64::MAX).len(), 1);
-    }
-
-    #[test]
-    fn sizes_parse_in_both_unit_systems() {
-        assert_eq!(parse_size("4GB"), Ok(4_000_000_000));
-        assert_eq!(parse_size("500mb"), Ok(500_000_000));
-        assert_eq!(parse_size("1.5GiB"), Ok(1_610_612_736));
-        assert_eq!(parse_size("1234"), Ok(1234));
-        assert!(parse_size("4 parsecs").is_err());
-        assert!(parse_size("GB").is_err());
-        assert!(parse_size("0").is_err());
     }
 }
