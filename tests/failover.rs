@@ -44,7 +44,7 @@ mod load;
 #[path = "common/up.rs"]
 mod up_process;
 
-use load::{after_tokens, load_until, poll, text_request, timed_stream, wave, workload};
+use load::{after_tokens, load_until, poll, text_request, timed_stream, undisturbed, workload};
 
 use cluster::DEADLINE;
 use common::fixture_dir;
@@ -292,11 +292,7 @@ async fn killing_any_member_loses_no_request_and_changes_no_answer() {
 
     let requests = workload(96, true);
     let progress = Arc::new(AtomicUsize::new(0));
-    let reference: Vec<Vec<u32>> = wave(&client, &requests, &progress)
-        .await
-        .into_iter()
-        .map(|r| r.expect("the undisturbed run succeeds").token_ids)
-        .collect();
+    let reference = undisturbed(&client, &requests, &progress).await;
     let per_wave = progress.load(Ordering::Relaxed);
     println!("undisturbed: {per_wave} tokens in 16 streams");
 
@@ -479,11 +475,7 @@ async fn scaling_the_pool_down_and_up_keeps_every_worker_within_its_budget() {
 
     let requests: Vec<GenerateRequest> = (0..16).map(|i| text_request(i, 48)).collect();
     let progress = Arc::new(AtomicUsize::new(0));
-    let reference: Vec<Vec<u32>> = wave(&client, &requests, &progress)
-        .await
-        .into_iter()
-        .map(|r| r.expect("the undisturbed run succeeds").token_ids)
-        .collect();
+    let reference = undisturbed(&client, &requests, &progress).await;
     let per_wave = progress.load(Ordering::Relaxed);
 
     let done = tessera_runtime::CancellationToken::new();

@@ -176,3 +176,17 @@ pub async fn after_tokens(progress: &AtomicUsize, from: usize, tokens: usize) {
     })
     .await;
 }
+
+/// The token ids of every request of `requests`, run at once on an undisturbed
+/// cluster: the reference the disturbed runs are checked against.
+pub async fn undisturbed(
+    client: &TesseraClient<Channel>,
+    requests: &[GenerateRequest],
+    progress: &Arc<AtomicUsize>,
+) -> Vec<Vec<u32>> {
+    wave(client, requests, progress)
+        .await
+        .into_iter()
+        .map(|r| r.expect("the undisturbed run succeeds").token_ids)
+        .collect()
+}
