@@ -13,6 +13,14 @@
 #      /usr/local/bin/tessera runs `--help` with the image's libraries
 #
 #   deploy/tests/build_image.sh [BINARY]      # default: target/debug/tessera
+#   deploy/tests/build_image.sh --cuda LIBDIR BINARY
+#
+# With --cuda it builds deploy/docker/Dockerfile.cuda the same way from a binary
+# built with `--features cuda` and the CUDA libraries in LIBDIR (the `lib` folder of
+# tools/install-cuda-toolkit's wheels); the image then also holds those libraries
+# under /usr/local/lib/tessera-cuda, and step 5 also checks that the image's binary
+# finds them and refuses `--device cuda:0` for want of the NVIDIA driver only (no
+# driver or GPU here).
 #
 # BINARY is any Linux build of tessera; CI passes the target/debug/tessera that
 # `cargo test` already built (optimised: [profile.test] opt-level = 3), so the
@@ -24,12 +32,24 @@
 set -euo pipefail
 
 repo="$(cd "$(dirname "$0")/../.." && pwd)"
+cuda_libs=""
+if [ "${1:-}" = --cuda ]; then
+  cuda_libs="$(realpath "$2")"
+  shift 2
+fi
 binary="$(realpath "${1:-$repo/target/debug/tessera}")"
 work="${WORK:-/var/tmp/tessera-image}"
 mirror="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 driver="${STORAGE_DRIVER:-overlay}"
 base=localhost/tessera-base:bookworm
 image=localhost/tessera:ci
+dockerfile="$repo/deploy/docker/Dockerfile"
+# The CUDA libraries the cuda image carries (what candle opens at run time).
+cuda_files=(libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libnvrtc.so.13 libnvrtc-builtins.so.13.0)
+if [ -n "$cuda_libs" ]; then
+  image=localhost/tessera-cuda:ci
+  dockerfile="$repo/deploy/docker/Dockerfile.cuda"
+fi
 
 podman=(podman --root "$work/storage" --runroot "$work/run" --storage-driver "$driver"
         --events-backend file)
@@ -75,14 +95,22 @@ step "podman import -> $base"
 "${podman[@]}" import --quiet "$tarball" "$base" >/dev/null
 done_step
 
-step "podman build --isolation chroot --target runtime (prebuilt $binary)"
+step "podman build --isolation chroot --target runtime of $(basename "$dockerfile") (prebuilt $binary)"
 context="$(mktemp -d "$work/context.XXXXXX")"
 trap 'rm -rf "$context"' EXIT
 cp "$binary" "$context/tessera"
+extra=()
+if [ -n "$cuda_libs" ]; then
+  mkdir "$context/cuda-libraries"
+  for lib in "${cuda_files[@]}"; do
+    cp -L "$cuda_libs/$lib" "$context/cuda-libraries/" || fail "no $lib in $cuda_libs"
+  done
+  extra=(--build-arg LIBRARIES_FROM=context-libraries --build-arg CUDA_LIBRARIES=cuda-libraries)
+fi
 "${podman[@]}" build --isolation chroot --pull=never \
-  -f "$repo/deploy/docker/Dockerfile" --target runtime \
+  -f "$dockerfile" --target runtime \
   --build-arg BASE_IMAGE="$base" \
-  --build-arg BINARY_FROM=prebuilt --build-arg PREBUILT=tessera \
+  --build-arg BINARY_FROM=prebuilt --build-arg PREBUILT=tessera "${extra[@]}" \
   -t "$image" "$context" >"$work/build.log" 2>&1 \
   || { tail -n 30 "$work/build.log"; fail "podman build (log: $work/build.log)"; }
 grep -E '^\[[0-9]+/[0-9]+\] (STEP 1/|COMMIT)' "$work/build.log" | sed 's/^/   /'
@@ -113,9 +141,11 @@ done_step
 step "files added over the base (podman save, layer contents)"
 rm -rf "$work/oci"
 "${podman[@]}" save --quiet --format oci-dir -o "$work/oci" "$image" >/dev/null
-python3 - "$work/oci" "$(echo "$base_layers" | python3 -c 'import json,sys; print(len(json.load(sys.stdin)))')" <<'PY'
+python3 - "$work/oci" "$(echo "$base_layers" | python3 -c 'import json,sys; print(len(json.load(sys.stdin)))')" \
+  "$([ -n "$cuda_libs" ] && echo "${cuda_files[*]}")" <<'PY'
 import json, os, sys, tarfile
 oci, n_base = sys.argv[1], int(sys.argv[2])
+cuda = sys.argv[3].split() if len(sys.argv) > 3 else []
 def blob(digest):
     algo, hexd = digest.split(":")
     return os.path.join(oci, "blobs", algo, hexd)
@@ -123,7 +153,7 @@ index = json.load(open(os.path.join(oci, "index.json")))
 manifest = json.load(open(blob(index["manifests"][0]["digest"])))
 allowed = {
     "etc/passwd", "etc/group", "etc/ssl/certs/ca-certificates.crt", "usr/local/bin/tessera",
-}
+} | {f"usr/local/lib/tessera-cuda/{lib}" for lib in cuda}
 seen, problems = {}, []
 for layer in manifest["layers"][n_base:]:
     with tarfile.open(blob(layer["digest"]), "r:*") as tar:
@@ -164,6 +194,21 @@ for role in gateway vision-worker scheduler expert-worker; do
     || fail "tessera $role --help failed in the image"
 done
 echo "   ${help%%$'\n'*}"
+if [ -n "$cuda_libs" ]; then
+  # The image's own environment (LD_LIBRARY_PATH) as the container runtime sets it.
+  env_args=()
+  while IFS= read -r kv; do env_args+=("$kv"); done < <(
+    "${podman[@]}" image inspect "$image" --format '{{range .Config.Env}}{{println .}}{{end}}' | sed '/^$/d')
+  printf '%s\n' "${env_args[@]}" | grep -q '^LD_LIBRARY_PATH=/usr/local/lib/tessera-cuda$' \
+    || fail "the image sets no LD_LIBRARY_PATH=/usr/local/lib/tessera-cuda"
+  refusal="$(chroot --userspec=65532:65532 "$root" /usr/bin/env -i "${env_args[@]}" \
+    /usr/local/bin/tessera generate --model /nonexistent --prompt hi --device cuda:0 2>&1)" \
+    && fail "--device cuda:0 started without a driver"
+  grep -q 'the NVIDIA driver is not installed' <<<"$refusal" || fail "unexpected refusal: $refusal"
+  grep -q 'cuBLAS\|cuRAND\|NVRTC' <<<"$refusal" \
+    && fail "the image's CUDA libraries are not found: $refusal"
+  echo "   --device cuda:0 without a driver: ${refusal#error: }"
+fi
 done_step
 
 size="$("${podman[@]}" image inspect "$image" --format '{{.Size}}')"

@@ -193,6 +193,8 @@ MUTATIONS = [
      lambda o: pod_spec(o, EW).pop("tolerations"), "no nvidia.com/gpu toleration"),
     ("check_gpu", "gpu", "expert-workers on the CPU image",
      lambda o: container(o, EW, "expert-worker").update(image="ghcr.io/tessera-serving/tessera:0.1.0"), "is not the CUDA image"),
+    ("check_gpu", "gpu", "expert-workers computing on the CPU beside their GPU",
+     lambda o: set_env(container(o, EW, "expert-worker"), "TESSERA_DEVICE", None), "TESSERA_DEVICE is unset"),
     ("check_gpu", "gpu", "expert-workers not spread over nodes",
      lambda o: pod_spec(o, EW).pop("topologySpreadConstraints"), "not spread over nodes"),
     ("check_gpu", "cpu-dev", "cpu-dev with three expert-workers",

@@ -536,8 +536,9 @@ def check_memory(objs, ctx):
 
 
 def check_gpu(objs, ctx):
-    """GPU containers run the CUDA image on GPU nodes; each overlay deploys the
-    model, expert pool and GPU components it documents."""
+    """GPU containers run the CUDA image on GPU nodes and compute on their GPU
+    (TESSERA_DEVICE=cuda:N); each overlay deploys the model, expert pool and GPU
+    components it documents."""
     out = []
     gpu_components = set()
     for c in containers(objs, kinds=("containers",)):
@@ -552,6 +553,10 @@ def check_gpu(objs, ctx):
             out.append(f"{ref(c.pod.owner)} {c.pod.path}.tolerations: no nvidia.com/gpu toleration")
         if not (c.pod.spec.get("nodeSelector") or c.pod.spec.get("affinity", {}).get("nodeAffinity")):
             out.append(f"{ref(c.pod.owner)} {c.pod.path}.nodeSelector: GPU pods must select GPU nodes")
+        # Without --device cuda:N the process computes on the CPU and the GPU sits idle.
+        device = {e["name"]: e.get("value", "") for e in c.spec.get("env", []) or []}.get("TESSERA_DEVICE", "")
+        if not device.startswith("cuda"):
+            out.append(f"{c.where('env')}: a GPU is requested but TESSERA_DEVICE is {device or 'unset'} (the CPU)")
     want = OVERLAYS.get(ctx.overlay)
     if want is None:
         return out

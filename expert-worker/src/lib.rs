@@ -42,8 +42,9 @@ pub struct Config {
     pub member: MemberArgs,
     /// The most bytes of routed-expert weights this worker holds (e.g. 20GiB); the
     /// placement gives it no more, and it drops what it loses before loading what it
-    /// gains when both do not fit [default: inside a container, 85% of its memory
-    /// limit less what the process holds once the model is open; else no limit].
+    /// gains when both do not fit [default: on a GPU, 85% of the GPU's free memory
+    /// once the model is open; inside a container, 85% of its memory limit less what
+    /// the process holds then; else no limit].
     #[arg(long, env = "TESSERA_EXPERT_MEMORY_BYTES", value_parser = parse_size, value_name = "SIZE")]
     pub expert_memory_bytes: Option<u64>,
     /// Milliseconds the published placement must stay unchanged before a starting
@@ -75,10 +76,15 @@ impl Config {
         }
     }
 
-    /// The expert budget: `--expert-memory-bytes`, else derived from the cgroup's
-    /// limit and what the process holds now (`None`: no limit).
-    pub fn budget(&self) -> Option<u64> {
+    /// The expert budget: `--expert-memory-bytes`, else on a GPU 85% of its free
+    /// memory, else derived from the cgroup's limit and what the process holds now
+    /// (`None`: no limit).
+    pub fn budget(&self, device: &candle_core::Device) -> Option<u64> {
         self.expert_memory_bytes.or_else(|| {
+            if !device.is_cpu() {
+                let (free, _total) = tessera_runtime::device::gpu_memory(device)?;
+                return Some(free / 100 * 85);
+            }
             let limit = tessera_runtime::memory::cgroup_limit()?;
             let held = tessera_runtime::memory::resident_bytes().unwrap_or(0);
             Some((limit / 100 * 85).saturating_sub(held))
@@ -110,8 +116,11 @@ impl member::Service for Worker {
             self.cfg.member.model_dir().to_path_buf(),
         );
         let (id, compute, cfg) = (ctx.id.clone(), ctx.compute.clone(), self.cfg.clone());
-        tokio::task::spawn_blocking(move || service.open(&dir, &id, compute, cfg.budget()))
-            .await
+        tokio::task::spawn_blocking(move || {
+            let budget = cfg.budget(&compute.device);
+            service.open(&dir, &id, compute, budget)
+        })
+        .await
             .map_err(Error::Join)??;
         if let Some(capacity) = self.service.capacity() {
             tracing::info!(

@@ -272,7 +272,7 @@ impl ExpertBackend for LocalExperts {
         let small = groups
             .iter()
             .all(|g| g.1.len() <= crate::linear::small_products_max_rows());
-        if small && xs.dtype() == DType::F32 && xs.device().is_cpu() {
+        if small && xs.dtype() == DType::F32 && crate::ops::cpu_kernels(xs.device()) {
             let xs = xs.contiguous()?;
             let done = crate::ops::with_f32_slice(&xs, |x| -> Result<bool> {
                 let gathered: Vec<Vec<f32>> = groups
@@ -301,6 +301,24 @@ impl ExpertBackend for LocalExperts {
             if done {
                 return Ok(Tensor::from_vec(acc, (rows, hidden), xs.device())?);
             }
+        }
+        if !crate::ops::cpu_kernels(xs.device()) {
+            // On a GPU the sums stay on the device: each expert's weighted rows are
+            // added into an f32 accumulator at their row numbers (one expert at a time,
+            // in expert order, as on the CPU).
+            let device = xs.device();
+            let mut acc = Tensor::zeros((rows, hidden), DType::F32, device)?;
+            for (mlp, row_ids, weights) in groups {
+                let n = row_ids.len();
+                let idx = Tensor::from_slice(&row_ids, n, device)?;
+                let w = Tensor::from_slice(&weights, (n, 1), device)?;
+                let out = mlp
+                    .forward(&xs.index_select(&idx, 0)?)? // (n, hidden)
+                    .to_dtype(DType::F32)?
+                    .broadcast_mul(&w)?;
+                acc = acc.index_add(&idx, &out, 0)?;
+            }
+            return Ok(acc.to_dtype(xs.dtype())?);
         }
         for (mlp, row_ids, weights) in groups {
             let n = row_ids.len();

@@ -1,6 +1,61 @@
 //! Small tensor helpers shared by the model parts.
 
-use candle_core::{D, DType, Result, Tensor};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use candle_core::{D, DType, Device, Result, Tensor};
+
+/// Set by [`use_portable_paths`].
+static PORTABLE: AtomicBool = AtomicBool::new(false);
+
+/// Whether the hand-written CPU kernels serve tensors on `device` (the linear
+/// products of `crate::linear`, the one-query attention, the blocked SigLIP
+/// attention, the fused GELU and expert passes). Elsewhere, and on a GPU, the same
+/// values come from candle's tensor operations alone: the path a GPU runs.
+pub fn cpu_kernels(device: &Device) -> bool {
+    device.is_cpu() && !PORTABLE.load(Ordering::Relaxed)
+}
+
+/// Runs the whole model through the tensor-operation path a GPU takes, on the CPU
+/// too (for the whole process, from now on): how the GPU's code path is checked
+/// against the golden fixtures on a machine without one. The CPU's own kernels are
+/// faster; nothing else should turn this on.
+pub fn use_portable_paths(on: bool) {
+    PORTABLE.store(on, Ordering::Relaxed);
+}
+
+/// `a · b` (candle's batched matrix product) with both operands in a layout cuBLAS
+/// takes. candle's CUDA product accepts an operand only when its two inner dimensions
+/// are packed (rows exactly as long as they are wide, in either order) and its batch
+/// dimensions form one evenly strided run; its CPU product takes any strides. An
+/// operand outside those layouts (a transposed view of a head-split tensor, say) is
+/// copied first, on every device, so the CPU's tensor-operation path makes the same
+/// copies as a GPU's and the model's products never meet a layout the GPU refuses.
+pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    gemm_layout(a)?.matmul(&gemm_layout(b)?)
+}
+
+/// `t` itself when cuBLAS can read it in place (see [`matmul`]), else a contiguous copy.
+fn gemm_layout(t: &Tensor) -> Result<Tensor> {
+    let (dims, stride) = (t.dims(), t.stride());
+    let r = dims.len();
+    if r < 2 {
+        return Ok(t.clone());
+    }
+    let (rows, cols) = (dims[r - 2], dims[r - 1]);
+    let (rs, cs) = (stride[r - 2], stride[r - 1]);
+    let row_major = (cs == 1 || cols == 1) && (rs == cols || rows == 1);
+    let col_major = (cs == rows || cols == 1) && (rs == 1 || rows == 1);
+    let batch = match r {
+        2 | 3 => true,
+        4 => dims[0] == 1 || dims[1] == 1 || stride[0] == stride[1] * dims[1],
+        _ => false,
+    };
+    if (row_major || col_major) && batch {
+        Ok(t.clone())
+    } else {
+        t.contiguous()
+    }
+}
 
 /// LayerNorm over the last dimension with biased variance, computed in f32.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
@@ -94,7 +149,7 @@ pub fn fast_tanh(x: f32) -> f32 {
 /// (the scalar `tanhf` of candle's version is most of its time).
 pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
     use rayon::prelude::*;
-    if x.dtype() != DType::F32 || !x.device().is_cpu() {
+    if x.dtype() != DType::F32 || !cpu_kernels(x.device()) {
         return x.gelu();
     }
     let x = x.contiguous()?;
@@ -120,6 +175,27 @@ pub fn sigmoid_in_place(row: &mut [f32]) {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    #[test]
+    fn products_copy_only_what_cublas_cannot_read_in_place() -> Result<()> {
+        let x = Tensor::arange(0f32, 24., &Device::Cpu)?.reshape((2, 3, 4))?;
+        // A transposed packed matrix is read in place (as cuBLAS's transposed operand).
+        let t = x.t()?;
+        assert!(!t.is_contiguous());
+        assert!(!gemm_layout(&t)?.is_contiguous(), "used in place");
+        // Keys split into heads, then transposed: rows 4 apart but 2 wide, copied.
+        let keys = Tensor::arange(0f32, 24., &Device::Cpu)?
+            .reshape((3, 2, 4))? // (s, heads, head_dim)
+            .transpose(0, 1)?; // (heads, s, head_dim), rows 8 apart
+        assert!(gemm_layout(&keys)?.is_contiguous());
+        assert!(gemm_layout(&keys.t()?)?.is_contiguous());
+        // The product is the same either way.
+        let q = Tensor::ones((2, 1, 4), DType::F32, &Device::Cpu)?;
+        let want = q.matmul(&keys.t()?)?.flatten_all()?.to_vec1::<f32>()?;
+        let got = matmul(&q, &keys.t()?)?.flatten_all()?.to_vec1::<f32>()?;
+        assert_eq!(got, want);
+        Ok(())
+    }
 
     #[test]
     fn fast_tanh_is_within_a_few_ulp_of_tanh() {

@@ -627,7 +627,7 @@ impl<'a> Weights<'a> {
         let packable = matches!(dtype, Some(DType::F32 | DType::BF16 | DType::F16));
         if !packable
             || t.dtype != DType::F32
-            || !t.device.is_cpu()
+            || !crate::ops::cpu_kernels(t.device)
             || !crate::linear::packed::available()
         {
             return self.linear(name, shape);

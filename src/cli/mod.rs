@@ -12,6 +12,7 @@ mod dev_certs;
 mod discovery;
 mod generate;
 mod init_random;
+mod parity;
 mod roles;
 mod up;
 
@@ -50,6 +51,9 @@ enum Command {
     InitRandom(init_random::InitRandomArgs),
     /// Write a development CA and member certificate for mutual TLS between members.
     DevCerts(dev_certs::DevCertsArgs),
+    /// Check this binary on a device against a golden fixture (the reference's
+    /// recorded logits and tokens); prints one JSON report.
+    Parity(parity::ParityArgs),
 }
 
 /// Whether the subcommand serves (logs at info by default) or is a one-shot tool.
@@ -61,6 +65,7 @@ pub fn is_service(cli: &Cli) -> bool {
             | Command::Bench(_)
             | Command::InitRandom(_)
             | Command::DevCerts(_)
+            | Command::Parity(_)
     )
 }
 
@@ -77,6 +82,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(args) => bench::run(args),
         Command::InitRandom(args) => init_random::run(args),
         Command::DevCerts(args) => dev_certs::run(args),
+        Command::Parity(args) => parity::run(args),
     }
 }
 

@@ -132,6 +132,19 @@ impl Options {
         Ok(())
     }
 
+    /// How the experts are placed: as `--expert-replicas` says, else one copy of each
+    /// on a GPU, where every expert-worker of this process shares the one device (a
+    /// second copy would take its memory and spread no work).
+    fn pool(&self) -> PoolArgs {
+        let mut pool = self.pool.clone();
+        if pool.expert_replicas.is_none()
+            && matches!(self.compute.device, tessera_runtime::device::DeviceSpec::Cuda(_))
+        {
+            pool.expert_replicas = Some(1);
+        }
+        pool
+    }
+
     /// The shared member flags of every service of the cluster.
     fn member(&self, id: Option<String>) -> MemberArgs {
         MemberArgs {
@@ -252,7 +265,7 @@ pub async fn start(opts: Options, shutdown: CancellationToken) -> anyhow::Result
     for i in 0..opts.expert_workers {
         let cfg = tessera_expert_worker::Config {
             member: opts.member(Some(format!("expert-worker-{i}"))),
-            pool: opts.pool.clone(),
+            pool: opts.pool(),
             ..tessera_expert_worker::Config::new(&opts.model)
         };
         let run = tessera_expert_worker::run(
@@ -278,7 +291,7 @@ pub async fn start(opts: Options, shutdown: CancellationToken) -> anyhow::Result
         member: opts.member(None),
         max_waiting: opts.max_waiting,
         engine: opts.engine.clone(),
-        pool: opts.pool.clone(),
+        pool: opts.pool(),
         ..tessera_scheduler::Config::new(&opts.model)
     };
     let run = tessera_scheduler::run(

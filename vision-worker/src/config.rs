@@ -93,7 +93,7 @@ mod tests {
         assert_eq!(cli.config.cache_entries, 0);
         assert_eq!(
             cli.config.member.compute.dtype,
-            tessera_runtime::device::Precision::Bf16
+            Some(tessera_runtime::device::Precision::Bf16)
         );
         assert_eq!(cli.config.image_limits().max_pixels, 1000);
         assert!(Cli::try_parse_from(["vision-worker", "--model", "m", "--dtype", "f64"]).is_err());

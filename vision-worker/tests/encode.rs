@@ -118,7 +118,7 @@ async fn encode_equals_the_image_rows_of_prepare() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bf16_workers_answer_in_bf16_like_a_bf16_pipeline() {
     let mut cfg = tessera_vision_worker::Config::new(common::fixture());
-    cfg.member.compute.dtype = tessera_runtime::device::Precision::Bf16;
+    cfg.member.compute.dtype = Some(tessera_runtime::device::Precision::Bf16);
     let worker = Worker::start(cfg).await;
     let case = &image_cases()[0];
     let (messages, names) = conversation(case);

@@ -45,12 +45,12 @@ pub fn attend(
     scale: f64,
     mask: Option<&Tensor>,
 ) -> Result<Tensor> {
-    let scores = (q.contiguous()?.matmul(&k.t()?)? * scale)?; // (heads, t, s)
+    let scores = (crate::ops::matmul(q, &k.t()?)? * scale)?; // (heads, t, s)
     let scores = match mask {
         Some(m) => scores.broadcast_add(m)?,
         None => scores,
     };
-    softmax_f32(&scores)?.matmul(&v.contiguous()?)
+    crate::ops::matmul(&softmax_f32(&scores)?, v)
 }
 
 /// The queries of a step's tokens, per head.

@@ -104,7 +104,9 @@ impl MhaAttention {
     /// row needs. `None` for other dtypes or devices (the general path then runs).
     fn attend_one(&self, q: &Tensor, keys: &Tensor, values: &Tensor) -> Result<Option<Tensor>> {
         use rayon::prelude::*;
-        let f32_cpu = |t: &Tensor| t.dtype() == candle_core::DType::F32 && t.device().is_cpu();
+        let f32_cpu = |t: &Tensor| {
+            t.dtype() == candle_core::DType::F32 && crate::ops::cpu_kernels(t.device())
+        };
         if !(f32_cpu(q) && f32_cpu(keys) && f32_cpu(values)) {
             return Ok(None);
         }

@@ -17,7 +17,7 @@ use super::attention::attend;
 use crate::config::AttentionConfig;
 use crate::error::{self, Error};
 use crate::linear::Linear;
-use crate::ops::{rms_norm, softmax_f32};
+use crate::ops::{matmul, rms_norm, softmax_f32};
 use crate::weights::Weights;
 
 /// `q_a_layernorm` / `kv_a_layernorm` use this epsilon whatever `rms_norm_eps` says
@@ -225,20 +225,20 @@ impl MlaAttention {
         mask: Option<&Tensor>,
     ) -> Result<Tensor> {
         let (h, t, s) = (self.heads, q_nope.dim(1)?, c.dim(0)?);
-        let q_c = q_nope.contiguous()?.matmul(&self.w_uk)?; // (heads, t, rank)
-        let scores_c = q_c.reshape((h * t, self.rank))?.matmul(&c.t()?)?; // (heads·t, s)
-        let scores_pe = q_pe
-            .contiguous()?
-            .reshape((h * t, self.rope))?
-            .matmul(&k_pe.t()?)?;
+        let q_c = matmul(q_nope, &self.w_uk)?; // (heads, t, rank)
+        let scores_c = matmul(&q_c.reshape((h * t, self.rank))?, &c.t()?)?; // (heads·t, s)
+        let scores_pe = matmul(
+            &q_pe.contiguous()?.reshape((h * t, self.rope))?,
+            &k_pe.t()?,
+        )?;
         let scores = ((scores_c + scores_pe)? * self.scale)?.reshape((h, t, s))?;
         let scores = match mask {
             Some(m) => scores.broadcast_add(m)?,
             None => scores,
         };
         let p = softmax_f32(&scores)?.reshape((h * t, s))?;
-        let o_c = p.matmul(c)?.reshape((h, t, self.rank))?; // (heads, t, rank)
-        o_c.matmul(&self.w_uv_t) // (heads, t, v)
+        let o_c = matmul(&p, c)?.reshape((h, t, self.rank))?; // (heads, t, rank)
+        matmul(&o_c, &self.w_uv_t) // (heads, t, v)
     }
 }
 

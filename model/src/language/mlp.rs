@@ -28,7 +28,7 @@ impl Mlp {
     /// `xs`: (rows, hidden) → (rows, hidden).
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let (rows, hidden) = xs.dims2()?;
-        if xs.dtype() == candle_core::DType::F32 && xs.device().is_cpu() {
+        if xs.dtype() == candle_core::DType::F32 && crate::ops::cpu_kernels(xs.device()) {
             let xs = xs.contiguous()?;
             let out = crate::ops::with_f32_slice(&xs, |x| Self::forward_small(&[(self, x)]))??;
             if let Some(mut out) = out {

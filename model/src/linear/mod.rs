@@ -197,8 +197,10 @@ impl Linear {
             candle_core::bail!("linear: x has {k} columns, the weight ({n}, {k_w})");
         }
         if let Weight::Dense(w) = &self.weight {
-            if (x.dtype() == w.dtype() && x.dtype() != DType::F32) || !x.device().is_cpu() {
-                return x.matmul(&w.to_dtype(x.dtype())?.t()?);
+            if (x.dtype() == w.dtype() && x.dtype() != DType::F32)
+                || !crate::ops::cpu_kernels(x.device())
+            {
+                return crate::ops::matmul(x, &w.to_dtype(x.dtype())?.t()?);
             }
         }
         let dtype = x.dtype();
@@ -237,7 +239,7 @@ pub fn small_products(jobs: &[(&Linear, &[f32])]) -> Result<Option<Vec<Vec<f32>>
         let (n, k) = w.dims();
         let m = xs.len().checked_div(k).unwrap_or(0);
         let cpu = match &w.weight {
-            Weight::Dense(t) => t.device().is_cpu(),
+            Weight::Dense(t) => crate::ops::cpu_kernels(t.device()),
             Weight::Int8(_) => true,
             Weight::Packed(_) => return Ok(None),
         };

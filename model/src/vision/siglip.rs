@@ -81,7 +81,7 @@ impl Block {
     fn attention(&self, x: &Tensor) -> Result<Tensor> {
         let (n, p, c) = x.dims3()?;
         let qkv = self.qkv.forward(&x.reshape((n * p, c))?)?; // (tiles·patches, 3·width)
-        let out = if qkv.dtype() == DType::F32 && qkv.device().is_cpu() {
+        let out = if qkv.dtype() == DType::F32 && crate::ops::cpu_kernels(qkv.device()) {
             super::attention::blocked(&qkv, n, p, self.heads)?
         } else {
             self.attention_tensors(&qkv, n, p)?
@@ -99,8 +99,8 @@ impl Block {
         let q = qkv.get(0)?.reshape((n * self.heads, p, hd))?;
         let k = qkv.get(1)?.reshape((n * self.heads, p, hd))?;
         let v = qkv.get(2)?.reshape((n * self.heads, p, hd))?;
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?; // (tiles·heads, p, p)
-        let out = softmax_f32(&scores)?.matmul(&v)?; // (tiles·heads, p, head_dim)
+        let scores = (crate::ops::matmul(&q, &k.t()?)? * (1.0 / (hd as f64).sqrt()))?; // (tiles·heads, p, p)
+        let out = crate::ops::matmul(&softmax_f32(&scores)?, &v)?; // (tiles·heads, p, head_dim)
         out.reshape((n, self.heads, p, hd))?
             .transpose(1, 2)?
             .reshape((n * p, c))

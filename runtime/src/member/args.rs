@@ -167,7 +167,7 @@ mod tests {
         assert_eq!(m.id.as_deref(), Some("w-1"));
         assert_eq!(m.grace(), Duration::from_secs(3));
         assert_eq!(m.metrics, Some(([127, 0, 0, 1], 9091).into()));
-        assert_eq!(m.compute.dtype, crate::device::Precision::Bf16);
+        assert_eq!(m.compute.dtype, Some(crate::device::Precision::Bf16));
         assert!(m.model.check_folder().is_err());
     }
 }
