@@ -9,8 +9,10 @@ use serde_json::Value;
 
 #[allow(dead_code)] // each test binary uses a different subset of the helpers
 mod common;
+#[path = "common/up.rs"]
+mod up_process;
 
-use common::fixture_dir;
+use common::{case, fixture_dir, json_ids};
 
 fn tessera(args: &[&str], env: &[(&str, &str)]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_tessera"))
@@ -165,4 +167,42 @@ fn cuda_is_refused_at_start_with_the_reason() {
             );
         }
     }
+}
+
+/// The whole cluster on the GPU's code path: `tessera up` (remote expert-workers
+/// summing on the device path, hidden states over gRPC) answers the text-only golden
+/// case with the reference's greedy tokens.
+#[test]
+fn a_cluster_on_the_portable_path_gives_the_reference_tokens() {
+    let dir = fixture_dir("tiny-mha-softmax");
+    let model = dir.to_str().unwrap();
+    let conversation = dir.join("conversations/text_only.json");
+    let command = || {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_tessera"));
+        c.env_remove("TESSERA_MODEL")
+            .env_remove("TESSERA_GRPC")
+            .env("TESSERA_KV_CACHE_BYTES", "67108864")
+            .env("TESSERA_PORTABLE_PATHS", "1");
+        c
+    };
+    let (_up, addr) = up_process::start(command(), model, "2");
+    let messages: Value =
+        serde_json::from_str(&std::fs::read_to_string(&conversation).unwrap()).unwrap();
+    let prompt = messages[0]["content"].as_str().unwrap();
+    let out = command()
+        .args(["ask", "--addr", &addr, "--prompt", prompt])
+        .args(["--max-tokens", "16", "--ignore-eos", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let asked: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let want = case("tiny-mha-softmax", "text_only");
+    assert_eq!(
+        json_ids(&asked["output_ids"]),
+        json_ids(&want["greedy"]["new_token_ids"])
+    );
 }
