@@ -99,7 +99,10 @@ fn parity_passes_on_the_cpu_kernels_and_on_the_portable_path() {
 fn parity_reports_bf16_without_judging_it() {
     let report = parity(&["--dtype", "bf16", "--case", "text_only"], &[]);
     assert_eq!(report["dtype"], "bf16");
-    assert_eq!(report["weights"], "auto", "--weights as given (the CPU keeps `auto`)");
+    assert_eq!(
+        report["weights"], "auto",
+        "--weights as given (the CPU keeps `auto`)"
+    );
     assert_eq!(report["pass"], Value::Null);
     assert_eq!(report["tolerance"], Value::Null);
     let cases = cases(&report);
@@ -144,13 +147,23 @@ fn cuda_is_refused_at_start_with_the_reason() {
     std::fs::write(&members, r#"{"members": []}"#).unwrap();
     let members = members.to_str().unwrap();
     let role = |role| {
-        [role, "--model", model, "--device", "cuda:0", "--grpc", "127.0.0.1:0"]
-            .into_iter()
-            .chain(["--discovery-file", members])
-            .collect::<Vec<_>>()
+        [
+            role,
+            "--model",
+            model,
+            "--device",
+            "cuda:0",
+            "--grpc",
+            "127.0.0.1:0",
+        ]
+        .into_iter()
+        .chain(["--discovery-file", members])
+        .collect::<Vec<_>>()
     };
     for args in [
-        vec!["generate", "--model", model, "--prompt", "hi", "--device", "cuda:0"],
+        vec![
+            "generate", "--model", model, "--prompt", "hi", "--device", "cuda:0",
+        ],
         vec!["up", "--model", model, "--device", "cuda:0"],
         role("scheduler"),
         role("expert-worker"),

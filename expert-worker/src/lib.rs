@@ -121,7 +121,7 @@ impl member::Service for Worker {
             service.open(&dir, &id, compute, budget)
         })
         .await
-            .map_err(Error::Join)??;
+        .map_err(Error::Join)??;
         if let Some(capacity) = self.service.capacity() {
             tracing::info!(
                 capacity,

@@ -216,13 +216,22 @@ mod cuda {
             "the NVIDIA driver is not installed (libcuda.so.1 could not be loaded; a \
              container needs the NVIDIA container toolkit and a GPU assigned to it)",
         ),
-        (&["libcublas.so.13", "libcublas.so"], "cuBLAS (libcublas.so.13) could not be loaded"),
+        (
+            &["libcublas.so.13", "libcublas.so"],
+            "cuBLAS (libcublas.so.13) could not be loaded",
+        ),
         (
             &["libcublasLt.so.13", "libcublasLt.so"],
             "cuBLASLt (libcublasLt.so.13) could not be loaded",
         ),
-        (&["libcurand.so.10", "libcurand.so"], "cuRAND (libcurand.so.10) could not be loaded"),
-        (&["libnvrtc.so.13", "libnvrtc.so"], "NVRTC (libnvrtc.so.13) could not be loaded"),
+        (
+            &["libcurand.so.10", "libcurand.so"],
+            "cuRAND (libcurand.so.10) could not be loaded",
+        ),
+        (
+            &["libnvrtc.so.13", "libnvrtc.so"],
+            "NVRTC (libnvrtc.so.13) could not be loaded",
+        ),
     ];
 
     /// Whether the dynamic loader finds `name`.

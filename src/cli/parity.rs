@@ -275,12 +275,7 @@ fn check_case(dir: &Path, case: &Value, compute: &Compute) -> anyhow::Result<Cas
     // logits are compared up to the step that picked it.
     let compared = first_divergence.map_or(want_ids.len(), |d| d + 1);
     let got_steps: Vec<f32> = out.step_logits.iter().flatten().copied().collect();
-    let steps = got_steps
-        .len()
-        .min(want_steps.len())
-        .min(compared * vocab)
-        / vocab.max(1)
-        * vocab;
+    let steps = got_steps.len().min(want_steps.len()).min(compared * vocab) / vocab.max(1) * vocab;
     Ok(CaseReport {
         name: name.to_string(),
         prompt_tokens: prompt.input_ids.len(),

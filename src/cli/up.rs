@@ -138,7 +138,10 @@ impl Options {
     fn pool(&self) -> PoolArgs {
         let mut pool = self.pool.clone();
         if pool.expert_replicas.is_none()
-            && matches!(self.compute.device, tessera_runtime::device::DeviceSpec::Cuda(_))
+            && matches!(
+                self.compute.device,
+                tessera_runtime::device::DeviceSpec::Cuda(_)
+            )
         {
             pool.expert_replicas = Some(1);
         }

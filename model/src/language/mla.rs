@@ -227,10 +227,7 @@ impl MlaAttention {
         let (h, t, s) = (self.heads, q_nope.dim(1)?, c.dim(0)?);
         let q_c = matmul(q_nope, &self.w_uk)?; // (heads, t, rank)
         let scores_c = matmul(&q_c.reshape((h * t, self.rank))?, &c.t()?)?; // (heads·t, s)
-        let scores_pe = matmul(
-            &q_pe.contiguous()?.reshape((h * t, self.rope))?,
-            &k_pe.t()?,
-        )?;
+        let scores_pe = matmul(&q_pe.contiguous()?.reshape((h * t, self.rope))?, &k_pe.t()?)?;
         let scores = ((scores_c + scores_pe)? * self.scale)?.reshape((h, t, s))?;
         let scores = match mask {
             Some(m) => scores.broadcast_add(m)?,
