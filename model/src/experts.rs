@@ -242,9 +242,6 @@ impl ExpertBackend for LocalExperts {
         routes: &[ExpertRoute],
     ) -> Result<Tensor> {
         let (rows, hidden) = xs.dims2()?;
-        // Each expert's rows in one product; its weighted outputs are added into `acc`
-        // in place (no copy of the whole batch per expert).
-        let mut acc = vec![0f32; rows * hidden];
         let mut groups = Vec::new();
         for (expert, (row_ids, weights)) in group_by_expert(routes) {
             let mlp = self.experts.get(&(layer, expert as usize)).ok_or_else(|| {
@@ -259,6 +256,27 @@ impl ExpertBackend for LocalExperts {
             }
             groups.push((mlp, row_ids, weights));
         }
+        if !crate::ops::cpu_kernels(xs.device()) {
+            // On a GPU the sums stay on the device: each expert's weighted rows are
+            // added into an f32 accumulator at their row numbers (one expert at a time,
+            // in expert order, as on the CPU).
+            let device = xs.device();
+            let mut acc = Tensor::zeros((rows, hidden), DType::F32, device)?;
+            for (mlp, row_ids, weights) in groups {
+                let n = row_ids.len();
+                let idx = Tensor::from_slice(&row_ids, n, device)?;
+                let w = Tensor::from_slice(&weights, (n, 1), device)?;
+                let out = mlp
+                    .forward(&xs.index_select(&idx, 0)?)? // (n, hidden)
+                    .to_dtype(DType::F32)?
+                    .broadcast_mul(&w)?;
+                acc = acc.index_add(&idx, &out, 0)?;
+            }
+            return Ok(acc.to_dtype(xs.dtype())?);
+        }
+        // Each expert's rows in one product; its weighted outputs are added into `acc`
+        // in place (no copy of the whole batch per expert).
+        let mut acc = vec![0f32; rows * hidden];
         let add = |acc: &mut [f32], row_ids: &[u32], weights: &[f32], out: &[f32]| {
             for ((&r, &w), y) in row_ids.iter().zip(weights).zip(out.chunks_exact(hidden)) {
                 let dst = &mut acc[r as usize * hidden..(r as usize + 1) * hidden];
@@ -272,7 +290,7 @@ impl ExpertBackend for LocalExperts {
         let small = groups
             .iter()
             .all(|g| g.1.len() <= crate::linear::small_products_max_rows());
-        if small && xs.dtype() == DType::F32 && crate::ops::cpu_kernels(xs.device()) {
+        if small && xs.dtype() == DType::F32 {
             let xs = xs.contiguous()?;
             let done = crate::ops::with_f32_slice(&xs, |x| -> Result<bool> {
                 let gathered: Vec<Vec<f32>> = groups
@@ -301,24 +319,6 @@ impl ExpertBackend for LocalExperts {
             if done {
                 return Ok(Tensor::from_vec(acc, (rows, hidden), xs.device())?);
             }
-        }
-        if !crate::ops::cpu_kernels(xs.device()) {
-            // On a GPU the sums stay on the device: each expert's weighted rows are
-            // added into an f32 accumulator at their row numbers (one expert at a time,
-            // in expert order, as on the CPU).
-            let device = xs.device();
-            let mut acc = Tensor::zeros((rows, hidden), DType::F32, device)?;
-            for (mlp, row_ids, weights) in groups {
-                let n = row_ids.len();
-                let idx = Tensor::from_slice(&row_ids, n, device)?;
-                let w = Tensor::from_slice(&weights, (n, 1), device)?;
-                let out = mlp
-                    .forward(&xs.index_select(&idx, 0)?)? // (n, hidden)
-                    .to_dtype(DType::F32)?
-                    .broadcast_mul(&w)?;
-                acc = acc.index_add(&idx, &out, 0)?;
-            }
-            return Ok(acc.to_dtype(xs.dtype())?);
         }
         for (mlp, row_ids, weights) in groups {
             let n = row_ids.len();
