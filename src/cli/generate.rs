@@ -14,7 +14,7 @@ use tessera_model::chat::{Message, Role};
 use tessera_model::draw::{draw_groundings, save_png};
 use tessera_model::generate::{FinishReason, GenerationParams};
 use tessera_model::grounding::{GroundedBox, parse_groundings};
-use tessera_model::pipeline::{ImageInfo, Pipeline};
+use tessera_model::pipeline::{ImageInfo, Pipeline, PreparedPrompt};
 use tessera_model::processor::{DEFAULT_MAX_PIXELS, ImageLimits, load_image};
 use tessera_model::sampling::SamplingParams;
 use tessera_runtime::ModelArgs;
@@ -194,24 +194,9 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let load_s = loading.elapsed().as_secs_f64();
 
     let prepared = pipeline.prepare(&messages, &images)?;
-    let prompt = Prompt {
-        input_ids: prepared.encoded.input_ids.clone(),
-        image_runs: prepared.encoded.image_runs.clone(),
-        image_embeds: prepared.image_embeds.clone(),
-    };
-    // The vision tower is done: only the language model and the experts go on.
-    let Pipeline {
-        language,
-        experts,
-        tokenizer,
-        ..
-    } = pipeline;
-    let engine = EngineConfig::single(
-        prompt.input_ids.len() + params.max_new_tokens,
-        language.cache_bytes_per_token(),
-        args.chunk_size,
-    );
-    let mut engine = LocalEngine::start(language, tokenizer, Arc::new(experts), engine)?;
+    let prompt = engine_prompt(&prepared);
+    let tokens = prompt.input_ids.len() + params.max_new_tokens;
+    let mut engine = single_engine(pipeline, tokens, args.chunk_size)?;
     let out = engine.generate(&prompt, &params)?;
 
     if let Some(path) = &args.logits_out {
@@ -277,6 +262,38 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The prompt the engine takes from a prepared conversation.
+pub(super) fn engine_prompt(prepared: &PreparedPrompt) -> Prompt {
+    Prompt {
+        input_ids: prepared.encoded.input_ids.clone(),
+        image_runs: prepared.encoded.image_runs.clone(),
+        image_embeds: prepared.image_embeds.clone(),
+    }
+}
+
+/// A batch-of-one engine on `pipeline`'s language model and experts, room for
+/// `tokens` positions, prefilling in chunks of `chunk` tokens (default: at once). The
+/// vision tower is dropped: the prompt's images are already encoded.
+pub(super) fn single_engine(
+    pipeline: Pipeline,
+    tokens: usize,
+    chunk: Option<usize>,
+) -> anyhow::Result<LocalEngine> {
+    let Pipeline {
+        language,
+        experts,
+        tokenizer,
+        ..
+    } = pipeline;
+    let cfg = EngineConfig::single(tokens, language.cache_bytes_per_token(), chunk);
+    Ok(LocalEngine::start(
+        language,
+        tokenizer,
+        Arc::new(experts),
+        cfg,
+    )?)
 }
 
 /// Saves the recorded logits: `last_logits` (vocab) and `step_logits` (steps, vocab).

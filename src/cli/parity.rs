@@ -14,7 +14,6 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
@@ -28,8 +27,8 @@ use tessera_model::pipeline::Pipeline;
 use tessera_model::processor::{DEFAULT_MAX_PIXELS, ImageLimits, load_image};
 use tessera_model::sampling::SamplingParams;
 use tessera_runtime::device::{Compute, ComputeArgs};
-use tessera_scheduler::EngineConfig;
-use tessera_scheduler::local::{LocalEngine, Prompt};
+
+use super::generate::{engine_prompt, single_engine};
 
 #[derive(Debug, Args)]
 pub struct ParityArgs {
@@ -234,23 +233,9 @@ fn check_case(dir: &Path, case: &Value, compute: &Compute) -> anyhow::Result<Cas
 
     let pipeline = load(dir, compute)?;
     let prepared = pipeline.prepare(&messages, &images)?;
-    let prompt = Prompt {
-        input_ids: prepared.encoded.input_ids.clone(),
-        image_runs: prepared.encoded.image_runs.clone(),
-        image_embeds: prepared.image_embeds.clone(),
-    };
-    let Pipeline {
-        language,
-        experts,
-        tokenizer,
-        ..
-    } = pipeline;
-    let engine = EngineConfig::single(
-        prompt.input_ids.len() + want_ids.len(),
-        language.cache_bytes_per_token(),
-        chunk_size,
-    );
-    let mut engine = LocalEngine::start(language, tokenizer, Arc::new(experts), engine)?;
+    let prompt = engine_prompt(&prepared);
+    let tokens = prompt.input_ids.len() + want_ids.len();
+    let mut engine = single_engine(pipeline, tokens, chunk_size)?;
     let params = GenerationParams {
         max_new_tokens: want_ids.len(),
         ignore_eos: true,
